@@ -1,0 +1,290 @@
+"""Configuration as nested dataclasses, merged from YAML files and dotted `key=value` overrides.
+
+Merge order (later wins): `configs/defaults.yaml`, then the small per-concern YAMLs a run names (backbone,
+objective, dataset, ...), then command-line `section.key=value` overrides. Every value is cast to the type of
+the dataclass field it lands in (`optim.lr=1e-5` is a float even though PyYAML reads `1e-5` as a string;
+`model.dropout=0` is a float). An unknown key is an error that names the closest valid one; a value of the
+wrong type is an error that names the YAML `path:line` it came from.
+
+The machinery (`load`) works for any dataclass, so other components load their own configs the same way
+(`crossrank.datasets.DatasetConfig`); `RunConfig` below is what train.py and infer.py read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from crossrank.io import CrossrankError, atomic_write
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent  # the project folder: configs/, models/, runs/, data/
+CONFIGS = ROOT / "configs"
+
+
+def load(cls: type[T], files: list[str | os.PathLike] = (), overrides: list[str] = ()) -> T:
+    """Build a `cls` dataclass from its defaults, the YAML `files` in order, then `overrides` (`a.b=value`)."""
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}  # dotted key -> "path:line" of the value that won
+    for file in files:
+        tree, lines = _read_yaml(Path(file))
+        _merge(values, tree, (), lines, origins)
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise CrossrankError(f"command line: override {item!r} is not key=value (expected e.g. optim.lr=1e-5)")
+        node: dict[str, Any] = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CrossrankError(f"command line: {key} goes below a value that is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        origins[key.strip()] = f"command line ({item})"
+    return _build(cls, values, "", origins)
+
+
+def resolve_config_file(name: str, folder: str) -> Path:
+    """`configs/<folder>/<name>.yaml` for a short name, or `name` itself if it is a path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = CONFIGS / folder / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in (CONFIGS / folder).glob("*.yaml"))
+    raise CrossrankError(f"{CONFIGS / folder}: no config {name!r} (expected one of {', '.join(known)} "
+                         f"or a path to a .yaml file)")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save(config: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically), so every output records exactly what produced it."""
+    with atomic_write(path) as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """Parse a YAML mapping, and remember the line of every key (for error messages)."""
+    if not path.is_file():
+        raise CrossrankError(f"{path}: no such config file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise CrossrankError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if tree is None:
+        return {}, {}
+    if not isinstance(tree, dict):
+        raise CrossrankError(f"{path}:1: expected a mapping of keys to values at the top level")
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(n: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(n, yaml.MappingNode):
+            for key_node, value_node in n.value:
+                key = prefix + (str(key_node.value),)
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+
+    walk(node, ())
+    return tree, {k: (str(path), v) for k, v in lines.items()}
+
+
+def _merge(into: dict, tree: dict, prefix: tuple[str, ...], lines: dict, origins: dict[str, str]) -> None:
+    """Deep-merge `tree` into `into`, recording where every key's value came from."""
+    for key, value in tree.items():
+        path = prefix + (str(key),)
+        file, line = lines.get(path, ("?", 0))
+        origins[".".join(path)] = f"{file}:{line}"
+        if isinstance(value, dict):
+            if not isinstance(into.get(key), dict):
+                into[key] = {}
+            _merge(into[key], value, path, lines, origins)
+        else:
+            into[key] = value
+
+
+def _build(cls: type[T], values: dict[str, Any], prefix: str, origins: dict[str, str]) -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"valid: {', '.join(fields)}"
+            raise CrossrankError(f"{origins.get(dotted, 'config')}: unknown key {dotted} ({hint})")
+        kwargs[key] = _cast(value, hints[key], dotted, origins)
+    config = cls(**kwargs)
+    return config
+
+
+def _cast(value: Any, hint: Any, dotted: str, origins: dict[str, str]) -> Any:
+    """Cast a YAML value to a field type: dataclass sections, int/float/bool/str, Optional, list and dict."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise _type_error(dotted, origins, f"a section of keys ({hint.__name__})", value)
+        return _build(hint, value, f"{dotted}.", origins)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _cast(value, inner[0], dotted, origins)
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value] if not isinstance(value, str) else [v for v in value.split(",") if v]
+        return [_cast(v, args[0], dotted, origins) for v in value] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(dotted, origins, "a mapping", value)
+        return {str(k): (_cast(v, args[1], dotted, origins) if args else v) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise _type_error(dotted, origins, "true or false", value)
+    if hint is int:
+        if isinstance(value, bool):
+            raise _type_error(dotted, origins, "an integer", value)
+        if isinstance(value, int):
+            return value
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise _type_error(dotted, origins, "an integer", value) from None
+        if not as_float.is_integer():
+            raise _type_error(dotted, origins, "an integer", value)
+        return int(as_float)
+    if hint is float:
+        if isinstance(value, bool):
+            raise _type_error(dotted, origins, "a number", value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise _type_error(dotted, origins, "a number", value) from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise _type_error(dotted, origins, "a string", value)
+        return "" if value is None else str(value)
+    return value
+
+
+def _type_error(dotted: str, origins: dict[str, str], expected: str, got: Any) -> CrossrankError:
+    return CrossrankError(f"{origins.get(dotted, 'config')}: {dotted} has the wrong type "
+                          f"(expected {expected}, got {got!r})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run configuration shared by train.py and infer.py. Defaults here are the multi-stage seed's recipe
+# (see configs/defaults.yaml, which states them again for users to read and edit).
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = "bert"  # short name used in output folder names (configs/backbones/<name>.yaml)
+    path: str = ""  # Hugging Face id or local folder of the backbone or checkpoint
+    kind: str = "mono"  # mono | set-encoder
+    truncation: str = "pair"  # pair: the (query, passage) pair cut to max_length; per_field: each field alone
+    max_length: int = 256
+    query_length: int = 32
+    passage_length: int = 256
+    gradient_checkpointing: bool = False
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dataset: str = "demo"  # configs/datasets/<dataset>.yaml: where topics, corpus, qrels and runs are
+    train: str = ""  # folder written by preprocessing.py (default: data/<dataset>/<source>)
+    sampling: str = "single_relevant"  # single_relevant | top | random | log_random
+    num_negatives: int = 99
+    depth: int = 200  # how deep into the first-stage run negatives are drawn from
+    targets: str = "relevance"  # relevance | teacher_rank | teacher_score
+    num_workers: int = 0
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | linear (warm up, then decay to 0)
+    grad_clip: float = 10.0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    stage: int = 1
+    objective: str = "CL"  # CL | KD | BCE
+    previous: str = ""  # objective of the stage-1 model a stage-2 run starts from (default: the other one)
+    loss: str = "lce"  # a key of crossrank.losses.LOSSES
+    queries_per_batch: int = 4
+    accumulation: int = 4
+    epochs: int = 1
+    max_steps: int = 0  # optimiser steps; 0 = epochs decide
+    seed: int = 42
+    precision: str = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
+    eval_every: int = 500
+    save_every: int = 500
+    output_dir: str = ""  # default: models/<name>.<objectives>.f<stage>.lr<lr>.s<seed>
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    dataset: str = ""  # configs/datasets key to re-rank; indomain / outofdomain are lists of keys
+    first_stage: str = "bm25"  # a key of the dataset's runs
+    depth: int = 100
+    batch_tokens: int = 16384  # inference batches hold about this many (padded) tokens
+    metrics: list[str] = dataclasses.field(default_factory=lambda: ["nDCG@10", "RR@10"])
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def validate(self) -> "RunConfig":
+        """Cross-field rules that a single field's type cannot express."""
+        checks = [
+            (self.model.kind in ("mono", "set-encoder"), "model.kind", "mono or set-encoder", self.model.kind),
+            (self.model.truncation in ("pair", "per_field"), "model.truncation", "pair or per_field",
+             self.model.truncation),
+            (self.train.stage in (1, 2), "train.stage", "1 or 2", self.train.stage),
+            (self.train.objective in ("CL", "KD", "BCE"), "train.objective", "CL, KD or BCE",
+             self.train.objective),
+            (self.optim.lr > 0, "optim.lr", "a positive number", self.optim.lr),
+            (self.train.queries_per_batch > 0, "train.queries_per_batch", "a positive integer",
+             self.train.queries_per_batch),
+            (self.train.accumulation > 0, "train.accumulation", "a positive integer", self.train.accumulation),
+        ]
+        for ok, key, expected, got in checks:
+            if not ok:
+                raise CrossrankError(f"config: {key} is invalid (expected {expected}, got {got!r})")
+        return self
+
+
+def load_run_config(files: list[str | os.PathLike] = (), overrides: list[str] = ()) -> RunConfig:
+    """`configs/defaults.yaml`, then `files`, then `overrides`, validated."""
+    return load(RunConfig, [CONFIGS / "defaults.yaml", *files], overrides).validate()

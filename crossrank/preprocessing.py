@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
@@ -60,3 +61,39 @@ def load_split(folder: str | Path, split: str) -> list[QueryCandidates]:
     return [QueryCandidates(qid, list(docnos), [float(s) for s in scores], dict(zip(jd, map(int, jr))))
             for qid, docnos, scores, jd, jr in zip(table["qid"], table["docnos"], table["scores"],
                                                     table["judged_docnos"], table["judged_rels"])]
+
+
+def write_split(folder: str | Path, split: str, queries: Iterable[QueryCandidates], rows_per_group: int = 10_000) -> int:
+    """Write queries to `<folder>/<split>.parquet` atomically, streaming in row groups; returns the count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from crossrank.io import atomic_write
+
+    schema = pa.schema([("qid", pa.string()), ("docnos", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
+                        ("judged_docnos", pa.list_(pa.string())), ("judged_rels", pa.list_(pa.int32()))])
+    count, buffer = 0, []
+
+    def flush(writer: "pq.ParquetWriter") -> None:
+        columns = list(zip(*[(q.qid, q.docnos, q.scores, list(q.judged), list(q.judged.values())) for q in buffer]))
+        writer.write_table(pa.Table.from_arrays([pa.array(c, type=t) for c, t in zip(columns, schema.types)],
+                                                schema=schema))
+        buffer.clear()
+
+    with atomic_write(Path(folder) / f"{split}.parquet", "wb") as f, pq.ParquetWriter(f, schema) as writer:
+        for query in queries:
+            buffer.append(query)
+            count += 1
+            if len(buffer) >= rows_per_group:
+                flush(writer)
+        if buffer or count == 0:
+            if buffer:
+                flush(writer)
+    return count
+
+
+def write_meta(folder: str | Path, meta: dict) -> None:
+    from crossrank.io import atomic_write
+
+    with atomic_write(Path(folder) / "meta.yaml") as f:
+        yaml.safe_dump(meta, f, sort_keys=False)

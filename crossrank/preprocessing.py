@@ -86,9 +86,8 @@ def write_split(folder: str | Path, split: str, queries: Iterable[QueryCandidate
             count += 1
             if len(buffer) >= rows_per_group:
                 flush(writer)
-        if buffer or count == 0:
-            if buffer:
-                flush(writer)
+        if buffer:
+            flush(writer)
     return count
 
 

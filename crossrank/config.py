@@ -254,7 +254,11 @@ class EvalConfig:
     first_stage: str = "bm25"  # a key of the dataset's runs
     depth: int = 100
     batch_tokens: int = 16384  # inference batches hold about this many (padded) tokens
-    metrics: list[str] = dataclasses.field(default_factory=lambda: ["nDCG@10", "RR@10"])
+    metrics: list[str] = dataclasses.field(default_factory=lambda: ["nDCG@10", "RR@10", "AP", "R@100", "R@1000"])
+    block_queries: int = 16  # queries per unit of work (sharding, resume); batches never span blocks
+    score_cache: str = ""  # SQLite file caching scores by (model, query, docno); empty = no cache
+    correction: str = ""  # p-value correction over compared runs: "" or holm
+    lenient: bool = False  # skip (and report) run lines whose qid/docno is unknown instead of failing
 
 
 @dataclasses.dataclass

@@ -1,0 +1,427 @@
+"""Re-ranking a first-stage run with a cross-encoder: fast, shardable, resumable.
+
+The unit of work is a *block* of `eval.block_queries` consecutive queries (in qid order). A block's pairs
+are tokenised up front (in a background thread, while the model scores the previous block), sorted by length
+and cut into batches that hold about `eval.batch_tokens` padded tokens, so short pairs go in large batches and
+little compute is spent on padding. Because a block's batches depend only on the block itself:
+- sharding: rank r of a torchrun world of size W scores blocks r, r + W, ...; rank 0 merges the blocks into
+  one run, bit-identical to a single-process run (same batches, same arithmetic);
+- resume: every finished block is written atomically to `.<run>.parts-<key>/<block>.tsv`; a restarted job
+  skips finished blocks, i.e. restarts at the first unfinished query's block. `<key>` hashes the model and the
+  candidates, so parts of another model or run are never mixed in. The parts are removed after the merge.
+- score cache (optional, `eval.score_cache`): SQLite keyed by (model fingerprint, query text, docno), shared
+  across runs (BM25 and ColBERTv2 top-100s share many passages) and ranks.
+
+Scores in the written run are rounded to 6 decimals before sorting, so the file's order is exactly what
+trec_eval reads back (ties: score desc, docno desc, see `crossrank.io.sort_ranking`).
+
+Listwise models (`model.kind: set-encoder`) need all passages of a query in one forward pass: `plan_batches`
+has that path (whole queries per batch); the model call itself is the Set-Encoder's (`crossrank.set_encoder`).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from crossrank.config import EvalConfig, ModelConfig
+from crossrank.data import PairTokenizer
+from crossrank.io import (IRDS_PREFIX, CrossrankError, Run, atomic_write, load_run, read_corpus, read_topics,
+                          sort_ranking, write_run)
+from crossrank.models import MonoEncoder, load_tokenizer, resolve_model_path
+
+SCORE_DECIMALS = 6  # what format_run_lines writes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclasses.dataclass
+class Candidates:
+    """What is re-ranked: the top-`depth` docnos per query, the query texts and the passage texts."""
+
+    run: Run  # qid -> [(docno, first-stage score)], best first
+    queries: dict[str, str]  # qid -> text
+    texts: dict[str, str]  # docno -> text
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(len(r) for r in self.run.values())
+
+
+def load_candidates(run_path: str, topics: str, corpus: str, depth: int, lenient: bool = False) -> Candidates:
+    """Read and check the run, topics and corpus. Strict: qids missing from the topics, docnos missing from the
+    corpus, duplicate lines and an empty run are errors with counts; `lenient` skips them and notes counts."""
+    notes: list[str] = []
+    try:
+        run = load_run(run_path, depth=depth, lenient=lenient)
+    except CrossrankError as e:
+        if "appears twice" in str(e):  # say how many, not only where the first one is
+            raise CrossrankError(f"{e}; {_count_duplicates(run_path)} duplicate (qid, docno) lines in all "
+                                 f"(--lenient skips them)") from None
+        raise
+    all_topics = read_topics(topics)
+    missing_q = [q for q in run if q not in all_topics]
+    if missing_q:
+        message = (f"{run_path}: {len(missing_q)} of {len(run)} queries are not in the topics {topics} "
+                   f"(e.g. {', '.join(missing_q[:5])})")
+        if not lenient:
+            raise CrossrankError(f"{message} (expected every qid of the run in the topics; --lenient skips them)")
+        notes.append(f"{message}: skipped (--lenient)")
+        run = {q: r for q, r in run.items() if q in all_topics}
+    wanted = {docno for ranking in run.values() for docno, _ in ranking}
+    texts = _load_texts(corpus, wanted)
+    missing_d = wanted - texts.keys()
+    if missing_d:
+        n_lines = sum(d in missing_d for r in run.values() for d, _ in r)
+        message = (f"{run_path}: {len(missing_d)} of {len(wanted)} docnos ({n_lines} run lines) are not in the "
+                   f"corpus {corpus} (e.g. {', '.join(sorted(missing_d)[:5])})")
+        if not lenient:
+            raise CrossrankError(f"{message} (expected every docno of the run in the corpus; --lenient skips them)")
+        notes.append(f"{message}: skipped (--lenient)")
+        run = {q: [(d, s) for d, s in r if d not in missing_d] for q, r in run.items()}
+        run = {q: r for q, r in run.items() if r}
+    if not run:
+        raise CrossrankError(f"{run_path}: nothing left to re-rank (expected queries with candidates)")
+    return Candidates(run, {q: all_topics[q] for q in run}, texts, notes)
+
+
+def _count_duplicates(path: str) -> int:
+    seen, duplicates = set(), 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 6:
+                key = (parts[0], parts[2])
+                duplicates += key in seen
+                seen.add(key)
+    return duplicates
+
+
+def _load_texts(corpus: str, wanted: set[str]) -> dict[str, str]:
+    """{docno: text} for the `wanted` docnos that the corpus has (an ir_datasets docstore is looked up)."""
+    if corpus.startswith(IRDS_PREFIX):
+        import ir_datasets
+
+        store = ir_datasets.load(corpus[len(IRDS_PREFIX):]).docs_store()
+        return {d.doc_id: (f"{d.title} {d.text}".strip() if getattr(d, "title", "") else d.text)
+                for d in store.get_many_iter(wanted)}
+    return {docno: text for docno, text in read_corpus(corpus) if docno in wanted}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model, fingerprint, cache
+
+
+def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.device) -> tuple[MonoEncoder,
+                                                                                               PairTokenizer]:
+    """The checkpoint in eval mode on `device` and its pair tokenizer. SDPA attention on CUDA."""
+    if model_cfg.kind == "set-encoder":
+        raise CrossrankError("model.kind set-encoder: re-ranking with the Set-Encoder is not wired into "
+                             "crossrank.inference yet (expected model.kind mono)")
+    extra = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
+    model = MonoEncoder.from_pretrained(path, **extra).to(device).eval()
+    return model, PairTokenizer(load_tokenizer(path), model_cfg)
+
+
+def model_fingerprint(path: str | os.PathLike, model_cfg: ModelConfig) -> str:
+    """sha256 of the weights, tokenizer files and the truncation settings: what determines a pair's score."""
+    folder = Path(resolve_model_path(str(path)))
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".txt", ".model"))
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    settings = (model_cfg.kind, model_cfg.truncation, model_cfg.max_length, model_cfg.query_length,
+                model_cfg.passage_length)
+    digest.update(repr(settings).encode())
+    return digest.hexdigest()
+
+
+class ScoreCache:
+    """Scores by (model fingerprint, query text, docno) in SQLite; safe for several processes."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: str):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), timeout=120)
+        self.db.execute("CREATE TABLE IF NOT EXISTS scores (model TEXT, query TEXT, docno TEXT, score REAL, "
+                        "PRIMARY KEY (model, query, docno))")
+        self.fingerprint = fingerprint
+
+    def get(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        found = {}
+        for query in {q for q, _ in pairs}:
+            rows = self.db.execute("SELECT docno, score FROM scores WHERE model = ? AND query = ?",
+                                   (self.fingerprint, query))
+            found.update({(query, docno): score for docno, score in rows})
+        return {pair: found[pair] for pair in pairs if pair in found}
+
+    def put(self, scores: dict[tuple[str, str], float]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)",
+                                [(self.fingerprint, q, d, s) for (q, d), s in scores.items()])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching and scoring
+
+
+def plan_batches(lengths: list[int], groups: list[int], batch_tokens: int, kind: str = "mono") -> list[list[int]]:
+    """Indices of pairs per batch. Mono: pairs sorted by length (longest first, so an out-of-memory error shows
+    at once), each batch as many pairs as fit `batch_tokens` padded tokens. Set-Encoder: whole queries
+    (`groups[i]` = query index of pair i) per batch, because a query's passages attend to each other."""
+    if kind == "set-encoder":
+        by_query: dict[int, list[int]] = {}
+        for i, g in enumerate(groups):
+            by_query.setdefault(g, []).append(i)
+        return list(by_query.values())
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        # sorted descending, so the first pair of a batch sets its padded length
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def prepare_block(pairs: list[tuple[str, str]], candidates: Candidates, tokenizer: PairTokenizer,
+                  batch_tokens: int, kind: str = "mono") -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Tokenise a block's (qid, docno) pairs and pad them into batches: [(pair indices, tensors [N, L])]."""
+    encoded = tokenizer.encode([candidates.queries[q] for q, _ in pairs], [candidates.texts[d] for _, d in pairs])
+    index = {q: i for i, q in enumerate(dict.fromkeys(q for q, _ in pairs))}
+    groups = [index[q] for q, _ in pairs]
+    batches = plan_batches([len(ids) for ids, _ in encoded], groups, batch_tokens, kind)
+    return [(batch, tokenizer.pad([encoded[i] for i in batch])) for batch in batches]
+
+
+@torch.inference_mode()
+def score_batches(model: MonoEncoder, batches: list[tuple[list[int], dict[str, torch.Tensor]]], n: int,
+                  device: torch.device, progress: tqdm | None = None) -> list[float]:
+    """Scores of the `n` pairs of a block, in pair order; bf16 autocast on CUDA, fp32 on CPU."""
+    scores = [0.0] * n
+    for indices, batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            values = model(**batch).float().cpu().tolist()  # [N]
+        for i, value in zip(indices, values):
+            scores[i] = value
+        if progress is not None:
+            progress.update(len(indices))
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The re-ranking loop
+
+
+@dataclasses.dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Distributed:
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK switch sharding on (NCCL on CUDA, gloo on CPU)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Distributed(device=torch.device("cuda" if cuda else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Distributed(rank, world, device)
+
+
+def blocks_of(candidates: Candidates, block_queries: int) -> list[list[str]]:
+    qids = sorted(candidates.run, key=lambda q: (0, int(q)) if q.isdigit() else (1, q))  # write_run's order
+    return [qids[i: i + block_queries] for i in range(0, len(qids), block_queries)]
+
+
+def parts_folder(out: Path, fingerprint: str, candidates: Candidates, eval_cfg: EvalConfig) -> Path:
+    """Where finished blocks go; the name changes with the model, the candidates and the block layout."""
+    digest = hashlib.sha256(fingerprint.encode())
+    digest.update(json.dumps([eval_cfg.block_queries, eval_cfg.batch_tokens, candidates.queries,
+                              {q: [d for d, _ in r] for q, r in candidates.run.items()}], sort_keys=True).encode())
+    return out.parent / f".{out.name}.parts-{digest.hexdigest()[:12]}"
+
+
+def rerank(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates, out: str | os.PathLike,
+           eval_cfg: EvalConfig, fingerprint: str, dist: Distributed | None = None, tag: str = "crossrank",
+           kind: str = "mono") -> Run | None:
+    """Re-rank `candidates` into the run file `out` (atomically). With several ranks each scores its blocks and
+    rank 0 merges; returns the run on rank 0 and None elsewhere. Interrupted runs resume from the parts."""
+    dist = dist or Distributed(device=next(model.parameters()).device)
+    out = Path(out)
+    parts = parts_folder(out, fingerprint, candidates, eval_cfg)
+    parts.mkdir(parents=True, exist_ok=True)
+    blocks = blocks_of(candidates, eval_cfg.block_queries)
+    todo = [b for b in range(dist.rank, len(blocks), dist.world) if not (parts / f"{b:06d}.tsv").is_file()]
+    cache = ScoreCache(eval_cfg.score_cache, fingerprint) if eval_cfg.score_cache else None
+    pairs_of = {b: [(q, d) for q in blocks[b] for d, _ in candidates.run[q]] for b in todo}
+    progress = tqdm(total=sum(len(p) for p in pairs_of.values()), unit="pair", desc=f"re-rank {out.name}",
+                    disable=not dist.is_main, file=sys.stderr, dynamic_ncols=True)
+    done_before = len(blocks[dist.rank::dist.world]) - len(todo)
+    if done_before and dist.is_main:
+        print(f"resuming: {done_before} finished block(s) found in {parts}", file=sys.stderr)
+
+    def prepare(b: int) -> tuple[dict, list, list]:
+        """Cache look-up and tokenisation of block b (runs in a background thread)."""
+        pairs = pairs_of[b]
+        keys = [(candidates.queries[q], d) for q, d in pairs]
+        cached = cache.get(keys) if cache else {}
+        todo_pairs = [p for p, k in zip(pairs, keys) if k not in cached]
+        return cached, todo_pairs, prepare_block(todo_pairs, candidates, tokenizer, eval_cfg.batch_tokens, kind)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(prepare, todo[0]) if todo else None
+        for position, b in enumerate(todo):
+            cached, todo_pairs, batches = future.result()
+            if position + 1 < len(todo):  # tokenise the next block while the model works on this one
+                future = pool.submit(prepare, todo[position + 1])
+            progress.update(len(pairs_of[b]) - len(todo_pairs))
+            scores = score_batches(model, batches, len(todo_pairs), dist.device, progress)
+            new = {(candidates.queries[q], d): s for (q, d), s in zip(todo_pairs, scores)}
+            if cache:
+                cache.put(new)
+            merged = {**cached, **new}
+            with atomic_write(parts / f"{b:06d}.tsv") as f:
+                f.writelines(f"{q}\t{d}\t{merged[(candidates.queries[q], d)]!r}\n" for q, d in pairs_of[b])
+    progress.close()
+    if dist.world > 1:
+        torch.distributed.barrier()
+    if not dist.is_main:
+        return None
+    run = merge_parts(parts, len(blocks))
+    write_run(out, run, tag=tag)
+    for file in parts.glob("*.tsv"):
+        file.unlink()
+    parts.rmdir()
+    return run
+
+
+def merge_parts(parts: Path, num_blocks: int) -> Run:
+    """The run from all finished blocks; scores rounded as written, so sorting sees what trec_eval will."""
+    run: Run = {}
+    for b in range(num_blocks):
+        file = parts / f"{b:06d}.tsv"
+        if not file.is_file():
+            raise CrossrankError(f"{file}: block {b} was not scored (expected every rank to finish; rerun to resume)")
+        for line in _lines(file):
+            qid, docno, score = line.split("\t")
+            run.setdefault(qid, []).append((docno, round(float(score), SCORE_DECIMALS)))
+    return {q: sort_ranking(r) for q, r in run.items()}
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        yield from (line.rstrip("\n") for line in f if line.strip())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# infer.py: datasets in, runs + metrics out
+
+
+def dataset_keys(key: str) -> list[str]:
+    """`dl19`, `dl19,dl20`, or a list YAML under configs/datasets/ (`datasets: [dl19, dl20]`, e.g. indomain)."""
+    import yaml
+
+    from crossrank.config import resolve_config_file
+
+    if not key:
+        raise CrossrankError("config: eval.dataset is empty (expected a configs/datasets key, indomain or "
+                             "outofdomain, e.g. eval.dataset=dl19 or -d dl19)")
+    keys: list[str] = []
+    for part in (p.strip() for p in key.split(",") if p.strip()):
+        tree = yaml.safe_load(resolve_config_file(part, "datasets").read_text(encoding="utf-8")) or {}
+        keys.extend(str(k) for k in tree["datasets"]) if isinstance(tree, dict) and "datasets" in tree \
+            else keys.append(part)
+    return keys
+
+
+def model_run_name(model_path: str | os.PathLike) -> str:
+    """`models/bert.CL.f1.lr1e-05.s42/model` -> `bert.CL.f1.lr1e-05.s42`; other folders: their name."""
+    from crossrank.naming import backbone_name
+
+    path = Path(str(model_path).rstrip("/"))
+    return path.parent.name if path.name == "model" and path.parent.name else backbone_name(str(path))
+
+
+def rerank_dataset(cfg, model: MonoEncoder, tokenizer: PairTokenizer, fingerprint: str, model_name: str,
+                   key: str, dist: Distributed) -> str | None:
+    """Re-rank one dataset's first-stage run into runs/<dataset>.<first_stage>.<model>.run, evaluate it against
+    the first stage (cut at the same depth) with significance tests; returns the report on rank 0."""
+    from crossrank import config, evaluation
+    from crossrank.datasets import load_dataset
+    from crossrank.io import read_qrels
+
+    dataset = load_dataset(key)
+    e = cfg.eval
+    run_path = dataset.run(e.first_stage)
+    candidates = load_candidates(run_path, dataset.source("topics"), dataset.source("corpus"), e.depth, e.lenient)
+    out = config.ROOT / "runs" / f"{dataset.name}.{e.first_stage}.{model_name}.run"
+    run = rerank(model, tokenizer, candidates, out, e, fingerprint, dist, tag=model_name, kind=cfg.model.kind)
+    if not dist.is_main:
+        return None
+    config.save(cfg, out.with_suffix(".yaml"))
+    lines = [f"{dataset.name}: re-ranked {len(candidates.run)} queries, {candidates.num_pairs} pairs "
+             f"(top {e.depth} of {e.first_stage}) -> {out}", *(f"note: {n}" for n in candidates.notes)]
+    if not dataset.qrels:
+        return "\n".join(lines + [f"note: dataset {dataset.name} has no qrels; not evaluated"])
+    qrels, topics = read_qrels(dataset.source("qrels")), read_topics(dataset.source("topics"))
+    metrics = evaluation.parse_metrics(e.metrics, dataset.rel_level)
+    first = load_run(run_path, depth=e.depth, lenient=e.lenient)
+    runs = {f"{e.first_stage} (top {e.depth})": first, model_name: run}
+    evals = {name: evaluation.evaluate(r, qrels, metrics, topics, name) for name, r in runs.items()}
+    evaluation.write_per_query(evals[model_name], out.with_suffix(".perquery.csv"))
+    if "nDCG@10" in evals[model_name].per_query:
+        evaluation.plot_difference(evals[model_name], evals[next(iter(runs))], out.with_suffix(".ndcg10-diff.png"),
+                                   title=f"{dataset.name}: {model_name} vs {e.first_stage}")
+    table, notes = evaluation.compare(runs, qrels, metrics, topics, 0, e.correction or None)
+    lines += [f"note: {n}" for n in dict.fromkeys(notes)]
+    lines += [evaluation.format_table(table, metrics),
+              f"(* p < 0.05, paired two-sided t-test against {e.first_stage}{', Holm' if e.correction else ''}; "
+              f"{len(evaluation.judged_qids(qrels, topics))} judged queries; binary measures at rel >= "
+              f"{dataset.rel_level})"]
+    return "\n".join(lines)
+
+
+def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: int | None = None) -> None:
+    """infer.py's work: find the checkpoint, then re-rank and evaluate every dataset of eval.dataset."""
+    from crossrank.naming import find_model, objective_chain
+
+    keys = dataset_keys(cfg.eval.dataset)
+    dist = setup_distributed()
+    if model_path is None:
+        chain = objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
+        model_path = str(find_model(cfg.model.name, chain, cfg.train.stage, lr, seed))
+    model, tokenizer = load_model(model_path, cfg.model, dist.device)
+    fingerprint = model_fingerprint(model_path, cfg.model)
+    if dist.is_main:
+        print(f"model: {model_path} (fingerprint {fingerprint[:12]}) on {dist.device} x {dist.world}",
+              file=sys.stderr)
+    for key in keys:
+        report = rerank_dataset(cfg, model, tokenizer, fingerprint, model_run_name(model_path), key, dist)
+        if report:
+            print(report, flush=True)

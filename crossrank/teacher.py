@@ -42,7 +42,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
-from crossrank.io import CrossrankError, _qid_key, atomic_write, load_corpus, load_run, read_topics, write_run
+from crossrank.io import IRDS_PREFIX, CrossrankError, _qid_key, atomic_write, load_corpus, load_run, read_topics, write_run
 
 SYSTEM = "You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to the query."
 NOVELTY_SYSTEM = ("You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to "
@@ -418,6 +418,26 @@ def rank_query(qid: str, query: str, docnos: list[str], texts: dict[str, str], c
     return ranking
 
 
+def load_candidates(run: str, k: int) -> dict[str, list[str]]:
+    """{qid: top-k docnos, best first} of a run. Files stream through preprocessing's Arrow reader (a 400M-line
+    training run needs no more memory than its top-k); `irds:` goes through `crossrank.io.load_run`."""
+    if run.startswith(IRDS_PREFIX):
+        return {qid: [docno for docno, _ in ranking] for qid, ranking in load_run(run, depth=k).items()}
+    import numpy as np
+
+    from crossrank.preprocessing import _group_starts, read_run_blocks
+
+    candidates: dict[str, list[str]] = {}
+    for table in read_run_blocks(run):  # complete queries, each sorted best first
+        starts = _group_starts(table)
+        position = np.arange(table.num_rows) - np.repeat(starts, np.diff(np.append(starts, table.num_rows)))
+        for qid, docno in zip(*(table.filter(position < k)[c].to_pylist() for c in ("qid", "docno"))):
+            candidates.setdefault(qid, []).append(docno)
+    if not candidates:
+        raise CrossrankError(f"{run}: the run is empty (expected at least one line)")
+    return candidates
+
+
 def paths(output: str | Path) -> dict[str, Path]:
     output = Path(output)
     return {"run": output, "partial": Path(f"{output}.partial"), "log": Path(f"{output}.log.jsonl"),
@@ -477,9 +497,8 @@ def rank(cfg: TeacherConfig) -> dict:
         raise CrossrankError(f"{files['partial']}: cannot resume with other settings ({'; '.join(changed)}; "
                              f"expected the same ones, or --overwrite to start again)")
 
-    run = load_run(cfg.run, depth=cfg.k)
-    candidates = {qid: [docno for docno, _ in ranking] for qid, ranking in run.items()}
-    qids = sorted(run, key=_qid_key)[: cfg.limit or None]
+    candidates = load_candidates(cfg.run, cfg.k)
+    qids = sorted(candidates, key=_qid_key)[: cfg.limit or None]
     topics = read_topics(cfg.topics)
     missing = [qid for qid in qids if qid not in topics]
     if missing:

@@ -86,6 +86,13 @@ def test_word_budget_shrinks_to_the_largest_that_fits(tmp_path):
     with pytest.raises(Exception, match="does not fit --context-size 60 even at 1 word"):
         fit_messages("cat dog", passages, TeacherConfig(run="", topics="", corpus="", output="", model="m",
                                                          context_size=60, max_completion_tokens=10), count)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}> {{ m.content }} {% endfor %}"
+    tokenizer.save_pretrained(tmp_path / "chat")
+    count, how = token_counter(str(tmp_path / "chat"), "unused")
+    assert how.endswith("(chat template)")
+    expected = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert count(messages) == len(expected) > 0
     with pytest.raises(Exception, match="--tokenizer .*/missing: cannot load it"):
         token_counter(str(tmp_path / "missing"), "m")
 

@@ -33,7 +33,6 @@ import os
 import random
 import re
 import socket
-import sys
 import threading
 import time
 import urllib.error
@@ -445,7 +444,7 @@ def paths(output: str | Path) -> dict[str, Path]:
 
 
 def read_partial(path: Path, candidates: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Completed queries of a killed run: {qid: docnos in teacher order}. Only the last query can be torn (each
+    """Completed queries of a killed (OUT.partial) or finished (OUT) run: {qid: docnos in teacher order}. Only the last query can be torn (each
     query is one fsynced write); it is dropped. Anything else that disagrees with the input is an error."""
     blocks: list[tuple[int, str, list[str]]] = []  # (first line, qid, docnos)
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -487,14 +486,13 @@ def rank(cfg: TeacherConfig) -> dict:
     if cfg.overwrite:
         for path in files.values():
             path.unlink(missing_ok=True)
-    if files["run"].is_file() and not files["partial"].is_file():
-        print(f"{files['run']} exists and is complete: nothing to do (--overwrite ranks again)", file=sys.stderr)
-        return json.loads(files["summary"].read_text()) if files["summary"].is_file() else {}
-    previous = json.loads(files["summary"].read_text()) if files["summary"].is_file() else {}
-    if files["partial"].is_file() and previous.get("settings", settings) != settings:
+    # resume from the partial file of a killed run, or extend a finished run (e.g. a larger --limit)
+    resume_from = next((files[f] for f in ("partial", "run") if files[f].is_file()), None)
+    previous = json.loads(files["summary"].read_text()) if resume_from and files["summary"].is_file() else {}
+    if previous.get("settings", settings) != settings:
         changed = [f"--{k.replace('_', '-')} {previous['settings'].get(k)!r} -> {settings[k]!r}"
                    for k in RESUME_KEYS if previous["settings"].get(k) != settings[k]]
-        raise CrossrankError(f"{files['partial']}: cannot resume with other settings ({'; '.join(changed)}; "
+        raise CrossrankError(f"{resume_from}: cannot resume with other settings ({'; '.join(changed)}; "
                              f"expected the same ones, or --overwrite to start again)")
 
     candidates = load_candidates(cfg.run, cfg.k)
@@ -504,17 +502,14 @@ def rank(cfg: TeacherConfig) -> dict:
     if missing:
         raise CrossrankError(f"{cfg.topics}: {len(missing)} queries of the run have no topic (e.g. "
                              f"{', '.join(missing[:5])}; expected every run qid in the topics)")
-    done: dict[str, list[str]] = {}
-    resuming = files["partial"].is_file()
-    if resuming:
-        done = read_partial(files["partial"], candidates)
-        with atomic_write(files["partial"]) as f:  # drop a torn last query before appending
-            f.writelines(partial_lines(qid, docnos, tag) for qid, docnos in done.items())
+    done = read_partial(resume_from, candidates) if resume_from else {}
+    with atomic_write(files["partial"]) as f:  # without a torn last query, before appending
+        f.writelines(partial_lines(qid, docnos, tag) for qid, docnos in done.items())
     todo = [qid for qid in qids if qid not in done]
-    texts = load_corpus(cfg.corpus, {d for qid in todo for d in candidates[qid]})
+    texts = load_corpus(cfg.corpus, {d for qid in todo for d in candidates[qid]}) if todo else {}
     count, counting = token_counter(cfg.tokenizer, cfg.model)
 
-    stats = Stats(previous if resuming else None)
+    stats = Stats(previous)
     summary_lock = threading.Lock()
 
     def write_summary(state: str) -> dict:

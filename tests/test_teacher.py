@@ -321,3 +321,17 @@ def test_dataset_key_and_bad_input(collection, server, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"error: {tmp_path / 'few.tsv'}: 3 queries of the run have no topic (e.g. q2, q3, " \
                                  f"q4; expected every run qid in the topics)"
+
+
+def test_finished_run_is_extended_not_redone(collection, server, tmp_path):
+    out = tmp_path / "grow.run"
+    assert cli(collection, server, out, "--limit", "1").returncode == 0
+    first = out.read_text()
+    assert cli(collection, server, out, "--limit", "2").returncode == 0  # e.g. after a cost estimate on 1 query
+    assert len(server.requests) == 10 and sorted(ranking(out)) == ["q1", "q2"]
+    assert out.read_text().startswith(first)
+    again = cli(collection, server, out, "--limit", "2")
+    assert again.returncode == 0 and len(server.requests) == 10  # nothing left to ask
+    assert "2 queries, 10 requests" in again.stdout
+    other = cli(collection, server, out, "--novelty-prompt")
+    assert other.returncode == 2 and "cannot resume with other settings (--novelty False -> True" in other.stderr

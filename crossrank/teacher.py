@@ -41,7 +41,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
-from crossrank.io import IRDS_PREFIX, CrossrankError, _qid_key, atomic_write, load_corpus, load_run, read_topics, write_run
+from crossrank.io import (IRDS_PREFIX, CrossrankError, _qid_key, atomic_write, load_corpus, load_run, read_topics,
+                          write_run)
 
 SYSTEM = "You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to the query."
 NOVELTY_SYSTEM = ("You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to "
@@ -422,16 +423,14 @@ def load_candidates(run: str, k: int) -> dict[str, list[str]]:
     training run needs no more memory than its top-k); `irds:` goes through `crossrank.io.load_run`."""
     if run.startswith(IRDS_PREFIX):
         return {qid: [docno for docno, _ in ranking] for qid, ranking in load_run(run, depth=k).items()}
-    import numpy as np
-
-    from crossrank.preprocessing import _group_starts, read_run_blocks
+    from crossrank.preprocessing import read_run_blocks
 
     candidates: dict[str, list[str]] = {}
     for table in read_run_blocks(run):  # complete queries, each sorted best first
-        starts = _group_starts(table)
-        position = np.arange(table.num_rows) - np.repeat(starts, np.diff(np.append(starts, table.num_rows)))
-        for qid, docno in zip(*(table.filter(position < k)[c].to_pylist() for c in ("qid", "docno"))):
-            candidates.setdefault(qid, []).append(docno)
+        for qid, docno in zip(table["qid"].to_pylist(), table["docno"].to_pylist()):
+            ranking = candidates.setdefault(qid, [])
+            if len(ranking) < k:
+                ranking.append(docno)
     if not candidates:
         raise CrossrankError(f"{run}: the run is empty (expected at least one line)")
     return candidates
@@ -444,8 +443,10 @@ def paths(output: str | Path) -> dict[str, Path]:
 
 
 def read_partial(path: Path, candidates: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Completed queries of a killed (OUT.partial) or finished (OUT) run: {qid: docnos in teacher order}. Only the last query can be torn (each
-    query is one fsynced write); it is dropped. Anything else that disagrees with the input is an error."""
+    """Completed queries of a killed (OUT.partial) or finished (OUT) run: {qid: docnos in teacher order}.
+
+    Only the last query can be torn (each query is one fsynced write); it is dropped. Anything else that
+    disagrees with the input (another run, --k or --dataset) is an error."""
     blocks: list[tuple[int, str, list[str]]] = []  # (first line, qid, docnos)
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):

@@ -335,3 +335,20 @@ def test_finished_run_is_extended_not_redone(collection, server, tmp_path):
     assert "2 queries, 10 requests" in again.stdout
     other = cli(collection, server, out, "--novelty-prompt")
     assert other.returncode == 2 and "cannot resume with other settings (--novelty False -> True" in other.stderr
+
+
+def test_irds_topics_and_corpus(server, tmp_path, shared_data):
+    import shutil
+
+    shutil.copytree(shared_data / "ir_datasets_home" / "vaswani", tmp_path / "irds" / "vaswani")
+    (tmp_path / "v.run").write_text("".join(f"1 Q0 {d} {r} {20 - r} bm25\n" for r, d in enumerate(range(1, 13), 1)))
+    args = [sys.executable, str(ROOT / "rank_gpt.py"), "--run", str(tmp_path / "v.run"), "--topics", "irds:vaswani",
+            "--corpus", "irds:vaswani", "-o", str(tmp_path / "v.teacher.run"), "--model", "m", "--base-url",
+            server.url, "--window", "12", "--no-progress"]
+    env = {**os.environ, "NO_PROXY": "*", "IR_DATASETS_HOME": str(tmp_path / "irds")}
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    messages = server.requests[0]["body"]["messages"]
+    assert "MEASUREMENT OF DIELECTRIC CONSTANT" in messages[-1]["content"].upper()  # vaswani query 1
+    assert messages[3]["content"].startswith("[1] compact memories have flexible capacities")  # doc 1
+    assert sorted(d for d, _, _ in ranking(tmp_path / "v.teacher.run")["1"]) == sorted(str(d) for d in range(1, 13))

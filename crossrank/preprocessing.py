@@ -378,7 +378,7 @@ def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str |
     counts = {"run_lines": 0, "kept_lines": 0, "train_queries": 0, "valid_queries": 0,
               "queries_without_relevant": 0}
     bar = tqdm(unit=" lines", unit_scale=True, desc=f"reading {Path(run).name}", disable=not progress)
-    with split_writers(out) as writers:
+    with bar, split_writers(out) as writers:
         for table in read_run_blocks(run, lenient):
             counts["run_lines"] += table.num_rows
             starts = _group_starts(table)
@@ -407,9 +407,8 @@ def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str |
             counts["valid_queries"] += n_valid
             counts["train_queries"] += len(qids) - n_valid
             bar.update(table.num_rows)
-    bar.close()
-    if counts["run_lines"] == 0:
-        raise CrossrankError(f"{run}: the run is empty (expected at least one line)")
+        if counts["run_lines"] == 0:  # inside the block: no empty split replaces a good one
+            raise CrossrankError(f"{run}: the run is empty (expected at least one line)")
     return counts
 
 

@@ -367,16 +367,23 @@ def load_corpus(path: str | os.PathLike, docnos: Iterable[str] | None = None,
 # Shared text-file parsing for topics and corpora
 
 
-def _read_tsv_texts(path: Path, kind: str, id_name: str, lenient: bool) -> Iterator[tuple[str, str]]:
+class _BadLine(Exception):
+    """A line-level problem found by a line parser; the reader decides whether to raise or skip."""
+
+
+def _read_texts(path: Path, kind: str, id_name: str, parse, lenient: bool) -> Iterator[tuple[str, str]]:
+    """(identifier, text) per line of a topics or corpus file; `parse` turns one line into that pair.
+    Every identifier must be non-empty and new, every text non-empty."""
     bad = _BadLines(path, kind, lenient)
     seen: set[str] = set()
     for number, line in _numbered_lines(path):
-        identifier, tab, text = line.partition("\t")
-        identifier, text = identifier.strip(), text.strip()
-        if not tab:
-            bad(number, f"{kind} line has no tab (expected {id_name}<TAB>text, got {line[:80]!r})")
-        elif not identifier:
-            bad(number, f"empty {id_name} (expected {id_name}<TAB>text)")
+        try:
+            identifier, text = parse(line)
+        except _BadLine as e:
+            bad(number, str(e))
+            continue
+        if not identifier:
+            bad(number, f"empty {id_name} (expected a {id_name} and a text on every line)")
         elif not text:
             bad(number, f"empty text for {id_name} {identifier} (expected non-empty text)")
         elif identifier in seen:
@@ -387,32 +394,32 @@ def _read_tsv_texts(path: Path, kind: str, id_name: str, lenient: bool) -> Itera
     bad.close()
 
 
+def _read_tsv_texts(path: Path, kind: str, id_name: str, lenient: bool) -> Iterator[tuple[str, str]]:
+    def parse(line: str) -> tuple[str, str]:
+        identifier, tab, text = line.partition("\t")
+        if not tab:
+            raise _BadLine(f"{kind} line has no tab (expected {id_name}<TAB>text, got {line[:80]!r})")
+        return identifier.strip(), text.strip()
+
+    return _read_texts(path, kind, id_name, parse, lenient)
+
+
 def _read_jsonl_texts(path: Path, kind: str, id_fields: tuple[str, ...],
                       lenient: bool) -> Iterator[tuple[str, str]]:
-    bad = _BadLines(path, kind, lenient)
-    seen: set[str] = set()
-    for number, line in _numbered_lines(path):
+    def parse(line: str) -> tuple[str, str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            bad(number, f"invalid JSON ({e.msg} at column {e.colno})")
-            continue
+            raise _BadLine(f"invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
-            bad(number, f"JSON line is not an object (expected {{\"{id_fields[0]}\": ..., \"text\": ...}})")
-            continue
-        identifier = next((str(record[f]) for f in id_fields if f in record), None)
+            raise _BadLine(f"JSON line is not an object (expected {{\"{id_fields[0]}\": ..., \"text\": ...}})")
+        identifier = next((str(record[f]).strip() for f in id_fields if f in record), None)
+        if identifier is None:
+            raise _BadLine(f"no id field (expected one of {', '.join(id_fields)})")
         title, text = str(record.get("title") or "").strip(), str(record.get("text") or "").strip()
-        text = f"{title} {text}".strip() if title else text
-        if identifier is None or not identifier.strip():
-            bad(number, f"no id field (expected one of {', '.join(id_fields)})")
-        elif not text:
-            bad(number, f"empty text for {id_fields[0]} {identifier} (expected non-empty text)")
-        elif identifier in seen:
-            bad(number, f"{id_fields[0]} {identifier} appears twice (expected each id once)")
-        else:
-            seen.add(identifier)
-            yield identifier, text
-    bad.close()
+        return identifier, (f"{title} {text}".strip() if title else text)
+
+    return _read_texts(path, kind, id_fields[0], parse, lenient)
 
 
 def _beir_member(path: str | os.PathLike, names: tuple[str, ...]) -> Path:

@@ -18,6 +18,13 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
+def assert_line_error(read, path: Path, line: int, message: str) -> None:
+    """`read(path)` fails with a message that starts `path:line: message`."""
+    with pytest.raises(CrossrankError) as error:
+        read(path)
+    assert str(error.value).startswith(f"{path}:{line}: {message}")
+
+
 # --- runs ------------------------------------------------------------------------------------------------
 
 
@@ -66,9 +73,7 @@ def test_write_run_agrees_with_ir_measures_on_ties(tmp_path):
 ])
 def test_bad_run_line_names_file_and_line(tmp_path, line, message):
     path = write(tmp_path, "bad.run", f"q1 Q0 d0 1 9.5 t\n{line}\nq1 Q0 d9 3 1.0 t\n")
-    with pytest.raises(CrossrankError) as error:
-        list(io.read_run(path))
-    assert str(error.value).startswith(f"{path}:2: {message}")
+    assert_line_error(lambda p: list(io.read_run(p)), path, 2, message)
 
 
 def test_lenient_run_skips_and_reports(tmp_path, capsys):
@@ -103,10 +108,7 @@ def test_qrels_trec_and_beir_formats():
     ("q1 0 d1 0", "docno d1 is judged twice for query q1"),
 ])
 def test_bad_qrels_line(tmp_path, line, message):
-    path = write(tmp_path, "bad.qrels", f"q1 0 d1 1\n{line}\n")
-    with pytest.raises(CrossrankError) as error:
-        io.read_qrels(path)
-    assert str(error.value).startswith(f"{path}:2: {message}")
+    assert_line_error(io.read_qrels, write(tmp_path, "bad.qrels", f"q1 0 d1 1\n{line}\n"), 2, message)
 
 
 # --- topics ----------------------------------------------------------------------------------------------
@@ -125,10 +127,7 @@ def test_topics_tsv_jsonl_trec_and_beir():
     ("q1\tagain", "qid q1 appears twice"),
 ])
 def test_bad_topics_line(tmp_path, line, message):
-    path = write(tmp_path, "bad.tsv", f"q1\tfirst\n{line}\n")
-    with pytest.raises(CrossrankError) as error:
-        io.read_topics(path)
-    assert str(error.value).startswith(f"{path}:2: {message}")
+    assert_line_error(io.read_topics, write(tmp_path, "bad.tsv", f"q1\tfirst\n{line}\n"), 2, message)
 
 
 # --- corpora ---------------------------------------------------------------------------------------------
@@ -156,9 +155,7 @@ def test_load_corpus_keeps_only_wanted_and_reports_missing():
 ])
 def test_bad_jsonl_corpus_line(tmp_path, line, message):
     path = write(tmp_path, "bad.jsonl", '{"docno": "d1", "text": "fine"}\n' + line + "\n")
-    with pytest.raises(CrossrankError) as error:
-        list(io.read_corpus(path))
-    assert str(error.value).startswith(f"{path}:2: {message}")
+    assert_line_error(lambda p: list(io.read_corpus(p)), path, 2, message)
 
 
 def test_lenient_corpus_skips_empty_text(tmp_path, capsys):

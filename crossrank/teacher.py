@@ -317,7 +317,10 @@ class ChatClient:
                     raise ValueError(f"no choices in the response ({self.redact(str(data))[:200]})")
                 return data
             except urllib.error.HTTPError as e:
-                detail = self.redact(e.read().decode("utf-8", "replace"))[:300]
+                try:
+                    detail = self.redact(e.read().decode("utf-8", "replace"))[:300]
+                except (OSError, http.client.HTTPException):  # the error body itself was cut off
+                    detail = ""
                 if e.code not in RETRY_STATUS:
                     hint = f" (is ${cfg.api_key_env} set?)" if e.code in (401, 403) else ""
                     raise CrossrankError(f"{self.url}: HTTP {e.code}{hint}: {detail}") from None
@@ -365,7 +368,11 @@ class JsonlLog:
 
     def __init__(self, path: Path):
         self.lock = threading.Lock()
-        torn = path.is_file() and path.stat().st_size > 0 and not path.read_bytes()[-1:] == b"\n"
+        torn = False
+        if path.is_file() and path.stat().st_size > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
         self.file = open(path, "a", encoding="utf-8")
         if torn:
             self.file.write("\n")
@@ -471,6 +478,19 @@ def read_partial(path: Path, candidates: dict[str, list[str]]) -> dict[str, list
     return done
 
 
+def resume_point(files: dict[str, Path], settings: dict) -> tuple[Path | None, dict]:
+    """Where completed queries are (the partial file of a killed run, or a finished run to extend, e.g. with a
+    larger --limit) and the previous summary; other settings than the previous session's are an error."""
+    resume_from = next((files[f] for f in ("partial", "run") if files[f].is_file()), None)
+    previous = json.loads(files["summary"].read_text()) if resume_from and files["summary"].is_file() else {}
+    if previous.get("settings", settings) != settings:
+        changed = [f"--{k.replace('_', '-')} {previous['settings'].get(k)!r} -> {settings[k]!r}"
+                   for k in RESUME_KEYS if previous["settings"].get(k) != settings[k]]
+        raise CrossrankError(f"{resume_from}: cannot resume with other settings ({'; '.join(changed)}; "
+                             f"expected the same ones, or --overwrite to start again)")
+    return resume_from, previous
+
+
 def partial_lines(qid: str, docnos: list[str], tag: str) -> str:
     depth = len(docnos)
     return "".join(f"{qid} Q0 {d} {r} {depth - r + 1} {tag}\n" for r, d in enumerate(docnos, 1))
@@ -487,15 +507,7 @@ def rank(cfg: TeacherConfig) -> dict:
     if cfg.overwrite:
         for path in files.values():
             path.unlink(missing_ok=True)
-    # resume from the partial file of a killed run, or extend a finished run (e.g. a larger --limit)
-    resume_from = next((files[f] for f in ("partial", "run") if files[f].is_file()), None)
-    previous = json.loads(files["summary"].read_text()) if resume_from and files["summary"].is_file() else {}
-    if previous.get("settings", settings) != settings:
-        changed = [f"--{k.replace('_', '-')} {previous['settings'].get(k)!r} -> {settings[k]!r}"
-                   for k in RESUME_KEYS if previous["settings"].get(k) != settings[k]]
-        raise CrossrankError(f"{resume_from}: cannot resume with other settings ({'; '.join(changed)}; "
-                             f"expected the same ones, or --overwrite to start again)")
-
+    resume_from, previous = resume_point(files, settings)
     candidates = load_candidates(cfg.run, cfg.k)
     qids = sorted(candidates, key=_qid_key)[: cfg.limit or None]
     topics = read_topics(cfg.topics)
@@ -546,7 +558,7 @@ def rank(cfg: TeacherConfig) -> dict:
                     for future in finished:
                         qid = pending.pop(future)
                         done[qid] = future.result()
-                        partial.write(partial_lines(qid, done[qid], tag))  # one write per query: torn only at the end
+                        partial.write(partial_lines(qid, done[qid], tag))  # a kill tears the last query only
                         partial.flush()
                         os.fsync(partial.fileno())
                         stats.add(queries=1)

@@ -7,7 +7,9 @@ token usage. Faults are queued with `fail(...)` and consumed one per request, in
     ("status", 429, {"Retry-After": "1"})   an error status with headers
     ("drop",)                                close the connection without answering
     ("answer", "[3] > [3] > [9]")            a fixed (malformed) answer
-Every request is recorded (time, path, headers, parsed body) in `requests`; `delay` slows every answer.
+    ("sleep", 2.0)                           answer only after 2 s (for client timeouts)
+Every request is recorded (time, path, headers, parsed body) in `requests`; `delay` slows every answer;
+`max_in_flight` is the most requests that were being answered at the same time.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class ChatServer:
         self.faults: list[tuple] = []
         self.requests: list[dict] = []
         self.delay = 0.0
+        self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         server = self
 
@@ -53,6 +56,18 @@ class ChatServer:
                     server.requests.append({"time": time.monotonic(), "path": self.path,
                                             "headers": dict(self.headers), "body": body})
                     fault = server.faults.pop(0) if server.faults else ("ok",)
+                    counted = fault[0] != "sleep"  # a request its client abandoned is not in flight
+                    server.in_flight += counted
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self.answer(body, fault)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout): nothing to answer
+                finally:
+                    with server.lock:
+                        server.in_flight -= counted
+
+            def answer(self, body: dict, fault: tuple):
                 if fault[0] == "drop":
                     self.close_connection = True
                     return  # nothing written: the client sees the connection close
@@ -60,7 +75,7 @@ class ChatServer:
                     self.reply(fault[1], {"error": {"message": f"fault {fault[1]}",
                                                     "echo": self.headers.get("Authorization", "")}}, fault[2])
                     return
-                time.sleep(server.delay)
+                time.sleep(fault[1] if fault[0] == "sleep" else server.delay)
                 answer = fault[1] if fault[0] == "answer" else rank_by_overlap(body["messages"])
                 prompt_tokens = sum(len(m["content"].split()) for m in body["messages"])
                 self.reply(200, {"id": "chatcmpl-test", "object": "chat.completion", "model": body["model"],

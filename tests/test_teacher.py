@@ -238,6 +238,18 @@ def test_dropped_connection_is_retried(collection, server, tmp_path):
     assert [d for d, _, _ in ranking(out)["q2"]][:5] == collection["truth"]["q2"][:5]
 
 
+def test_timeouts_are_retried_and_queries_run_concurrently(collection, server, tmp_path):
+    server.fail(("sleep", 3.0))
+    server.delay = 0.1
+    out = tmp_path / "slow.run"
+    result = cli(collection, server, out, "--timeout", "0.5", "--concurrency", "3")
+    assert result.returncode == 0, result.stderr
+    stats = summary(out)
+    assert stats["retries_by_reason"] == {"timeout": 1} and stats["requests"] == 20
+    assert server.max_in_flight == 3  # --concurrency 3: three queries in flight, never more
+    assert sorted(ranking(out)) == ["q1", "q2", "q3", "q4"]
+
+
 def test_giving_up_keeps_completed_queries_and_resume_refuses_other_settings(collection, server, tmp_path):
     out = tmp_path / "down.run"
     server.fail(*[("ok",)] * 5, *[("status", 503, {})] * 3)  # q1 succeeds, then the server is down

@@ -81,6 +81,7 @@ class TeacherConfig:
     price_prompt: float = 0.0  # per million prompt tokens, for the summary's cost estimate
     price_completion: float = 0.0
     overwrite: bool = False
+    dry_run: bool = False  # count requests and prompt tokens, send nothing, write nothing
     progress: bool = True
 
     def validate(self) -> "TeacherConfig":
@@ -478,6 +479,23 @@ def read_partial(path: Path, candidates: dict[str, list[str]]) -> dict[str, list
     return done
 
 
+def dry_run(cfg: TeacherConfig, queries: dict[str, tuple[str, list[str]]], texts: dict[str, str],
+            count: Callable, counting: str) -> dict:
+    """What the queries still to do would cost, without a request: the windows over the first-stage order
+    (the teacher's answers change which passages share a window, not how many windows there are)."""
+    requests = prompt_tokens = 0
+    for query, docnos in queries.values():
+        for start, end in sliding_windows(len(docnos), cfg.window, cfg.step):
+            if end - start >= 2:
+                requests += 1
+                prompt_tokens += fit_messages(query, [texts[d] for d in docnos[start:end]], cfg, count)[2]
+    completion_tokens = requests * cfg.max_completion_tokens  # an upper bound: the reserve
+    return {"state": "dry run", "token_counting": counting, "queries": len(queries), "requests": requests,
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "cost_estimate": round((prompt_tokens * cfg.price_prompt + completion_tokens * cfg.price_completion)
+                                   / 1e6, 6)}
+
+
 def resume_point(files: dict[str, Path], settings: dict) -> tuple[Path | None, dict]:
     """Where completed queries are (the partial file of a killed run, or a finished run to extend, e.g. with a
     larger --limit) and the previous summary; other settings than the previous session's are an error."""
@@ -504,10 +522,10 @@ def rank(cfg: TeacherConfig) -> dict:
     tag = "".join(cfg.tag.split()) or "rankgpt"
     files = paths(cfg.output)
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
-    if cfg.overwrite:
+    if cfg.overwrite and not cfg.dry_run:
         for path in files.values():
             path.unlink(missing_ok=True)
-    resume_from, previous = resume_point(files, settings)
+    resume_from, previous = resume_point(files, settings) if not cfg.overwrite else (None, {})
     candidates = load_candidates(cfg.run, cfg.k)
     qids = sorted(candidates, key=_qid_key)[: cfg.limit or None]
     topics = read_topics(cfg.topics)
@@ -516,11 +534,13 @@ def rank(cfg: TeacherConfig) -> dict:
         raise CrossrankError(f"{cfg.topics}: {len(missing)} queries of the run have no topic (e.g. "
                              f"{', '.join(missing[:5])}; expected every run qid in the topics)")
     done = read_partial(resume_from, candidates) if resume_from else {}
-    with atomic_write(files["partial"]) as f:  # without a torn last query, before appending
-        f.writelines(partial_lines(qid, docnos, tag) for qid, docnos in done.items())
     todo = [qid for qid in qids if qid not in done]
     texts = load_corpus(cfg.corpus, {d for qid in todo for d in candidates[qid]}) if todo else {}
     count, counting = token_counter(cfg.tokenizer, cfg.model)
+    if cfg.dry_run:
+        return dry_run(cfg, {qid: (topics[qid], candidates[qid]) for qid in todo}, texts, count, counting)
+    with atomic_write(files["partial"]) as f:  # without a torn last query, before appending
+        f.writelines(partial_lines(qid, docnos, tag) for qid, docnos in done.items())
 
     stats = Stats(previous)
     summary_lock = threading.Lock()
@@ -541,7 +561,7 @@ def rank(cfg: TeacherConfig) -> dict:
     client = ChatClient(cfg, stats, log, stop)
     stats.on_request = lambda: write_summary("running")  # the summary stays exact if the run is killed
 
-    bar = tqdm(total=len(qids), initial=len(done), desc="queries", unit="q", disable=not cfg.progress)
+    bar = tqdm(total=len(qids), initial=len(qids) - len(todo), desc="queries", unit="q", disable=not cfg.progress)
     pending: dict[Future, str] = {}
     remaining = iter(todo)
     try:
@@ -628,6 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log answers and usage but not the prompts (the log is ~40 KB per request with them)")
     p.add_argument("--price-prompt", type=float, default=0.0, help="price per million prompt tokens (summary)")
     p.add_argument("--price-completion", type=float, default=0.0, help="price per million completion tokens")
+    p.add_argument("--dry-run", action="store_true", help="count the requests and prompt tokens the remaining "
+                                                          "queries need (cost estimate); send and write nothing")
     p.add_argument("--overwrite", action="store_true", help="start again, deleting OUT, its partial, log and summary")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
@@ -652,5 +674,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def format_summary(summary: dict) -> str:
     keys = ("queries", "requests", "prompt_tokens", "completion_tokens", "malformed_answers", "retries")
+    if summary.get("state") == "dry run":
+        keys = ("queries", "requests", "prompt_tokens", "completion_tokens")
     text = ", ".join(f"{summary.get(k, 0)} {k.replace('_', ' ')}" for k in keys)
+    text = f"dry run ({summary['token_counting']}): {text} at most" if summary.get("state") == "dry run" else text
     return text + (f", cost estimate {summary['cost_estimate']}" if summary.get("cost_estimate") else "")

@@ -179,11 +179,18 @@ def test_happy_path_run_log_summary_and_preprocessing(collection, server, tmp_pa
     assert body["temperature"] == 0 and body["model"] == "test-llm" and len(body["messages"]) == 3 + 2 * 10 + 1
     assert server.requests[0]["path"] == "/v1/chat/completions"
 
-    # the output is a KD source for preprocessing as it is: teacher order, best first
-    from crossrank.preprocessing import load_split, preprocess_run
-    preprocess_run(out, {}, tmp_path / "kd", evalperc=0, seed=42, progress=False)
-    for query in load_split(tmp_path / "kd", "train"):
-        assert query.docnos == [d for d, _, _ in run[query.qid]]
+    # the output is a dataset's `teacher:` for preprocessing.py as it is: teacher order, best first
+    from crossrank.preprocessing import load_split
+    (tmp_path / "kd.yaml").write_text(f"name: kd\ncorpus: {collection['corpus']}\ntopics: {collection['topics']}\n"
+                                      f"teacher: {out}\n")
+    prep = subprocess.run([sys.executable, str(ROOT / "preprocessing.py"), "--dataset", str(tmp_path / "kd.yaml"),
+                           "--objective", "KD", "--evalperc", "0", "--out", str(tmp_path / "kd")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert prep.returncode == 0, prep.stderr
+    queries = load_split(tmp_path / "kd", "train")
+    assert len(queries) == 4
+    for query in queries:
+        assert query.docnos == [d for d, _, _ in run[query.qid]] and query.scores == list(range(30, 0, -1))
 
 
 def test_sliding_windows_hand_computed(collection, server, tmp_path):
@@ -273,7 +280,7 @@ def test_killed_run_resumes_to_the_same_run(collection, server, tmp_path):
     n_full = len(server.requests)
 
     out = tmp_path / "killed.run"
-    process = cli(collection, server, out, background=True)
+    process = cli(collection, server, out, "--concurrency", "2", background=True)  # finishing order varies
     partial = Path(f"{out}.partial")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
@@ -287,7 +294,7 @@ def test_killed_run_resumes_to_the_same_run(collection, server, tmp_path):
     with open(partial, "a") as f:
         f.write("q4 Q0 q4d1")  # a torn last line, as a kill in the middle of a write leaves it
     before = len(server.requests)
-    resumed = cli(collection, server, out)
+    resumed = cli(collection, server, out, "--concurrency", "2")
     assert resumed.returncode == 0, resumed.stderr
     assert out.read_bytes() == full.read_bytes()
     assert len(server.requests) - before <= (4 - len(done)) * 5  # completed queries were not asked again
@@ -337,6 +344,15 @@ def test_dataset_key_and_bad_input(collection, server, tmp_path):
 
 def test_finished_run_is_extended_not_redone(collection, server, tmp_path):
     out = tmp_path / "grow.run"
+    dry = cli(collection, server, out, "--dry-run", "--price-prompt", "1000000")
+    assert dry.returncode == 0 and not list(tmp_path.glob("grow*")) and not server.requests
+    # the windows over the first-stage order (candidate j at rank j + 1), estimated
+    topics = dict(line.split("\t") for line in collection["topics"].read_text().splitlines())
+    texts = dict(line.split("\t") for line in collection["corpus"].read_text().splitlines())
+    expected = sum(estimate_tokens(build_messages(topics[q], [texts[f"{q}d{j}"] for j in range(start, end)], 300))
+                   for q in topics for start, end in sliding_windows(30, 10, 5))
+    assert dry.stdout.startswith("dry run (estimate (max(chars/4")
+    assert f"4 queries, 20 requests, {expected} prompt tokens, {20 * (6 * 10 + 32)} completion tokens" in dry.stdout
     assert cli(collection, server, out, "--limit", "1").returncode == 0
     first = out.read_text()
     assert cli(collection, server, out, "--limit", "2").returncode == 0  # e.g. after a cost estimate on 1 query

@@ -177,17 +177,23 @@ def token_counter(source: str, model: str) -> tuple[Callable[[list[dict[str, str
     except Exception as e:  # transformers raises OSError, ValueError, ... for missing or foreign files
         if source:
             raise CrossrankError(f"--tokenizer {source}: cannot load it from local files ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:200]}; expected a tokenizer folder or a cached hub id, "
+                                 f"{(str(e).splitlines() or [''])[0][:200]}; expected a tokenizer folder or a cached hub id, "
                                  f"or 'none' for the estimate)") from None
         return estimate_tokens, "estimate (max(chars/4, words*4/3) + 4 per message)"
-    if getattr(tokenizer, "chat_template", None):
-        def count(messages: list[dict[str, str]]) -> int:
-            ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-            return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return count, f"{name} (chat template)"
+
+    def count_template(messages: list[dict[str, str]]) -> int:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def count_contents(messages: list[dict[str, str]]) -> int:
         return 3 + sum(len(tokenizer.encode(m["content"], add_special_tokens=False)) + 4 for m in messages)
+
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            count_template(build_messages("query", ["passage", "passage"], 1))
+            return count_template, f"{name} (chat template)"
+        except Exception:  # templates that refuse a system role or alternate roles strictly (jinja errors)
+            pass
     return count_contents, f"{name} (contents + 4 per message)"
 
 
@@ -347,6 +353,8 @@ class ChatClient:
         raise AssertionError("unreachable")
 
     def redact(self, text: str) -> str:
+        """The text on one line (error pages have many), without the API key (a server may echo it)."""
+        text = " ".join(text.split())
         return text.replace(self.key, "***") if self.key else text
 
 

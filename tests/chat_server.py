@@ -72,7 +72,7 @@ class ChatServer:
                     self.close_connection = True
                     return  # nothing written: the client sees the connection close
                 if fault[0] == "status":
-                    self.reply(fault[1], {"error": {"message": f"fault {fault[1]}",
+                    self.reply(fault[1], {"error": {"message": f"fault {fault[1]}\n<html>\n</html>",
                                                     "echo": self.headers.get("Authorization", "")}}, fault[2])
                     return
                 time.sleep(fault[1] if fault[0] == "sleep" else server.delay)

@@ -72,8 +72,9 @@ class ChatServer:
                     self.close_connection = True
                     return  # nothing written: the client sees the connection close
                 if fault[0] == "status":
-                    self.reply(fault[1], {"error": {"message": f"fault {fault[1]}\n<html>\n</html>",
-                                                    "echo": self.headers.get("Authorization", "")}}, fault[2])
+                    self.reply(fault[1], {"error": {"message": f"fault {fault[1]}",  # and an HTML trailer:
+                                                    "echo": self.headers.get("Authorization", "")}}, fault[2],
+                               trailer=b"\n<html>\n<body>proxy error</body>\n</html>\n")  # several lines
                     return
                 time.sleep(fault[1] if fault[0] == "sleep" else server.delay)
                 answer = fault[1] if fault[0] == "answer" else rank_by_overlap(body["messages"])
@@ -84,8 +85,8 @@ class ChatServer:
                                  "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(answer.split()),
                                            "total_tokens": prompt_tokens + len(answer.split())}})
 
-            def reply(self, status: int, payload: dict, headers: dict | None = None):
-                data = json.dumps(payload).encode()
+            def reply(self, status: int, payload: dict, headers: dict | None = None, trailer: bytes = b""):
+                data = json.dumps(payload).encode() + trailer
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,21 +159,24 @@ class ScoreCache:
 
     def __init__(self, path: str | os.PathLike, fingerprint: str):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), timeout=120)
+        # used from the tokenising thread (get) and the main thread (put): one connection behind a lock
+        self.db = sqlite3.connect(str(path), timeout=120, check_same_thread=False)
+        self.lock = threading.Lock()
         self.db.execute("CREATE TABLE IF NOT EXISTS scores (model TEXT, query TEXT, docno TEXT, score REAL, "
                         "PRIMARY KEY (model, query, docno))")
         self.fingerprint = fingerprint
 
     def get(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         found = {}
-        for query in {q for q, _ in pairs}:
-            rows = self.db.execute("SELECT docno, score FROM scores WHERE model = ? AND query = ?",
-                                   (self.fingerprint, query))
-            found.update({(query, docno): score for docno, score in rows})
+        with self.lock:
+            for query in {q for q, _ in pairs}:
+                rows = self.db.execute("SELECT docno, score FROM scores WHERE model = ? AND query = ?",
+                                       (self.fingerprint, query)).fetchall()
+                found.update({(query, docno): score for docno, score in rows})
         return {pair: found[pair] for pair in pairs if pair in found}
 
     def put(self, scores: dict[tuple[str, str], float]) -> None:
-        with self.db:
+        with self.lock, self.db:
             self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)",
                                 [(self.fingerprint, q, d, s) for (q, d), s in scores.items()])
 
@@ -247,7 +253,8 @@ def setup_distributed() -> Distributed:
         return Distributed(device=torch.device("cuda" if cuda else "cpu"))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        # ranks wait for each other only at the merge: allow long imbalances before timing out
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=12))
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -267,6 +274,49 @@ def parts_folder(out: Path, fingerprint: str, candidates: Candidates, eval_cfg: 
     return out.parent / f".{out.name}.parts-{digest.hexdigest()[:12]}"
 
 
+def score_blocks(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates, blocks: list[list[str]],
+                 todo: list[int], eval_cfg: EvalConfig, device: torch.device, cache: ScoreCache | None = None,
+                 progress: tqdm | None = None, kind: str = "mono") -> Iterator[tuple[int, list[tuple[str, str, float]]]]:
+    """Yield (block index, [(qid, docno, score)]) for the blocks in `todo`, in order. The next block's cache
+    look-up and tokenisation run in a background thread while the model scores the current one (the fast
+    tokenizer and torch both release the GIL)."""
+    pairs_of = {b: [(q, d) for q in blocks[b] for d, _ in candidates.run[q]] for b in todo}
+
+    def prepare(b: int) -> tuple[dict, list, list]:
+        keys = [(candidates.queries[q], d) for q, d in pairs_of[b]]
+        cached = cache.get(keys) if cache else {}
+        uncached = [p for p, k in zip(pairs_of[b], keys) if k not in cached]
+        return cached, uncached, prepare_block(uncached, candidates, tokenizer, eval_cfg.batch_tokens, kind)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(prepare, todo[0]) if todo else None
+        for position, b in enumerate(todo):
+            cached, uncached, batches = future.result()
+            if position + 1 < len(todo):
+                future = pool.submit(prepare, todo[position + 1])
+            if progress is not None:
+                progress.update(len(pairs_of[b]) - len(uncached))
+            scores = score_batches(model, batches, len(uncached), device, progress)
+            new = {(candidates.queries[q], d): s for (q, d), s in zip(uncached, scores)}
+            if cache:
+                cache.put(new)
+            merged = {**cached, **new}
+            yield b, [(q, d, merged[(candidates.queries[q], d)]) for q, d in pairs_of[b]]
+
+
+def score_candidates(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates, eval_cfg: EvalConfig,
+                     kind: str = "mono") -> Run:
+    """Re-rank in memory (no files): the same blocks and batches as `rerank`, so the same scores."""
+    blocks = blocks_of(candidates, eval_cfg.block_queries)
+    device = next(model.parameters()).device
+    run: Run = {}
+    for _, scored in score_blocks(model, tokenizer, candidates, blocks, list(range(len(blocks))), eval_cfg,
+                                  device, kind=kind):
+        for q, d, s in scored:
+            run.setdefault(q, []).append((d, round(s, SCORE_DECIMALS)))
+    return {q: sort_ranking(r) for q, r in run.items()}
+
+
 def rerank(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates, out: str | os.PathLike,
            eval_cfg: EvalConfig, fingerprint: str, dist: Distributed | None = None, tag: str = "crossrank",
            kind: str = "mono") -> Run | None:
@@ -277,47 +327,26 @@ def rerank(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates,
     parts = parts_folder(out, fingerprint, candidates, eval_cfg)
     parts.mkdir(parents=True, exist_ok=True)
     blocks = blocks_of(candidates, eval_cfg.block_queries)
-    todo = [b for b in range(dist.rank, len(blocks), dist.world) if not (parts / f"{b:06d}.tsv").is_file()]
+    mine = list(range(dist.rank, len(blocks), dist.world))
+    todo = [b for b in mine if not (parts / f"{b:06d}.tsv").is_file()]
+    if len(todo) < len(mine):
+        print(f"rank {dist.rank}: resuming, {len(mine) - len(todo)} of {len(mine)} blocks already in {parts}",
+              file=sys.stderr)
     cache = ScoreCache(eval_cfg.score_cache, fingerprint) if eval_cfg.score_cache else None
-    pairs_of = {b: [(q, d) for q in blocks[b] for d, _ in candidates.run[q]] for b in todo}
-    progress = tqdm(total=sum(len(p) for p in pairs_of.values()), unit="pair", desc=f"re-rank {out.name}",
-                    disable=not dist.is_main, file=sys.stderr, dynamic_ncols=True)
-    done_before = len(blocks[dist.rank::dist.world]) - len(todo)
-    if done_before and dist.is_main:
-        print(f"resuming: {done_before} finished block(s) found in {parts}", file=sys.stderr)
-
-    def prepare(b: int) -> tuple[dict, list, list]:
-        """Cache look-up and tokenisation of block b (runs in a background thread)."""
-        pairs = pairs_of[b]
-        keys = [(candidates.queries[q], d) for q, d in pairs]
-        cached = cache.get(keys) if cache else {}
-        todo_pairs = [p for p, k in zip(pairs, keys) if k not in cached]
-        return cached, todo_pairs, prepare_block(todo_pairs, candidates, tokenizer, eval_cfg.batch_tokens, kind)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(prepare, todo[0]) if todo else None
-        for position, b in enumerate(todo):
-            cached, todo_pairs, batches = future.result()
-            if position + 1 < len(todo):  # tokenise the next block while the model works on this one
-                future = pool.submit(prepare, todo[position + 1])
-            progress.update(len(pairs_of[b]) - len(todo_pairs))
-            scores = score_batches(model, batches, len(todo_pairs), dist.device, progress)
-            new = {(candidates.queries[q], d): s for (q, d), s in zip(todo_pairs, scores)}
-            if cache:
-                cache.put(new)
-            merged = {**cached, **new}
-            with atomic_write(parts / f"{b:06d}.tsv") as f:
-                f.writelines(f"{q}\t{d}\t{merged[(candidates.queries[q], d)]!r}\n" for q, d in pairs_of[b])
-    progress.close()
+    total = sum(len(candidates.run[q]) for b in todo for q in blocks[b])
+    with tqdm(total=total, unit="pair", desc=f"re-rank {out.name}", disable=not dist.is_main, file=sys.stderr,
+              dynamic_ncols=True) as progress:
+        for b, scored in score_blocks(model, tokenizer, candidates, blocks, todo, eval_cfg, dist.device, cache,
+                                      progress, kind):
+            with atomic_write(parts / f"{b:06d}.tsv") as f:  # a finished block, all or nothing
+                f.writelines(f"{q}\t{d}\t{s!r}\n" for q, d, s in scored)
     if dist.world > 1:
         torch.distributed.barrier()
     if not dist.is_main:
         return None
     run = merge_parts(parts, len(blocks))
     write_run(out, run, tag=tag)
-    for file in parts.glob("*.tsv"):
-        file.unlink()
-    parts.rmdir()
+    shutil.rmtree(parts)  # also removes temporary files a killed process left behind
     return run
 
 

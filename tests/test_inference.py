@@ -1,0 +1,192 @@
+"""Re-ranking: batching, order and ties, sharding (2 gloo processes) equal to one process, resume after an
+interruption, the score cache, bad input, and infer.py end to end; all with the tiny random BERT."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crossrank import config, inference
+from crossrank.config import EvalConfig, ModelConfig
+from crossrank.io import CrossrankError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the cat dog mat sat bark river water fish boat sea ship city bank money loan paris france capital "
+         "london tree trees garden house computer program code python search engine query passage").split()
+
+
+def _text(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture
+def collection(tmp_path) -> dict[str, Path]:
+    """9 queries x 12 candidates, passages of 3..60 words; d0 and d1 have the same text (a score tie)."""
+    rng = random.Random(0)
+    docs = {f"d{i}": _text(rng, rng.randint(3, 60)) for i in range(40)}
+    docs["d1"] = docs["d0"]
+    (tmp_path / "corpus.tsv").write_text("".join(f"{d}\t{t}\n" for d, t in docs.items()))
+    (tmp_path / "topics.tsv").write_text("".join(f"{q}\t{_text(rng, rng.randint(2, 8))}\n" for q in range(1, 10)))
+    lines = []
+    for q in range(1, 10):
+        chosen = ["d0", "d1"] + rng.sample(sorted(docs)[2:], 10)
+        lines += [f"{q} Q0 {d} {r + 1} {20.0 - r} bm25\n" for r, d in enumerate(chosen)]
+    (tmp_path / "run.txt").write_text("".join(lines))
+    (tmp_path / "qrels.txt").write_text("".join(f"{q} 0 d{q} {q % 4}\n" for q in range(1, 10)))
+    return {name: tmp_path / name for name in ("corpus.tsv", "topics.tsv", "run.txt", "qrels.txt")}
+
+
+def _candidates(c, **kwargs):
+    return inference.load_candidates(str(c["run.txt"]), str(c["topics.tsv"]), str(c["corpus.tsv"]), 100, **kwargs)
+
+
+def _eval_cfg(**kwargs) -> EvalConfig:
+    return dataclasses.replace(EvalConfig(), block_queries=2, batch_tokens=600, **kwargs)
+
+
+def test_plan_batches_respects_the_token_budget():
+    lengths = [5, 40, 12, 40, 7, 33, 2, 19]
+    batches = inference.plan_batches(lengths, [0] * 8, batch_tokens=80)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths, reverse=True)  # longest first
+    for b in batches:
+        assert len(b) == 1 or len(b) * lengths[b[0]] <= 80
+    assert [len(b) for b in batches] == [2, 2, 4]  # 40,40 | 33,19 | 12,7,5,2
+    assert inference.plan_batches(lengths, [0, 0, 1, 1, 1, 2, 2, 2], 80, kind="set-encoder") == \
+        [[0, 1], [2, 3, 4], [5, 6, 7]]
+
+
+def test_reranked_order_follows_scores_with_deterministic_ties(tiny_bert, collection, tmp_path):
+    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    cands = _candidates(collection)
+    run = inference.rerank(model, tok, cands, tmp_path / "out.run", _eval_cfg(), "fp")
+    # every score equals the model's score for that pair alone (no batch or padding effects beyond fp noise)
+    q = "3"
+    alone = {d: model(**tok([cands.queries[q]], [cands.texts[d]])).item() for d, _ in cands.run[q]}
+    assert {d: s for d, s in run[q]} == pytest.approx(alone, abs=2e-6)
+    lines = [line.split() for line in (tmp_path / "out.run").read_text().splitlines()]
+    assert [int(x[0]) for x in lines] == sorted(int(x[0]) for x in lines)
+    for qid in {x[0] for x in lines}:
+        ranking = [(x[2], float(x[4])) for x in lines if x[0] == qid]
+        assert [int(x[3]) for x in lines if x[0] == qid] == list(range(1, 13))
+        assert ranking == sorted(ranking, key=lambda p: (p[1], p[0]), reverse=True)  # score desc, docno desc
+        scores = dict(ranking)
+        assert scores["d0"] == scores["d1"]  # same text, same score: d1 must come first
+        assert [d for d, _ in ranking].index("d1") + 1 == [d for d, _ in ranking].index("d0")
+    assert not list(tmp_path.glob(".out.run.parts-*"))  # parts are removed after the merge
+
+
+def _shard(rank: int, world: int, port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    model_path, c, out = args
+    model, tok = inference.load_model(model_path, ModelConfig(), torch.device("cpu"))
+    cands = _candidates(c)
+    inference.rerank(model, tok, cands, out, _eval_cfg(), "fp", inference.Distributed(rank, world))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_shards_give_the_single_process_run(tiny_bert, collection, tmp_path):
+    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    inference.rerank(model, tok, _candidates(collection), tmp_path / "single.run", _eval_cfg(), "fp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_shard, args=(2, port, (tiny_bert, collection, tmp_path / "sharded.run")),
+                                nprocs=2, join=True)
+    assert (tmp_path / "sharded.run").read_bytes() == (tmp_path / "single.run").read_bytes()
+
+
+class _Interrupting(torch.nn.Module):
+    """Wraps a model and raises on its n-th call, like a job killed in the middle of a block."""
+
+    def __init__(self, model, fail_at: int):
+        super().__init__()
+        self.model, self.fail_at, self.calls = model, fail_at, 0
+
+    def forward(self, **batch):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt("killed")
+        return self.model(**batch)
+
+
+def test_resume_after_interruption_gives_the_same_run(tiny_bert, collection, tmp_path):
+    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    cands, cfg = _candidates(collection), _eval_cfg()
+    inference.rerank(model, tok, cands, tmp_path / "full.run", cfg, "fp")
+    counting = _Interrupting(model, fail_at=10)
+    with pytest.raises(KeyboardInterrupt):
+        inference.rerank(counting, tok, cands, tmp_path / "resumed.run", cfg, "fp")
+    assert not (tmp_path / "resumed.run").exists()  # never a half-written run
+    parts = sorted(p.name for p in next(tmp_path.glob(".resumed.run.parts-*")).iterdir())
+    assert parts and len(parts) < 5  # some of the 5 blocks finished
+    counting.fail_at, calls_before = -1, counting.calls
+    inference.rerank(counting, tok, cands, tmp_path / "resumed.run", cfg, "fp")
+    assert (tmp_path / "resumed.run").read_bytes() == (tmp_path / "full.run").read_bytes()
+    full_calls = calls_before - 1 + (counting.calls - calls_before)  # the failed call did not score
+    assert counting.calls - calls_before < full_calls  # finished blocks were not scored again
+
+
+def test_score_cache_skips_scored_pairs(tiny_bert, collection, tmp_path):
+    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    cands, cfg = _candidates(collection), _eval_cfg(score_cache=str(tmp_path / "cache.sqlite"))
+    inference.rerank(model, tok, cands, tmp_path / "a.run", cfg, "fp")
+    counting = _Interrupting(model, fail_at=-1)
+    inference.rerank(counting, tok, cands, tmp_path / "b.run", cfg, "fp")
+    assert counting.calls == 0
+    assert (tmp_path / "a.run").read_bytes() == (tmp_path / "b.run").read_bytes()
+    inference.rerank(counting, tok, cands, tmp_path / "c.run", cfg, "other-model")  # another fingerprint
+    assert counting.calls > 0
+
+
+def test_bad_input_messages_with_counts_and_lenient(collection):
+    c = collection
+    text = c["run.txt"].read_text()
+    c["run.txt"].write_text(text + "1 Q0 nope1 13 1.0 x\n2 Q0 nope2 13 1.0 x\n2 Q0 nope1 14 0.5 x\n")
+    with pytest.raises(CrossrankError, match=r"run.txt: 2 of \d+ docnos \(3 run lines\) are not in the corpus"):
+        _candidates(c)
+    lenient = _candidates(c, lenient=True)
+    assert "nope1" not in dict(lenient.run["1"]) and len(lenient.run["2"]) == 12
+    assert "skipped (--lenient)" in lenient.notes[0]
+
+    c["run.txt"].write_text(text + "77 Q0 d3 1 1.0 x\n")
+    with pytest.raises(CrossrankError, match=r"1 of 10 queries are not in the topics .* \(e.g. 77\)"):
+        _candidates(c)
+    assert "77" not in _candidates(c, lenient=True).run
+
+    c["run.txt"].write_text(text + "1 Q0 d0 13 1.0 x\n1 Q0 d1 14 1.0 x\n")
+    with pytest.raises(CrossrankError, match=r"run.txt:109: docno d0 appears twice .*; 2 duplicate"):
+        _candidates(c)
+
+    c["run.txt"].write_text("")
+    with pytest.raises(CrossrankError, match="the run is empty"):
+        _candidates(c)
+
+
+def test_infer_end_to_end_and_error_exit(tiny_bert, collection, tmp_path, monkeypatch, capsys):
+    dataset = tmp_path / "toy.yaml"
+    dataset.write_text(f"name: toy\ncorpus: {collection['corpus.tsv']}\ntopics: {collection['topics.tsv']}\n"
+                       f"qrels: {collection['qrels.txt']}\nruns: {{bm25: {collection['run.txt']}}}\nrel_level: 2\n")
+    monkeypatch.setattr(config, "ROOT", tmp_path)
+    cfg = config.load_run_config(overrides=[f"eval.dataset={dataset}", "eval.block_queries=2"])
+    inference.run_inference(cfg, str(tiny_bert))
+    out = capsys.readouterr().out
+    stem = tmp_path / "runs" / f"toy.bm25.{tiny_bert.name}"
+    assert Path(f"{stem}.run").is_file() and Path(f"{stem}.perquery.csv").is_file()
+    assert Path(f"{stem}.ndcg10-diff.png").is_file() and Path(f"{stem}.yaml").is_file()
+    assert "bm25 (top 100)" in out and "RR(rel=2)@10" in out and "9 judged queries" in out
+
+    result = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model", str(tiny_bert),
+                             "eval.dataset=no-such-dataset"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "no config 'no-such-dataset'" in \
+        result.stderr

@@ -1,0 +1,61 @@
+"""The PyTerrier transformer: `first_stage >> reranker` gives the run infer.py writes, and pt.Experiment on the
+pipeline gives the numbers crossrank.evaluation computes on that run."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import pyterrier as pt
+import torch
+from pyterrier.measures import RR, nDCG
+
+from crossrank import evaluation, inference
+from crossrank.config import EvalConfig, ModelConfig
+from crossrank.io import CrossrankError, load_run, read_corpus, read_qrels, read_topics
+from crossrank.pyterrier import CrossEncoderReranker
+from test_inference import collection  # noqa: F401  (the same toy collection)
+
+
+@pytest.fixture
+def frames(collection):  # noqa: F811
+    topics = read_topics(collection["topics.tsv"])
+    texts = dict(read_corpus(collection["corpus.tsv"]))
+    run = load_run(collection["run.txt"])
+    first = pd.DataFrame([(q, topics[q], d, texts[d], s) for q, r in run.items() for d, s in r],
+                         columns=["qid", "query", "docno", "text", "score"])
+    topic_frame = pd.DataFrame({"qid": list(topics), "query": list(topics.values())})
+    return first, topic_frame
+
+
+def test_pipeline_equals_inference_run(tiny_bert, collection, frames, tmp_path):  # noqa: F811
+    first, topic_frame = frames
+    cfg = EvalConfig(block_queries=2, batch_tokens=600)
+    reranker = CrossEncoderReranker(tiny_bert, ModelConfig(), cfg, device="cpu")
+    pipeline = pt.Transformer.from_df(first) >> reranker
+    result = pipeline.transform(topic_frame)
+    assert {"qid", "query", "docno", "text", "score", "rank"} <= set(result.columns)
+
+    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    cands = inference.load_candidates(str(collection["run.txt"]), str(collection["topics.tsv"]),
+                                      str(collection["corpus.tsv"]), 100)
+    inference.rerank(model, tok, cands, tmp_path / "infer.run", cfg, "fp")
+    lines = [line.split() for line in (tmp_path / "infer.run").read_text().splitlines()]
+    expected = [(q, d, int(r) - 1, float(s)) for q, _, d, r, s, _ in lines]
+    got = [(q, d, r, round(s, 6)) for q, d, r, s in result[["qid", "docno", "rank", "score"]].itertuples(index=False)]
+    key = lambda row: (int(row[0]), row[2])  # noqa: E731
+    assert sorted(got, key=key) == sorted(expected, key=key)
+
+    qrels = read_qrels(collection["qrels.txt"])
+    qrels_frame = pd.DataFrame([(q, d, r) for q, j in qrels.items() for d, r in j.items()],
+                               columns=["qid", "docno", "label"])
+    table = pt.Experiment([pipeline], topic_frame, qrels_frame, [nDCG @ 10, RR(rel=2) @ 10], names=["ce"])
+    ours = evaluation.evaluate(load_run(tmp_path / "infer.run"), qrels,
+                               evaluation.parse_metrics(["nDCG@10", "RR@10"], 2))
+    assert table.loc[0, "nDCG@10"] == pytest.approx(ours.means["nDCG@10"])
+    assert table.loc[0, "RR(rel=2)@10"] == pytest.approx(ours.means["RR(rel=2)@10"])
+
+
+def test_missing_text_column_is_a_clear_error(tiny_bert, frames):
+    first, topic_frame = frames
+    reranker = CrossEncoderReranker(tiny_bert, device="cpu")
+    with pytest.raises(CrossrankError, match="lacks column\\(s\\) text"):
+        reranker.transform(first.drop(columns=["text"]))

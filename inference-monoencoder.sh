@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Re-rank first-stage runs with a fine-tuned cross-encoder found under models/, write runs/ and print metrics.
+set -euo pipefail
+usage() {
+  cat <<USAGE
+Usage: $0 -f 1|2 -c BACKBONE -m CL|KD -d DATASET [-g GPUS] [-p CL|KD] [-l LR] [-s RUN] [-k DEPTH] [-M DIR] [-L]
+  -f  stage of the checkpoint: 1 or 2
+  -c  backbone: electra | roberta | bert | minilm (configs/backbones/) or a Hugging Face id / folder
+  -m  objective of the checkpoint's last stage: CL or KD (stage 2 starts from the other one unless -p)
+  -d  indomain (TREC DL 2019 + 2020) | outofdomain (BEIR list) | a configs/datasets key (or several, a,b)
+  -g  GPU ids, e.g. 0 or 0,1 (several: torchrun shards the queries, one merged run); default: all visible / CPU
+  -p  objective of stage 1 for a stage-2 checkpoint (default: the other one)
+  -l  learning rate the checkpoint was trained with (narrows the search under models/)
+  -s  first-stage run key of the dataset: bm25 (default), colbert, ...
+  -k  re-ranking depth (default 100; 1000 supported)
+  -M  checkpoint folder to use instead of searching models/
+  -L  lenient: skip run lines whose qid or docno is unknown, and duplicates, and report them
+  Extra key=value overrides go after --, e.g. -- eval.batch_tokens=8192 eval.score_cache=runs/cache.sqlite
+USAGE
+}
+stage="" backbone="" objective="" dataset="" gpus="" previous="" lr="" first=bm25 depth=100 model="" lenient=()
+while getopts "f:c:m:d:g:p:l:s:k:M:Lh" opt; do
+  case "$opt" in
+    f) stage="$OPTARG" ;; c) backbone="$OPTARG" ;; m) objective="$OPTARG" ;; d) dataset="$OPTARG" ;;
+    g) gpus="$OPTARG" ;; p) previous="$OPTARG" ;; l) lr="$OPTARG" ;; s) first="$OPTARG" ;;
+    k) depth="$OPTARG" ;; M) model="$OPTARG" ;; L) lenient=(--lenient) ;;
+    h) usage; exit 0 ;;
+    *) usage >&2; exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+[[ -n "$dataset" && ( -n "$model" || ( -n "$stage" && -n "$backbone" && -n "$objective" ) ) ]] || { usage >&2; exit 2; }
+cd "$(dirname "$0")"
+args=("${lenient[@]}" train.stage="${stage:-1}" train.objective="${objective:-CL}" train.previous="$previous"
+      eval.dataset="$dataset" eval.first_stage="$first" eval.depth="$depth" "$@")
+if [[ -f "configs/backbones/$backbone.yaml" ]]; then
+  args=(--config "configs/backbones/$backbone.yaml" "${args[@]}")
+elif [[ -n "$backbone" ]]; then
+  args=(model.name="$backbone" model.path="$backbone" "${args[@]}")
+fi
+[[ -n "$lr" ]] && args=(--lr "$lr" "${args[@]}")
+[[ -n "$model" ]] && args=(--model "$model" "${args[@]}")
+launcher=(python)
+if [[ -n "$gpus" ]]; then
+  export CUDA_VISIBLE_DEVICES="$gpus"
+  n=$(tr ',' '\n' <<<"$gpus" | grep -c .)
+  (( n > 1 )) && launcher=(torchrun --standalone --nproc_per_node "$n")
+fi
+exec "${launcher[@]}" infer.py "${args[@]}"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from crossrank import bm25, config
 from crossrank.datasets import load_dataset
-from crossrank.io import CrossrankError, Run, atomic_write, read_corpus, read_topics, write_run
+from crossrank.io import CrossrankError, atomic_write, format_run_lines, read_corpus, read_topics, sort_ranking
 
 DEFAULT_CHECKPOINT = "colbert-ir/colbertv2.0"
 ENCODE_CHUNK = 10_000  # passages per encode call: the granularity of the progress bar
@@ -164,24 +164,28 @@ def build_index(corpus: str, model, folder: Path, devices: list[str], batch_size
     return complete
 
 
-def retrieve(folder: Path, model, topics: dict[str, str], k: int, devices: list[str], batch_size: int) -> Run:
-    """Top-`k` passages per topic from the complete index in `folder`."""
+def retrieve(folder: Path, model, topics: dict[str, str], k: int, devices: list[str], batch_size: int,
+             out: Path) -> int:
+    """Write the top-`k` passages per topic from the complete index in `folder` to the TREC run `out`, streaming
+    (MS MARCO train's 503k queries x 500 never sit in memory), queries in topic order; returns how many queries
+    got fewer than `k` results."""
     from pylate import indexes
     from tqdm import tqdm
 
     index = indexes.PLAID(index_folder=str(folder), index_name="plaid", device=devices if len(devices) > 1 else
                           devices[0], n_full_scores=max(8192, k), show_progress=False)
-    qids = list(topics)
-    embeddings = model.encode([topics[q] for q in qids], batch_size=batch_size, is_query=True,
-                              show_progress_bar=len(qids) > batch_size)
-    run: Run = {}
-    with tqdm(total=len(qids), desc="retrieving", unit=" queries", file=sys.stderr) as bar:
+    qids, short = list(topics), 0
+    with atomic_write(out) as f, tqdm(total=len(qids), desc="retrieving", unit=" queries", file=sys.stderr) as bar:
         for start in range(0, len(qids), QUERY_CHUNK):
-            hits = index(embeddings[start:start + QUERY_CHUNK], k=k)
-            for qid, ranking in zip(qids[start:start + QUERY_CHUNK], hits):
-                run[qid] = [(str(hit["id"]), float(hit["score"])) for hit in ranking]
-            bar.update(len(hits))
-    return run
+            chunk = qids[start:start + QUERY_CHUNK]
+            embeddings = model.encode([topics[q] for q in chunk], batch_size=batch_size, is_query=True,
+                                      show_progress_bar=False)
+            for qid, hits in zip(chunk, index(embeddings, k=k)):
+                ranking = sort_ranking((str(hit["id"]), float(hit["score"])) for hit in hits)
+                short += len(ranking) < k
+                f.writelines(format_run_lines(qid, ranking, "colbert"))
+            bar.update(len(chunk))
+    return short
 
 
 def main() -> int:
@@ -225,14 +229,12 @@ def main() -> int:
                   f"indexed in {folder}; run the same command again to continue")
             return 0
         topics = read_topics(dataset.source("topics"), args.lenient)
-        run = retrieve(folder, model, topics, args.k, devices, args.batch_size)
         out = Path(args.out) if args.out else config.ROOT / "runs" / f"{dataset.name}.colbert.run"
-        write_run(out, run, tag="colbert")
+        short = retrieve(folder, model, topics, args.k, devices, args.batch_size, out)
     except CrossrankError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    short = sum(1 for ranking in run.values() if len(ranking) < args.k)
-    print(f"wrote {out}: {len(run)} queries, top {args.k}" + (f" ({short} with fewer results)" if short else ""))
+    print(f"wrote {out}: {len(topics)} queries, top {args.k}" + (f" ({short} with fewer results)" if short else ""))
     return 0
 
 

@@ -131,8 +131,10 @@ def build_index(corpus: str, model, folder: Path, devices: list[str], batch_size
                           device=devices if len(devices) > 1 else devices[0], show_progress=False)
     docs = read_corpus(corpus, lenient)
     if done:
-        skipped = list(itertools.islice(docs, done))  # the corpus is read in the same order every time
-        if len(skipped) < done or skipped[-1][0] != progress["last_docno"]:
+        count, last = 0, None  # the corpus is read in the same order every time: skip what the index holds
+        for count, (last, _) in enumerate(itertools.islice(docs, done), 1):
+            pass
+        if count < done or last != progress["last_docno"]:
             raise CrossrankError(f"{corpus}: passage {done} is no longer {progress['last_docno']!r} (the corpus "
                                  f"changed since the index was started); rebuild it with -r")
         print(f"resuming the index in {folder} after {done:,} passages", file=sys.stderr)

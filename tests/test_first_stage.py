@@ -105,6 +105,7 @@ def test_real_set_encoder_colbert_run_keeps_its_effectiveness(shared_data, tmp_p
     out = tmp_path / "dl19.colbert.run"
     shape = import_run(source, out, depth=500, queries=43, exact=True, progress=False)
     assert (shape.rows, shape.cut, shape.shallow) == (43 * 500, 0, [])
-    qrels = ir_measures.read_trec_qrels(str(shared_data / "trec-dl/original/anserini-tools/qrels/qrels.dl19-passage.txt"))
+    qrels_file = shared_data / "trec-dl/original/anserini-tools/qrels/qrels.dl19-passage.txt"
+    qrels = ir_measures.read_trec_qrels(str(qrels_file))
     score = ir_measures.calc_aggregate([nDCG @ 10], qrels, ir_measures.read_trec_run(str(out)))[nDCG @ 10]
     assert score == pytest.approx(0.7320, abs=5e-5)

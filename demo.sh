@@ -17,3 +17,16 @@ python preprocessing.py --dataset demo --objective KD --evalperc 10
 
 echo "== 4. Evaluate the BM25 baseline on the test topics"
 python -m crossrank.evaluation --dataset demo-test runs/demo-test.bm25.run
+
+echo "== Re-rank the test topics with the stage-1 (CL) and stage-2 (CL -> KD) models; compare with BM25"
+backbone=minilm runs=(runs/demo-test.bm25.run)
+for spec in "1 CL $backbone.CL.f1" "2 KD $backbone.CL-KD.f2"; do
+  read -r stage objective prefix <<<"$spec"
+  if compgen -G "models/$prefix.*/model" >/dev/null; then
+    ./inference-monoencoder.sh -f "$stage" -c "$backbone" -m "$objective" -d demo-test >/dev/null
+    runs+=(runs/demo-test.bm25."$prefix".*.run)
+  else
+    echo "   no stage-$stage checkpoint (models/$prefix.*/model): run the training steps first; not re-ranked"
+  fi
+done
+python -m crossrank.compare -d demo-test --depth 100 --holm "${runs[@]}"

@@ -178,3 +178,11 @@ def plot_difference(evaluation: Evaluation, baseline: Evaluation, path: str | os
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+if __name__ == "__main__":  # `python -m crossrank.evaluation ...` is `python -m crossrank.compare ...`
+    import sys
+
+    from crossrank.compare import main
+
+    sys.exit(main())

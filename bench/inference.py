@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Re-ranking throughput: crossrank's inference (length-sorted, token-budget batches, tokenisation in a
+background thread) against sentence-transformers' `CrossEncoder.predict` (its defaults: batch_size 32, pairs in
+input order) on the same checkpoint, the same pairs and the same max length (256, pair truncation), in the
+same run, alternating the two so machine load hits both.
+
+Workload: MS MARCO-like lengths, queries 3-12 words and passages 20-150 words of English text (the demo
+vocabulary), 30 queries x 20 candidates. Model: a MonoEncoder made from the packaged all-MiniLM-L6-v2
+(random head, seeded) and saved; CrossEncoder loads the folder unchanged. Scores must agree (raw logits).
+
+Second figure: efficiency against the hardware. Useful FLOPs per pair (unpadded tokens, every matmul incl.
+attention) divided by a measured fp32 GEMM rate at the model's FFN shape gives an ideal pairs/s; we report our
+pairs/s as a fraction of it. Last line: our speed-up over the peer (target >= 1.3).
+
+    python bench/inference.py [--queries 30] [--docs 20] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from crossrank.config import EvalConfig, ModelConfig  # noqa: E402
+from crossrank.demo import ASPECTS, FILLER, THEMES  # noqa: E402
+from crossrank.inference import Candidates, load_model, score_candidates  # noqa: E402
+from crossrank.models import MonoEncoder, load_tokenizer  # noqa: E402
+
+MAX_LENGTH = 256
+
+
+def workload(n_queries: int, n_docs: int, seed: int = 0) -> Candidates:
+    rng = random.Random(seed)
+    vocab = sorted({w for words in THEMES.values() for w in words.split()} | set(ASPECTS)
+                   | {w for s in FILLER for w in s.split()})
+    queries = {f"q{i}": " ".join(rng.choices(vocab, k=rng.randint(3, 12))) for i in range(n_queries)}
+    texts, run = {}, {}
+    for q in queries:
+        run[q] = []
+        for j in range(n_docs):
+            docno = f"{q}d{j}"
+            texts[docno] = " ".join(rng.choices(vocab, k=rng.randint(20, 150)))
+            run[q].append((docno, float(n_docs - j)))
+    return Candidates(run, queries, texts)
+
+
+def flops_per_pair(lengths: list[int], config) -> float:
+    """Mean matmul FLOPs of one pair: per layer 8·L·H² (Q, K, V, O), 4·L·H·I (FFN), 4·L²·H (QKᵀ and AV)."""
+    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    total = sum(n * (8 * L * h * h + 4 * L * h * i + 4 * L * L * h) + 2 * h * h for L in lengths)
+    return total / len(lengths)
+
+
+def gemm_rate(m: int, k: int, n: int, seconds: float = 3.0) -> float:
+    """fp32 FLOP/s of torch.mm at [m, k] x [k, n], best of repeated timings."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    torch.mm(a, b)
+    best, end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="crossrank inference vs sentence-transformers CrossEncoder")
+    parser.add_argument("--queries", type=int, default=30)
+    parser.add_argument("--docs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    args = parser.parse_args()
+    from sentence_transformers import CrossEncoder
+
+    torch.manual_seed(0)
+    candidates = workload(args.queries, args.docs)
+    pairs_q = [(q, d) for q, r in candidates.run.items() for d, _ in r]
+    pairs = [(candidates.queries[q], candidates.texts[d]) for q, d in pairs_q]
+    # 4096 tokens per batch: on CPU, batches that stay in cache beat the GPU-sized default (16384)
+    model_cfg, eval_cfg = ModelConfig(max_length=MAX_LENGTH), EvalConfig(batch_tokens=args.batch_tokens)
+    with tempfile.TemporaryDirectory() as folder:
+        MonoEncoder.from_pretrained("packaged:all-MiniLM-L6-v2").save_pretrained(folder)
+        load_tokenizer("packaged:all-MiniLM-L6-v2").save_pretrained(folder)
+        ours_model, tokenizer = load_model(folder, model_cfg, torch.device("cpu"))
+        peer = CrossEncoder(folder, device="cpu", max_length=MAX_LENGTH)
+    lengths = [len(ids) for ids, _ in tokenizer.encode([p[0] for p in pairs], [p[1] for p in pairs])]
+    print(f"{len(pairs)} pairs, tokens per pair: mean {sum(lengths) / len(lengths):.0f}, "
+          f"min {min(lengths)}, max {max(lengths)}; torch threads {torch.get_num_threads()}")
+
+    def run_ours() -> list[float]:
+        run = score_candidates(ours_model, tokenizer, candidates, eval_cfg)
+        scores = {(q, d): s for q, r in run.items() for d, s in r}
+        return [scores[p] for p in pairs_q]
+
+    def run_peer() -> list[float]:
+        return peer.predict(pairs, batch_size=32, activation_fn=torch.nn.Identity(), show_progress_bar=False).tolist()
+
+    sub = Candidates({q: candidates.run[q] for q in list(candidates.run)[:2]}, candidates.queries, candidates.texts)
+    score_candidates(ours_model, tokenizer, sub, eval_cfg)  # warm-up both
+    peer.predict(pairs[:64], batch_size=32, show_progress_bar=False)
+    best = {"crossrank": float("inf"), "CrossEncoder.predict": float("inf")}
+    for _ in range(args.rounds):
+        for name, fn in (("crossrank", run_ours), ("CrossEncoder.predict", run_peer)):
+            start = time.perf_counter()
+            scores = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+            if name == "crossrank":
+                ours_scores = scores
+            else:
+                diff = max(abs(a - b) for a, b in zip(ours_scores, scores))
+                assert diff < 1e-3, f"scores differ by up to {diff}"
+    for name, seconds in best.items():
+        print(f"{name:>22}: {len(pairs) / seconds:7.1f} pairs/s ({seconds:.1f} s, best of {args.rounds})")
+    print(f"scores agree with the peer (max |diff| < 1e-3)")
+
+    config = ours_model.encoder.config
+    flops = flops_per_pair(lengths, config)
+    tokens_per_batch = eval_cfg.batch_tokens // 2  # a typical batch: half the budget of unpadded tokens
+    rate = gemm_rate(tokens_per_batch, config.hidden_size, config.intermediate_size)
+    ideal = rate / flops
+    ours = len(pairs) / best["crossrank"]
+    efficiency = ours / ideal
+    print(f"model: {flops / 1e9:.2f} GFLOP per pair; fp32 GEMM [{tokens_per_batch}x{config.hidden_size}]x"
+          f"[{config.hidden_size}x{config.intermediate_size}]: {rate / 1e9:.1f} GFLOP/s -> ideal {ideal:.1f} pairs/s")
+    print(f"efficiency = {efficiency:.2f} of the GEMM-bound ideal (target >= 0.80) "
+          f"{'PASS' if efficiency >= 0.8 else 'FAIL'}")
+    ratio = ours / (len(pairs) / best["CrossEncoder.predict"])
+    print(f"speed-up over CrossEncoder.predict = {ratio:.2f} (target >= 1.3) {'PASS' if ratio >= 1.3 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()

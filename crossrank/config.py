@@ -260,6 +260,7 @@ class EvalConfig:
     score_cache: str = ""  # SQLite file caching scores by (model, query, docno); empty = no cache
     correction: str = ""  # p-value correction over compared runs: "" or holm
     lenient: bool = False  # skip (and report) run lines whose qid/docno is unknown instead of failing
+    compile: bool = False  # torch.compile the model: ~1 min to compile, then faster (worth it for big runs)
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """Re-ranking a first-stage run with a cross-encoder: fast, shardable, resumable.
 
 The unit of work is a *block* of `eval.block_queries` consecutive queries (in qid order). A block's pairs
-are tokenised up front (in a background thread, while the model scores the previous block), sorted by length
+are tokenised up front (on CUDA in a background thread, while the GPU scores the previous block), sorted by length
 and cut into batches that hold about `eval.batch_tokens` padded tokens, so short pairs go in large batches and
 little compute is spent on padding. Because a block's batches depend only on the block itself:
 - sharding: rank r of a torchrun world of size W scores blocks r, r + W, ...; rank 0 merges the blocks into
@@ -127,14 +127,17 @@ def _load_texts(corpus: str, wanted: set[str]) -> dict[str, str]:
 # Model, fingerprint, cache
 
 
-def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.device) -> tuple[MonoEncoder,
-                                                                                               PairTokenizer]:
-    """The checkpoint in eval mode on `device` and its pair tokenizer. SDPA attention on CUDA."""
+def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.device,
+               compile: bool = False) -> tuple[MonoEncoder, PairTokenizer]:
+    """The checkpoint in eval mode on `device` and its pair tokenizer. SDPA attention on CUDA; `compile` wraps
+    it in `torch.compile` (dynamic shapes)."""
     if model_cfg.kind == "set-encoder":
         raise CrossrankError("model.kind set-encoder: re-ranking with the Set-Encoder is not wired into "
                              "crossrank.inference yet (expected model.kind mono)")
     extra = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
     model = MonoEncoder.from_pretrained(path, **extra).to(device).eval()
+    if compile:  # fuses the element-wise ops around the GEMMs; a one-off compile, then faster steady state
+        model = torch.compile(model, dynamic=True)
     return model, PairTokenizer(load_tokenizer(path), model_cfg)
 
 
@@ -277,8 +280,8 @@ def parts_folder(out: Path, fingerprint: str, candidates: Candidates, eval_cfg: 
 def score_blocks(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates, blocks: list[list[str]],
                  todo: list[int], eval_cfg: EvalConfig, device: torch.device, cache: ScoreCache | None = None,
                  progress: tqdm | None = None, kind: str = "mono") -> Iterator[tuple[int, list[tuple[str, str, float]]]]:
-    """Yield (block index, [(qid, docno, score)]) for the blocks in `todo`, in order. The next block's cache
-    look-up and tokenisation run in a background thread while the model scores the current one (the fast
+    """Yield (block index, [(qid, docno, score)]) for the blocks in `todo`, in order. On CUDA the next block's
+    cache look-up and tokenisation run in a background thread while the model scores the current one (the fast
     tokenizer and torch both release the GIL)."""
     pairs_of = {b: [(q, d) for q in blocks[b] for d, _ in candidates.run[q]] for b in todo}
 
@@ -288,11 +291,14 @@ def score_blocks(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candi
         uncached = [p for p, k in zip(pairs_of[b], keys) if k not in cached]
         return cached, uncached, prepare_block(uncached, candidates, tokenizer, eval_cfg.batch_tokens, kind)
 
+    # On CUDA the next block is prepared in a thread while the GPU works; on CPU the model already uses every
+    # core, and a competing thread slows it down (measured), so the work is done inline there.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(prepare, todo[0]) if todo else None
+        overlap = device.type == "cuda"
+        future = pool.submit(prepare, todo[0]) if todo and overlap else None
         for position, b in enumerate(todo):
-            cached, uncached, batches = future.result()
-            if position + 1 < len(todo):
+            cached, uncached, batches = future.result() if overlap else prepare(b)
+            if overlap and position + 1 < len(todo):
                 future = pool.submit(prepare, todo[position + 1])
             if progress is not None:
                 progress.update(len(pairs_of[b]) - len(uncached))
@@ -445,7 +451,7 @@ def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: in
     if model_path is None:
         chain = objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
         model_path = str(find_model(cfg.model.name, chain, cfg.train.stage, lr, seed))
-    model, tokenizer = load_model(model_path, cfg.model, dist.device)
+    model, tokenizer = load_model(model_path, cfg.model, dist.device, cfg.eval.compile)
     fingerprint = model_fingerprint(model_path, cfg.model)
     if dist.is_main:
         print(f"model: {model_path} (fingerprint {fingerprint[:12]}) on {dist.device} x {dist.world}",

@@ -135,3 +135,13 @@ def test_compare_cli_bad_input_is_one_line_exit_2(files, capsys):
 def test_unknown_metric_is_a_clear_error():
     with pytest.raises(evaluation.CrossrankError, match="nDGC@10"):
         evaluation.parse_metrics(["nDGC@10"], 2)
+
+
+def test_dl19_bm25_matches_the_published_figures(shared_data):
+    """Real data (skips without ../shared/data): BM25 top-100 on DL19 gets Anserini's nDCG@10 0.5058."""
+    dl19 = shared_data / "trec-dl" / "dl19"
+    qrels, run = read_qrels(dl19 / "qrels.tsv"), load_run(dl19 / "runs" / "bm25.top100.run")
+    result = evaluation.evaluate(run, qrels, evaluation.parse_metrics(["nDCG@10", "RR@10"], 2),
+                                 topics=dict.fromkeys(qrels, ""))
+    assert len(result.per_query) == 43
+    assert round(result.means["nDCG@10"], 4) == 0.5058

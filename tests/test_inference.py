@@ -190,3 +190,19 @@ def test_infer_end_to_end_and_error_exit(tiny_bert, collection, tmp_path, monkey
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "no config 'no-such-dataset'" in \
         result.stderr
+
+
+def test_rerank_a_few_dl19_queries_with_minilm(shared_data, tmp_path):
+    """Real data (skips without ../shared/data): 3 DL19 queries x BM25 top-20 from corpus.jsonl, re-ranked by
+    the packaged MiniLM (random head: this checks the plumbing on real ids and texts, not effectiveness)."""
+    dl19 = shared_data / "trec-dl" / "dl19"
+    lines = (dl19 / "runs" / "bm25.top100.run").read_text().splitlines()
+    qids = list(dict.fromkeys(line.split()[0] for line in lines))[:3]
+    (tmp_path / "run.txt").write_text("".join(f"{line}\n" for line in lines if line.split()[0] in qids))
+    cands = inference.load_candidates(str(tmp_path / "run.txt"), str(dl19 / "queries.jsonl"),
+                                      str(dl19 / "corpus.jsonl"), depth=20)
+    assert cands.num_pairs == 60
+    model, tok = inference.load_model("packaged:all-MiniLM-L6-v2", ModelConfig(), torch.device("cpu"))
+    run = inference.rerank(model, tok, cands, tmp_path / "out.run", EvalConfig(), "fp")
+    assert sorted(run) == sorted(qids) and all(len(r) == 20 for r in run.values())
+    assert {d for d, _ in run[qids[0]]} == {d for d, _ in cands.run[qids[0]]}

@@ -129,7 +129,8 @@ def compare(runs: dict[str, Run], qrels: Qrels, metrics: list[ir_measures.Measur
     frames = [_to_frame(_complete(run, qids, name, notes)) for name, run in runs.items()]
     topic_frame = pd.DataFrame({"qid": qids, "query": [(topics or {}).get(q, q) for q in qids]})
     table = pt.Experiment(frames, topic_frame, _qrels_frame(qrels, qids), list(metrics), names=list(runs),
-                          baseline=baseline if len(runs) > 1 else None, test="t", correction=correction,
+                          baseline=baseline if len(runs) > 1 else None, test="t",
+                          correction=correction if len(runs) > 1 else None,
                           verbose=False)
     return table, notes
 

@@ -43,6 +43,7 @@ from crossrank.io import (IRDS_PREFIX, CrossrankError, Run, atomic_write, load_r
 from crossrank.models import MonoEncoder, load_tokenizer, resolve_model_path
 
 SCORE_DECIMALS = 6  # what format_run_lines writes
+ScoredPair = tuple[str, str, float]  # (qid, docno, score)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def parts_folder(out: Path, fingerprint: str, candidates: Candidates, eval_cfg: 
 
 def score_blocks(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates, blocks: list[list[str]],
                  todo: list[int], eval_cfg: EvalConfig, device: torch.device, cache: ScoreCache | None = None,
-                 progress: tqdm | None = None, kind: str = "mono") -> Iterator[tuple[int, list[tuple[str, str, float]]]]:
+                 progress: tqdm | None = None, kind: str = "mono") -> Iterator[tuple[int, list[ScoredPair]]]:
     """Yield (block index, [(qid, docno, score)]) for the blocks in `todo`, in order. On CUDA the next block's
     cache look-up and tokenisation run in a background thread while the model scores the current one (the fast
     tokenizer and torch both release the GIL)."""

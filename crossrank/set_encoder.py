@@ -211,8 +211,9 @@ class SetEncoder(nn.Module):
             tokenizer.save_pretrained(folder)
 
     def gradient_checkpointing_enable(self) -> None:
-        """Recompute each layer in the backward pass: 100 passages x 292 tokens fit in memory."""
-        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        """Recompute each layer in the backward pass (100 passages x 292 tokens must fit). Non-reentrant
+        checkpointing restores the RNG state, so the recomputed pseudo-states and dropout masks are the same."""
+        self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def layout(self, attention_mask: torch.Tensor, mask: torch.Tensor) -> ListLayout:
         """The packing of a [Q, D] batch (attention_mask [Q, D, L], mask [Q, D]) into its real passages."""

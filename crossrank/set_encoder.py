@@ -60,7 +60,7 @@ class ListLayout:
     """Where the passages of a [Q, D] batch sit once packed into N real rows; built once per forward and
     handed to every layer. Slots are the M = D (or `depth`) [INT] places of a query's set."""
     rows: torch.Tensor  # [N] flat index q * D + d of each real passage
-    query_of: torch.Tensor  # [N] query index of each real passage
+    spans: list[tuple[int, int]]  # per query: its passages are the real rows start:end (rows are sorted)
     real_slots: torch.Tensor  # [Q, M] bool: slot holds a real passage (the others hold pseudo-states or nothing)
     additive_mask: torch.Tensor  # [N, 1, 1, L + M] float32: 0 = may attend, -inf-like = masked
     num_queries: int
@@ -76,7 +76,7 @@ class InterPassageAttention(nn.Module):
     modules (the state dict keeps the names `...attention.self.query.weight` etc.). Keys/values of passage n are
     [its L tokens ; the M [INT] slots of its query], with n's own slot, padding slots and padding tokens masked.
     The [INT] keys/values are taken from the projection already computed for each passage's own tokens
-    (position 1) and gathered per query, so nothing is projected twice; only pseudo-states are projected anew.
+    (position 1) and broadcast per query, so nothing is projected twice; only pseudo-states are projected anew.
     """
 
     def __init__(self, original: nn.Module):
@@ -92,43 +92,47 @@ class InterPassageAttention(nn.Module):
         if list_layout is None:
             raise CrossrankError("InterPassageAttention: called without list_layout (run the model through "
                                  "SetEncoder.forward, not the bare backbone)")
-        layout = list_layout
         N, L, H = hidden_states.shape
-        Q, D, M = layout.num_queries, layout.list_width, layout.num_slots
-        heads = (N, L, self.num_heads, self.head_size)
-        q = self.query(hidden_states).view(heads).transpose(1, 2)  # [N, h, L, dh]
-        k = self.key(hidden_states).view(heads).transpose(1, 2)  # [N, h, L, dh]
-        v = self.value(hidden_states).view(heads).transpose(1, 2)  # [N, h, L, dh]
-        k_slots = self.slots(k[:, :, INT_POSITION], layout)  # [Q, M, h, dh]
-        v_slots = self.slots(v[:, :, INT_POSITION], layout)  # [Q, M, h, dh]
-        if layout.sample:
-            pseudo = pseudo_states(hidden_states[:, INT_POSITION], layout)  # [Q, M, H]
-            real = layout.real_slots[:, :, None, None]  # [Q, M, 1, 1]
-            pseudo_heads = (Q, M, self.num_heads, self.head_size)
-            k_slots = torch.where(real, k_slots, self.key(pseudo).view(pseudo_heads).to(k_slots.dtype))
-            v_slots = torch.where(real, v_slots, self.value(pseudo).view(pseudo_heads).to(v_slots.dtype))
-        # Broadcast each query's slots to its passages: [Q, M, h, dh] -> [N, h, M, dh]
-        k = torch.cat([k, k_slots.transpose(1, 2)[layout.query_of]], dim=2)  # [N, h, L + M, dh]
-        v = torch.cat([v, v_slots.transpose(1, 2)[layout.query_of]], dim=2)  # [N, h, L + M, dh]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.additive_mask.to(q.dtype),
+        pseudo = pseudo_states(hidden_states[:, INT_POSITION], list_layout) if list_layout.sample else None
+        q = self.query(hidden_states).view(N, L, self.num_heads, self.head_size).transpose(1, 2)  # [N, h, L, dh]
+        k = self.extend(self.key, hidden_states, pseudo, list_layout)  # [N, h, L + M, dh]
+        v = self.extend(self.value, hidden_states, pseudo, list_layout)  # [N, h, L + M, dh]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=list_layout.additive_mask.to(q.dtype),
                                              dropout_p=self.dropout_p if self.training else 0.0,
                                              scale=self.scaling)  # [N, h, L, dh]
         return out.transpose(1, 2).reshape(N, L, H), None  # [N, L, H]
 
-    @staticmethod
-    def slots(per_passage: torch.Tensor, layout: ListLayout) -> torch.Tensor:
-        """[N, h, dh] states of the real passages -> [Q, M, h, dh] slots (zeros where no real passage)."""
-        N, h, dh = per_passage.shape
-        dense = per_passage.new_zeros(layout.num_queries * layout.list_width, h, dh)
-        dense = dense.index_copy(0, layout.rows, per_passage).view(layout.num_queries, layout.list_width, h, dh)
-        return F.pad(dense, (0, 0, 0, 0, 0, layout.num_slots - layout.list_width))  # [Q, M, h, dh]
+    def extend(self, linear: nn.Linear, hidden_states: torch.Tensor, pseudo: torch.Tensor | None,
+               layout: ListLayout) -> torch.Tensor:
+        """Keys (or values) of every passage's own tokens followed by its query's M [INT] slots.
+
+        The slots reuse the projection of each passage's own [INT] token (no second projection) and are
+        broadcast into one token-major buffer per layer, query by query (a strided copy, no gathered copy)."""
+        N, L, H = hidden_states.shape
+        own = linear(hidden_states)  # [N, L, H]
+        slots = to_slots(own[:, INT_POSITION], layout)  # [Q, M, H]
+        if pseudo is not None:
+            slots = torch.where(layout.real_slots[:, :, None], slots, linear(pseudo).to(slots.dtype))
+        out = own.new_empty(N, L + layout.num_slots, H)  # [N, L + M, H]
+        out[:, :L] = own
+        for q, (start, end) in enumerate(layout.spans):  # the passages of query q are rows start:end
+            out[start:end, L:] = slots[q]
+        return out.view(N, L + layout.num_slots, self.num_heads, self.head_size).transpose(1, 2)
+
+
+def to_slots(per_passage: torch.Tensor, layout: ListLayout) -> torch.Tensor:
+    """[N, H] states of the real passages -> [Q, M, H] slots (zeros where no real passage)."""
+    N, H = per_passage.shape
+    dense = per_passage.new_zeros(layout.num_queries * layout.list_width, H)
+    dense = dense.index_copy(0, layout.rows, per_passage).view(layout.num_queries, layout.list_width, H)
+    return F.pad(dense, (0, 0, 0, layout.num_slots - layout.list_width))  # [Q, M, H]
 
 
 def pseudo_states(interaction: torch.Tensor, layout: ListLayout) -> torch.Tensor:
     """Gaussian pseudo-[INT] states [Q, M, H] drawn per query from the per-dimension mean and (unbiased) std of
     its real [INT] states `interaction` [N, H]; a query with one passage gets std 0. Detached: like
     `torch.normal` in the reference implementation, they carry no gradient."""
-    x = InterPassageAttention.slots(interaction.detach()[:, None], layout)[:, :, 0].float()  # [Q, M, H]
+    x = to_slots(interaction.detach(), layout).float()  # [Q, M, H]
     real = layout.real_slots[:, :, None].float()  # [Q, M, 1]
     n = real.sum(1, keepdim=True)  # [Q, 1, 1]
     mean = (x * real).sum(1, keepdim=True) / n.clamp(min=1)  # [Q, 1, H]
@@ -229,7 +233,9 @@ class SetEncoder(nn.Module):
         allowed = torch.cat([tokens, other], dim=1)  # [N, L + M]
         additive = torch.zeros(allowed.shape, dtype=torch.float32, device=mask.device)
         additive = additive.masked_fill(~allowed, torch.finfo(torch.bfloat16).min)[:, None, None, :]
-        return ListLayout(rows=rows, query_of=query_of, real_slots=real_slots, additive_mask=additive,
+        ends = mask.sum(1).cumsum(0).tolist()  # [Q]
+        spans = [(end - int(n), end) for end, n in zip(ends, mask.sum(1).tolist())]
+        return ListLayout(rows=rows, spans=spans, real_slots=real_slots, additive_mask=additive,
                           num_queries=Q, list_width=D, num_slots=M, sample=sample)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,

@@ -242,3 +242,13 @@ def test_save_load_round_trip(bert, tmp_path):
     # The backbone part is a plain encoder folder, [INT] embedding included.
     plain = AutoModel.from_pretrained(tmp_path)
     assert torch.equal(plain.embeddings.word_embeddings.weight, model.backbone.embeddings.word_embeddings.weight)
+
+
+def test_bf16_autocast_with_pseudo_states(tiny_bert):
+    """The CUDA recipe runs under bf16 autocast; the same code path on CPU must keep dtypes consistent."""
+    model, _, encode = load(tiny_bert, sample_missing_docs=True, depth=6)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, dups = model(**encode(QUERIES, PASSAGES), duplicates=True)
+    (scores.float().sum() + dups.float().sum()).backward()
+    assert torch.isfinite(scores.float()).all() and model.score.weight.grad.abs().sum() > 0

@@ -3,8 +3,10 @@ interruption, the score cache, bad input, and infer.py end to end; all with the 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -122,18 +124,50 @@ class _Interrupting(torch.nn.Module):
 def test_resume_after_interruption_gives_the_same_run(tiny_bert, collection, tmp_path):
     model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
     cands, cfg = _candidates(collection), _eval_cfg()
-    inference.rerank(model, tok, cands, tmp_path / "full.run", cfg, "fp")
-    counting = _Interrupting(model, fail_at=10)
+    full = _Interrupting(model, fail_at=-1)
+    inference.rerank(full, tok, cands, tmp_path / "full.run", cfg, "fp")
+    interrupted = _Interrupting(model, fail_at=10)
     with pytest.raises(KeyboardInterrupt):
-        inference.rerank(counting, tok, cands, tmp_path / "resumed.run", cfg, "fp")
+        inference.rerank(interrupted, tok, cands, tmp_path / "resumed.run", cfg, "fp")
     assert not (tmp_path / "resumed.run").exists()  # never a half-written run
     parts = sorted(p.name for p in next(tmp_path.glob(".resumed.run.parts-*")).iterdir())
-    assert parts and len(parts) < 5  # some of the 5 blocks finished
-    counting.fail_at, calls_before = -1, counting.calls
-    inference.rerank(counting, tok, cands, tmp_path / "resumed.run", cfg, "fp")
+    assert 0 < len(parts) < 5  # some of the 5 blocks finished
+    resumed = _Interrupting(model, fail_at=-1)
+    inference.rerank(resumed, tok, cands, tmp_path / "resumed.run", cfg, "fp")
     assert (tmp_path / "resumed.run").read_bytes() == (tmp_path / "full.run").read_bytes()
-    full_calls = calls_before - 1 + (counting.calls - calls_before)  # the failed call did not score
-    assert counting.calls - calls_before < full_calls  # finished blocks were not scored again
+    # finished blocks were not scored again; the interrupted block was scored again from its start
+    assert interrupted.calls - 1 < full.calls and resumed.calls < full.calls
+    assert resumed.calls + interrupted.calls - 1 >= full.calls
+
+
+class _Killing(torch.nn.Module):
+    def __init__(self, model, kill_at: int):
+        super().__init__()
+        self.model, self.kill_at, self.calls = model, kill_at, 0
+
+    def forward(self, **batch):
+        self.calls += 1
+        if self.calls == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no exception, no clean-up: what a scheduler's kill does
+        return self.model(**batch)
+
+
+def _killed_rerank(model_path, c, out) -> None:
+    model, tok = inference.load_model(model_path, ModelConfig(), torch.device("cpu"))
+    inference.rerank(_Killing(model, kill_at=10), tok, _candidates(c), out, _eval_cfg(), "fp")
+
+
+def test_resume_after_sigkill_gives_the_same_run(tiny_bert, collection, tmp_path):
+    process = multiprocessing.get_context("spawn").Process(target=_killed_rerank,
+                                                           args=(tiny_bert, collection, tmp_path / "k.run"))
+    process.start()
+    process.join()
+    assert process.exitcode == -signal.SIGKILL and not (tmp_path / "k.run").exists()
+    assert 0 < len(list(next(tmp_path.glob(".k.run.parts-*")).glob("*.tsv"))) < 5  # finished blocks kept
+    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    inference.rerank(model, tok, _candidates(collection), tmp_path / "k.run", _eval_cfg(), "fp")
+    inference.rerank(model, tok, _candidates(collection), tmp_path / "ref.run", _eval_cfg(), "fp")
+    assert (tmp_path / "k.run").read_bytes() == (tmp_path / "ref.run").read_bytes()
 
 
 def test_score_cache_skips_scored_pairs(tiny_bert, collection, tmp_path):

@@ -15,8 +15,8 @@ little compute is spent on padding. Because a block's batches depend only on the
 Scores in the written run are rounded to 6 decimals before sorting, so the file's order is exactly what
 trec_eval reads back (ties: score desc, docno desc, see `crossrank.io.sort_ranking`).
 
-Listwise models (`model.kind: set-encoder`) need all passages of a query in one forward pass: `plan_batches`
-has that path (whole queries per batch); the model call itself is the Set-Encoder's (`crossrank.set_encoder`).
+Listwise models (`model.kind: set-encoder`, `crossrank.set_encoder`) need all passages of a query in one
+forward pass: their blocks are batched one whole query list at a time (`prepare_block`), per-field truncation.
 """
 from __future__ import annotations
 
@@ -132,9 +132,13 @@ def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.de
                compile: bool = False) -> tuple[MonoEncoder, PairTokenizer]:
     """The checkpoint in eval mode on `device` and its pair tokenizer. SDPA attention on CUDA; `compile` wraps
     it in `torch.compile` (dynamic shapes)."""
-    if model_cfg.kind == "set-encoder":
-        raise CrossrankError("model.kind set-encoder: re-ranking with the Set-Encoder is not wired into "
-                             "crossrank.inference yet (expected model.kind mono)")
+    if model_cfg.kind == "set-encoder":  # listwise: scored one whole query list per forward pass
+        from crossrank.set_encoder import SetEncoder, load_set_tokenizer
+
+        model_cfg = dataclasses.replace(model_cfg, truncation="per_field")  # the Set-Encoder's convention
+        set_model = SetEncoder.from_pretrained(path).to(device).eval()
+        return (torch.compile(set_model, dynamic=True) if compile else set_model), \
+            PairTokenizer(load_set_tokenizer(path), model_cfg)
     extra = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
     model = MonoEncoder.from_pretrained(path, **extra).to(device).eval()
     if compile:  # fuses the element-wise ops around the GEMMs; a one-off compile, then faster steady state
@@ -211,10 +215,18 @@ def plan_batches(lengths: list[int], groups: list[int], batch_tokens: int, kind:
 
 def prepare_block(pairs: list[tuple[str, str]], candidates: Candidates, tokenizer: PairTokenizer,
                   batch_tokens: int, kind: str = "mono") -> list[tuple[list[int], dict[str, torch.Tensor]]]:
-    """Tokenise a block's (qid, docno) pairs and pad them into batches: [(pair indices, tensors [N, L])]."""
-    encoded = tokenizer.encode([candidates.queries[q] for q, _ in pairs], [candidates.texts[d] for _, d in pairs])
+    """Tokenise a block's (qid, docno) pairs and pad them into batches: [(pair indices, tensors [N, L])];
+    for the Set-Encoder one batch per query: tensors [1, D, L] and its list mask [1, D]."""
     index = {q: i for i, q in enumerate(dict.fromkeys(q for q, _ in pairs))}
     groups = [index[q] for q, _ in pairs]
+    if kind == "set-encoder":
+        from crossrank.set_encoder import INTERACTION_TOKEN, encode_lists
+
+        interaction_id = tokenizer.fields.token_to_id(INTERACTION_TOKEN)
+        return [(rows, encode_lists(tokenizer, interaction_id, [candidates.queries[pairs[rows[0]][0]]],
+                                    [[candidates.texts[pairs[i][1]] for i in rows]]))
+                for rows in plan_batches([], groups, batch_tokens, kind)]
+    encoded = tokenizer.encode([candidates.queries[q] for q, _ in pairs], [candidates.texts[d] for _, d in pairs])
     batches = plan_batches([len(ids) for ids, _ in encoded], groups, batch_tokens, kind)
     return [(batch, tokenizer.pad([encoded[i] for i in batch])) for batch in batches]
 
@@ -227,7 +239,8 @@ def score_batches(model: MonoEncoder, batches: list[tuple[list[int], dict[str, t
     for indices, batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            values = model(**batch).float().cpu().tolist()  # [N]
+            out = model(**batch)  # mono: [N]; Set-Encoder: [Q, D]
+        values = (out[batch["mask"]] if "mask" in batch else out).float().cpu().tolist()  # [N]
         for i, value in zip(indices, values):
             scores[i] = value
         if progress is not None:
@@ -339,6 +352,9 @@ def rerank(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates,
     if len(todo) < len(mine):
         print(f"rank {dist.rank}: resuming, {len(mine) - len(todo)} of {len(mine)} blocks already in {parts}",
               file=sys.stderr)
+    if eval_cfg.score_cache and kind == "set-encoder":
+        raise CrossrankError("eval.score_cache cannot be used with model.kind set-encoder (a passage's score "
+                             "depends on the whole list; expected eval.score_cache empty)")
     cache = ScoreCache(eval_cfg.score_cache, fingerprint) if eval_cfg.score_cache else None
     total = sum(len(candidates.run[q]) for b in todo for q in blocks[b])
     with tqdm(total=total, unit="pair", desc=f"re-rank {out.name}", disable=not dist.is_main, file=sys.stderr,

@@ -17,7 +17,7 @@ import torch
 
 from crossrank import config, inference
 from crossrank.config import EvalConfig, ModelConfig
-from crossrank.io import CrossrankError
+from crossrank.io import CrossrankError, sort_ranking
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the cat dog mat sat bark river water fish boat sea ship city bank money loan paris france capital "
@@ -180,6 +180,31 @@ def test_score_cache_skips_scored_pairs(tiny_bert, collection, tmp_path):
     assert (tmp_path / "a.run").read_bytes() == (tmp_path / "b.run").read_bytes()
     inference.rerank(counting, tok, cands, tmp_path / "c.run", cfg, "other-model")  # another fingerprint
     assert counting.calls > 0
+
+
+def test_set_encoder_scores_each_query_list_in_one_pass(tiny_bert, collection, tmp_path):
+    from crossrank.set_encoder import SetEncoder, encode_lists, load_set_tokenizer
+
+    torch.manual_seed(0)
+    SetEncoder.from_pretrained(tiny_bert).save_pretrained(tmp_path / "se", load_set_tokenizer(tiny_bert))
+    model_cfg = ModelConfig(kind="set-encoder")
+    model, tok = inference.load_model(tmp_path / "se", model_cfg, torch.device("cpu"))
+    cands = _candidates(collection)
+    run = inference.rerank(model, tok, cands, tmp_path / "se.run", _eval_cfg(), "fp", kind="set-encoder")
+    q = "4"
+    docnos = [d for d, _ in cands.run[q]]
+    direct = model(**encode_lists(tok, model.config.interaction_token_id, [cands.queries[q]],
+                                  [[cands.texts[d] for d in docnos]]))[0]  # [D]
+    assert dict(run[q]) == pytest.approx({d: round(s, 6) for d, s in zip(docnos, direct.tolist())}, abs=2e-6)
+    # the list is a set: another first-stage order gives the same scores
+    reversed_run = {qid: sort_ranking([(d, -s) for d, s in r]) for qid, r in cands.run.items()}
+    assert [d for d, _ in reversed_run[q]] == docnos[::-1]
+    flipped = inference.Candidates(reversed_run, cands.queries, cands.texts)
+    again = inference.rerank(model, tok, flipped, tmp_path / "se2.run", _eval_cfg(), "fp", kind="set-encoder")
+    assert dict(again[q]) == pytest.approx(dict(run[q]), abs=2e-6)
+    with pytest.raises(CrossrankError, match="score_cache cannot be used"):
+        inference.rerank(model, tok, cands, tmp_path / "se3.run", _eval_cfg(score_cache=str(tmp_path / "c")), "fp",
+                         kind="set-encoder")
 
 
 def test_bad_input_messages_with_counts_and_lenient(collection):

@@ -132,15 +132,19 @@ def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.de
                compile: bool = False) -> tuple[MonoEncoder, PairTokenizer]:
     """The checkpoint in eval mode on `device` and its pair tokenizer. SDPA attention on CUDA; `compile` wraps
     it in `torch.compile` (dynamic shapes)."""
-    if model_cfg.kind == "set-encoder":  # listwise: scored one whole query list per forward pass
-        from crossrank.set_encoder import SetEncoder, load_set_tokenizer
+    # A bare backbone (no trained head) gets a random head: seed it, so that every rank of a sharded run and
+    # every resumed run has the same one (transformers reports the missing weights).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if model_cfg.kind == "set-encoder":  # listwise: scored one whole query list per forward pass
+            from crossrank.set_encoder import SetEncoder, load_set_tokenizer
 
-        model_cfg = dataclasses.replace(model_cfg, truncation="per_field")  # the Set-Encoder's convention
-        set_model = SetEncoder.from_pretrained(path).to(device).eval()
-        return (torch.compile(set_model, dynamic=True) if compile else set_model), \
-            PairTokenizer(load_set_tokenizer(path), model_cfg)
-    extra = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
-    model = MonoEncoder.from_pretrained(path, **extra).to(device).eval()
+            model_cfg = dataclasses.replace(model_cfg, truncation="per_field")  # the Set-Encoder's convention
+            set_model = SetEncoder.from_pretrained(path).to(device).eval()
+            return (torch.compile(set_model, dynamic=True) if compile else set_model), \
+                PairTokenizer(load_set_tokenizer(path), model_cfg)
+        extra = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
+        model = MonoEncoder.from_pretrained(path, **extra).to(device).eval()
     if compile:  # fuses the element-wise ops around the GEMMs; a one-off compile, then faster steady state
         model = torch.compile(model, dynamic=True)
     return model, PairTokenizer(load_tokenizer(path), model_cfg)

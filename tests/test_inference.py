@@ -66,6 +66,19 @@ def test_plan_batches_respects_the_token_budget():
         [[0, 1], [2, 3, 4], [5, 6, 7]]
 
 
+@pytest.mark.parametrize("kind", ["bert", "electra", "roberta"])
+def test_first_token_last_layer_gives_the_full_models_scores(tiny_models, kind):
+    from crossrank.models import MonoEncoder
+
+    model, tok = inference.load_model(tiny_models[kind], ModelConfig(), torch.device("cpu"))
+    assert isinstance(model.encoder.base_model.encoder.layer[-1], inference.FirstTokenLayer)
+    full = MonoEncoder.from_pretrained(tiny_models[kind]).eval()
+    batch = tok(["the cat sat", "what is a dog", "python"], ["on the mat", "a dog barks loudly in the house", "code"])
+    assert batch["attention_mask"].sum(1).tolist() != [batch["attention_mask"].shape[1]] * 3  # padding present
+    with torch.inference_mode():
+        assert torch.allclose(model(**batch), full(**batch), atol=1e-6)
+
+
 def test_reranked_order_follows_scores_with_deterministic_ties(tiny_bert, collection, tmp_path):
     model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
     cands = _candidates(collection)

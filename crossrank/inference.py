@@ -340,13 +340,15 @@ def score_blocks(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candi
     """Yield (block index, [(qid, docno, score)]) for the blocks in `todo`, in order. On CUDA the next block's
     cache look-up and tokenisation run in a background thread while the model scores the current one (the fast
     tokenizer and torch both release the GIL)."""
-    pairs_of = {b: [(q, d) for q in blocks[b] for d, _ in candidates.run[q]] for b in todo}
+    def pairs_of(b: int) -> list[tuple[str, str]]:  # built per block: a top-1000 run has millions of pairs
+        return [(q, d) for q in blocks[b] for d, _ in candidates.run[q]]
 
-    def prepare(b: int) -> tuple[dict, list, list]:
-        keys = [(candidates.queries[q], d) for q, d in pairs_of[b]]
+    def prepare(b: int) -> tuple[list, dict, list, list]:
+        pairs = pairs_of(b)
+        keys = [(candidates.queries[q], d) for q, d in pairs]
         cached = cache.get(keys) if cache else {}
-        uncached = [p for p, k in zip(pairs_of[b], keys) if k not in cached]
-        return cached, uncached, prepare_block(uncached, candidates, tokenizer, eval_cfg.batch_tokens, kind)
+        uncached = [p for p, k in zip(pairs, keys) if k not in cached]
+        return pairs, cached, uncached, prepare_block(uncached, candidates, tokenizer, eval_cfg.batch_tokens, kind)
 
     # On CUDA the next block is prepared in a thread while the GPU works; on CPU the model already uses every
     # core, and a competing thread slows it down (measured), so the work is done inline there.
@@ -354,17 +356,17 @@ def score_blocks(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candi
         overlap = device.type == "cuda"
         future = pool.submit(prepare, todo[0]) if todo and overlap else None
         for position, b in enumerate(todo):
-            cached, uncached, batches = future.result() if overlap else prepare(b)
+            pairs, cached, uncached, batches = future.result() if overlap else prepare(b)
             if overlap and position + 1 < len(todo):
                 future = pool.submit(prepare, todo[position + 1])
             if progress is not None:
-                progress.update(len(pairs_of[b]) - len(uncached))
+                progress.update(len(pairs) - len(uncached))
             scores = score_batches(model, batches, len(uncached), device, progress)
             new = {(candidates.queries[q], d): s for (q, d), s in zip(uncached, scores)}
             if cache:
                 cache.put(new)
             merged = {**cached, **new}
-            yield b, [(q, d, merged[(candidates.queries[q], d)]) for q, d in pairs_of[b]]
+            yield b, [(q, d, merged[(candidates.queries[q], d)]) for q, d in pairs]
 
 
 def score_candidates(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates, eval_cfg: EvalConfig,

@@ -5,6 +5,7 @@ same command runs one process per GPU. Exit status: 0 done, 2 bad input or confi
 SIGTERM/SIGUSR1 after saving a checkpoint (rerun the same command to resume).
 """
 import argparse
+import os
 import sys
 
 from crossrank.config import load_run_config
@@ -21,7 +22,8 @@ def main() -> int:
 
         state = train(load_run_config(args.config, args.overrides))
     except CrossrankError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, every process would say the same
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if state.finished else 3
 

@@ -46,7 +46,8 @@ def load(cls: type[T], files: list[str | os.PathLike] = (), overrides: list[str]
             if not isinstance(node, dict):
                 raise CrossrankError(f"command line: {key} goes below a value that is not a section")
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-        origins[key.strip()] = f"command line ({item})"
+        for depth in range(1, len(parts) + 1):  # an unknown section is reported at the override too
+            origins[".".join(parts[:depth])] = f"command line ({item})"
     return _build(cls, values, "", origins)
 
 

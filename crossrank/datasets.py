@@ -29,7 +29,8 @@ class DatasetConfig:
     runs: dict[str, str] = dataclasses.field(default_factory=dict)
     rel_level: int = 1  # minimum relevance that binary measures count as relevant
     # training data only: a teacher's ranking (for KD) and the run negatives are mined from (for CL)
-    teacher: str = ""
+    teacher: str = ""  # a TREC run in the teacher's order, or RankGPT's JSONL (then teacher_answers too)
+    teacher_answers: str = ""  # RankGPT's JSON list of answers ("[3] > [1] > ..."), one per JSONL line
     description: str = ""
 
     def source(self, field: str) -> str:

@@ -20,7 +20,8 @@ an LLM's ranking is good but imperfect. Files written to `data/demo/` (`python -
     corpus.tsv          docno<TAB>text
     topics.train.tsv    qid<TAB>text       (training queries; preprocessing holds out some for validation)
     topics.test.tsv     qid<TAB>text       (evaluation queries, disjoint from training)
-    qrels.txt           qid 0 docno rel    (all queries, every same-theme document and every distractor judged)
+    qrels.train.txt     qid 0 docno rel    (every same-theme document and every distractor judged)
+    qrels.test.txt      qid 0 docno rel
     teacher.train.run   TREC run of the teacher's top-20 per training query, score = 21 - rank
 """
 from __future__ import annotations
@@ -139,16 +140,18 @@ def generate(out: Path, seed: int = 13) -> dict[str, int]:
         with atomic_write(out / f"topics.{name}.tsv") as f:
             f.writelines(f"{qid}\t{text}\n" for qid, _, _, text, _ in split)
     n_qrels = 0
-    with atomic_write(out / "qrels.txt") as f:
-        for qid, q_theme, q_aspect, _, (w1, _) in queries:
-            for docno, d_theme, d_aspect, focus, text in docs:
-                # judged: every same-theme document, and other-theme documents sharing a query word
-                if d_theme == q_theme or w1 in text.split():
-                    f.write(f"{qid} 0 {docno} {grade(q_theme, q_aspect, d_theme, d_aspect, focus)}\n")
-                    n_qrels += 1
+    words = [set(text.split()) for *_, text in docs]
+    for name, split in (("train", train), ("test", test)):
+        with atomic_write(out / f"qrels.{name}.txt") as f:
+            for qid, q_theme, q_aspect, _, (w1, _) in split:
+                for (docno, d_theme, d_aspect, focus, _), doc_words in zip(docs, words):
+                    # judged: every same-theme document, and other-theme documents sharing a query word
+                    if d_theme == q_theme or w1 in doc_words:
+                        f.write(f"{qid} 0 {docno} {grade(q_theme, q_aspect, d_theme, d_aspect, focus)}\n")
+                        n_qrels += 1
     with atomic_write(out / "teacher.train.run") as f:
         for qid, q_theme, q_aspect, _, (w1, _) in train:
-            judged = [d for d in docs if d[1] == q_theme or w1 in d[4].split()]
+            judged = [d for d, doc_words in zip(docs, words) if d[1] == q_theme or w1 in doc_words]
             # the teacher sees a first stage's candidates: all the good documents and then some
             good = [d for d in judged if grade(q_theme, q_aspect, d[1], d[2], d[3]) >= 2][: TEACHER_DEPTH // 2]
             rest = [d for d in judged if d not in good]

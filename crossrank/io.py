@@ -17,6 +17,7 @@ import gzip
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -93,6 +94,20 @@ def _irds(source: str):
         raise CrossrankError(f"{source}: unknown ir_datasets id ({e})") from None
 
 
+@contextlib.contextmanager
+def _irds_errors(source: str) -> Iterator[None]:
+    """ir_datasets downloads what its cache lacks; offline that fails deep inside it. Say what to do."""
+    try:
+        yield
+    except CrossrankError:
+        raise
+    except (RuntimeError, OSError) as e:
+        if "download" not in str(e).lower() and "connection" not in str(e).lower():
+            raise
+        raise CrossrankError(f"{source}: ir_datasets could not download what its cache lacks (offline?); "
+                             f"point IR_DATASETS_HOME at a pre-populated cache or use local files") from None
+
+
 def _is_irds(source: str | os.PathLike) -> bool:
     return isinstance(source, str) and source.startswith(IRDS_PREFIX)
 
@@ -146,9 +161,10 @@ def _read_irds_run(source: str) -> Iterator[tuple[str, str, int, float]]:
     if not dataset.has_scoreddocs():
         raise CrossrankError(f"{source}: this ir_datasets id has no scoreddocs (a first-stage run)")
     ranks: dict[str, int] = {}
-    for sd in dataset.scoreddocs_iter():
-        ranks[sd.query_id] = ranks.get(sd.query_id, 0) + 1
-        yield sd.query_id, sd.doc_id, ranks[sd.query_id], float(sd.score)
+    with _irds_errors(source):
+        for sd in dataset.scoreddocs_iter():
+            ranks[sd.query_id] = ranks.get(sd.query_id, 0) + 1
+            yield sd.query_id, sd.doc_id, ranks[sd.query_id], float(sd.score)
 
 
 def load_run(path: str | os.PathLike, depth: int | None = None, lenient: bool = False) -> Run:
@@ -207,8 +223,9 @@ def read_qrels(path: str | os.PathLike, lenient: bool = False) -> Qrels:
         if not dataset.has_qrels():
             raise CrossrankError(f"{path}: this ir_datasets id has no qrels")
         qrels: Qrels = {}
-        for q in dataset.qrels_iter():
-            qrels.setdefault(q.query_id, {})[q.doc_id] = int(q.relevance)
+        with _irds_errors(str(path)):
+            for q in dataset.qrels_iter():
+                qrels.setdefault(q.query_id, {})[q.doc_id] = int(q.relevance)
         return qrels
     path = _beir_member(path, ("qrels/test.tsv", "qrels.tsv"))
     bad = _BadLines(path, "qrels", lenient)
@@ -247,12 +264,13 @@ def read_qrels(path: str | os.PathLike, lenient: bool = False) -> Qrels:
 
 def read_topics(path: str | os.PathLike, lenient: bool = False) -> dict[str, str]:
     """Read topics into {qid: text}: TSV `qid<TAB>text`, JSONL (`_id` or `qid`, `text`), a TREC topic file
-    (`<top>`/`<num>`/`<title>`, read by ir_datasets; the title is the query), a BEIR folder or `irds:<id>`."""
+    (`<top>`/`<num>`/`<title>`; the title is the query), a BEIR folder or `irds:<id>`."""
     if _is_irds(path):
         dataset = _irds(str(path))
         if not dataset.has_queries():
             raise CrossrankError(f"{path}: this ir_datasets id has no queries")
-        return {q.query_id: _query_text(q) for q in dataset.queries_iter()}
+        with _irds_errors(str(path)):
+            return {q.query_id: _query_text(q) for q in dataset.queries_iter()}
     path = _beir_member(path, ("queries.jsonl",))
     if _looks_like_jsonl(path):
         return dict(_read_jsonl_texts(path, "topics", ("_id", "qid", "query_id"), lenient))
@@ -269,16 +287,28 @@ def _query_text(query) -> str:
     return query[1]
 
 
-def _read_trec_topics(path: Path) -> dict[str, str]:
-    from ir_datasets.formats import TrecQueries
-    from ir_datasets.util import LocalDownload
+_TOP = re.compile(r"<top>(.*?)</top>", re.DOTALL | re.IGNORECASE)
+_FIELD = re.compile(r"<(num|title)>(.*?)(?=<[a-z/]|\Z)", re.DOTALL | re.IGNORECASE)
 
-    topics = {q.query_id: q.title.strip() for q in TrecQueries(LocalDownload(path)).queries_iter()}
+
+def _read_trec_topics(path: Path) -> dict[str, str]:
+    """The `<title>` of every `<top>` of a classic TREC topic file (`<num> Number: 301`, `<title> ...`, then
+    `<desc>`, `<narr>` or nothing; closing tags optional). ir_datasets' reader insists on every field."""
+    with open_text(path) as f:
+        text = f.read()
+    topics: dict[str, str] = {}
+    for block in _TOP.finditer(text):
+        fields = {tag.lower(): " ".join(value.split()) for tag, value in _FIELD.findall(block.group(1))}
+        line = text.count("\n", 0, block.start()) + 1
+        qid = re.sub(r"^Number:\s*", "", fields.get("num", ""), flags=re.IGNORECASE)
+        title = re.sub(r"^Topic:\s*", "", fields.get("title", ""), flags=re.IGNORECASE)
+        if not qid or not title:
+            raise CrossrankError(f"{path}:{line}: topic without <num> or <title> (expected both in every <top>)")
+        if qid in topics:
+            raise CrossrankError(f"{path}:{line}: topic {qid} appears twice (expected each topic once)")
+        topics[qid] = title
     if not topics:
         raise CrossrankError(f"{path}: no <top> entries found in the TREC topic file")
-    empty = [qid for qid, text in topics.items() if not text]
-    if empty:
-        raise CrossrankError(f"{path}: topic {empty[0]} has an empty <title> (expected the query text)")
     return topics
 
 
@@ -304,10 +334,15 @@ def _read_irds_corpus(source: str) -> Iterator[tuple[str, str]]:
     dataset = _irds(source)
     if not dataset.has_docs():
         raise CrossrankError(f"{source}: this ir_datasets id has no documents")
-    for doc in dataset.docs_iter():
-        title = getattr(doc, "title", "") or ""
-        text = getattr(doc, "text", None) or getattr(doc, "body", None) or doc.default_text()
-        yield doc.doc_id, f"{title} {text}".strip() if title else text
+    with _irds_errors(source):
+        for doc in dataset.docs_iter():
+            yield doc.doc_id, _irds_doc_text(doc)
+
+
+def _irds_doc_text(doc) -> str:
+    title = getattr(doc, "title", "") or ""
+    text = getattr(doc, "text", None) or getattr(doc, "body", None) or doc.default_text()
+    return f"{title} {text}".strip() if title else text
 
 
 def load_corpus(path: str | os.PathLike, docnos: Iterable[str] | None = None,
@@ -316,10 +351,9 @@ def load_corpus(path: str | os.PathLike, docnos: Iterable[str] | None = None,
     not all sit in memory); every requested docno must be found."""
     wanted = set(docnos) if docnos is not None else None
     if wanted is not None and _is_irds(path):
-        store = _irds(str(path)).docs_store()
-        found = {doc.doc_id: doc for doc in store.get_many_iter(wanted)}
-        texts = {d: (f"{doc.title} {doc.text}".strip() if getattr(doc, "title", "") else doc.text)
-                 for d, doc in found.items()}
+        with _irds_errors(str(path)):
+            store = _irds(str(path)).docs_store()
+            texts = {doc.doc_id: _irds_doc_text(doc) for doc in store.get_many_iter(wanted)}
     else:
         texts = {d: t for d, t in read_corpus(path, lenient) if wanted is None or d in wanted}
     if wanted is not None and len(texts) < len(wanted):
@@ -333,16 +367,23 @@ def load_corpus(path: str | os.PathLike, docnos: Iterable[str] | None = None,
 # Shared text-file parsing for topics and corpora
 
 
-def _read_tsv_texts(path: Path, kind: str, id_name: str, lenient: bool) -> Iterator[tuple[str, str]]:
+class _BadLine(Exception):
+    """A line-level problem found by a line parser; the reader decides whether to raise or skip."""
+
+
+def _read_texts(path: Path, kind: str, id_name: str, parse, lenient: bool) -> Iterator[tuple[str, str]]:
+    """(identifier, text) per line of a topics or corpus file; `parse` turns one line into that pair.
+    Every identifier must be non-empty and new, every text non-empty."""
     bad = _BadLines(path, kind, lenient)
     seen: set[str] = set()
     for number, line in _numbered_lines(path):
-        identifier, tab, text = line.partition("\t")
-        identifier, text = identifier.strip(), text.strip()
-        if not tab:
-            bad(number, f"{kind} line has no tab (expected {id_name}<TAB>text, got {line[:80]!r})")
-        elif not identifier:
-            bad(number, f"empty {id_name} (expected {id_name}<TAB>text)")
+        try:
+            identifier, text = parse(line)
+        except _BadLine as e:
+            bad(number, str(e))
+            continue
+        if not identifier:
+            bad(number, f"empty {id_name} (expected a {id_name} and a text on every line)")
         elif not text:
             bad(number, f"empty text for {id_name} {identifier} (expected non-empty text)")
         elif identifier in seen:
@@ -353,32 +394,32 @@ def _read_tsv_texts(path: Path, kind: str, id_name: str, lenient: bool) -> Itera
     bad.close()
 
 
+def _read_tsv_texts(path: Path, kind: str, id_name: str, lenient: bool) -> Iterator[tuple[str, str]]:
+    def parse(line: str) -> tuple[str, str]:
+        identifier, tab, text = line.partition("\t")
+        if not tab:
+            raise _BadLine(f"{kind} line has no tab (expected {id_name}<TAB>text, got {line[:80]!r})")
+        return identifier.strip(), text.strip()
+
+    return _read_texts(path, kind, id_name, parse, lenient)
+
+
 def _read_jsonl_texts(path: Path, kind: str, id_fields: tuple[str, ...],
                       lenient: bool) -> Iterator[tuple[str, str]]:
-    bad = _BadLines(path, kind, lenient)
-    seen: set[str] = set()
-    for number, line in _numbered_lines(path):
+    def parse(line: str) -> tuple[str, str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            bad(number, f"invalid JSON ({e.msg} at column {e.colno})")
-            continue
+            raise _BadLine(f"invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
-            bad(number, f"JSON line is not an object (expected {{\"{id_fields[0]}\": ..., \"text\": ...}})")
-            continue
-        identifier = next((str(record[f]) for f in id_fields if f in record), None)
+            raise _BadLine(f"JSON line is not an object (expected {{\"{id_fields[0]}\": ..., \"text\": ...}})")
+        identifier = next((str(record[f]).strip() for f in id_fields if f in record), None)
+        if identifier is None:
+            raise _BadLine(f"no id field (expected one of {', '.join(id_fields)})")
         title, text = str(record.get("title") or "").strip(), str(record.get("text") or "").strip()
-        text = f"{title} {text}".strip() if title else text
-        if identifier is None or not identifier.strip():
-            bad(number, f"no id field (expected one of {', '.join(id_fields)})")
-        elif not text:
-            bad(number, f"empty text for {id_fields[0]} {identifier} (expected non-empty text)")
-        elif identifier in seen:
-            bad(number, f"{id_fields[0]} {identifier} appears twice (expected each id once)")
-        else:
-            seen.add(identifier)
-            yield identifier, text
-    bad.close()
+        return identifier, (f"{title} {text}".strip() if title else text)
+
+    return _read_texts(path, kind, id_fields[0], parse, lenient)
 
 
 def _beir_member(path: str | os.PathLike, names: tuple[str, ...]) -> Path:

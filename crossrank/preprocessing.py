@@ -13,16 +13,28 @@ file order, is the same in a streaming pass as in memory, and is disjoint by con
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
+import gzip
 import hashlib
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import yaml
 
-from crossrank.io import CrossrankError
+from crossrank.io import CrossrankError, read_run
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
 SPLITS = ("train", "valid")
+RUN_COLUMNS = ["qid", "q0", "docno", "rank", "score", "tag"]
+BLOCK_BYTES = 1 << 24  # 16 MiB of run text per block: memory stays bounded whatever the file size
 
 
 @dataclasses.dataclass
@@ -63,32 +75,50 @@ def load_split(folder: str | Path, split: str) -> list[QueryCandidates]:
                                                     table["judged_docnos"], table["judged_rels"])]
 
 
-def write_split(folder: str | Path, split: str, queries: Iterable[QueryCandidates], rows_per_group: int = 10_000) -> int:
-    """Write queries to `<folder>/<split>.parquet` atomically, streaming in row groups; returns the count."""
+def _schema() -> "pa.Schema":
     import pyarrow as pa
+
+    return pa.schema([("qid", pa.string()), ("docnos", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
+                      ("judged_docnos", pa.list_(pa.string())), ("judged_rels", pa.list_(pa.int32()))])
+
+
+def _queries_table(queries: list[QueryCandidates]) -> "pa.Table":
+    import pyarrow as pa
+
+    columns = [[q.qid for q in queries], [q.docnos for q in queries], [q.scores for q in queries],
+               [list(q.judged) for q in queries], [list(q.judged.values()) for q in queries]]
+    schema = _schema()
+    return pa.Table.from_arrays([pa.array(c, type=t) for c, t in zip(columns, schema.types)], schema=schema)
+
+
+@contextlib.contextmanager
+def split_writers(folder: str | Path) -> "Iterator[dict[str, pq.ParquetWriter]]":
+    """{'train': writer, 'valid': writer} for `<folder>/{train,valid}.parquet`, both renamed into place only
+    when the block exits without an error (so a half-written split never replaces a good one)."""
     import pyarrow.parquet as pq
 
     from crossrank.io import atomic_write
 
-    schema = pa.schema([("qid", pa.string()), ("docnos", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
-                        ("judged_docnos", pa.list_(pa.string())), ("judged_rels", pa.list_(pa.int32()))])
-    count, buffer = 0, []
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        writers = {}
+        for split in SPLITS:
+            f = stack.enter_context(atomic_write(Path(folder) / f"{split}.parquet", "wb"))
+            writers[split] = stack.enter_context(pq.ParquetWriter(f, _schema()))
+        yield writers
 
-    def flush(writer: "pq.ParquetWriter") -> None:
-        columns = list(zip(*[(q.qid, q.docnos, q.scores, list(q.judged), list(q.judged.values())) for q in buffer]))
-        writer.write_table(pa.Table.from_arrays([pa.array(c, type=t) for c, t in zip(columns, schema.types)],
-                                                schema=schema))
-        buffer.clear()
 
-    with atomic_write(Path(folder) / f"{split}.parquet", "wb") as f, pq.ParquetWriter(f, schema) as writer:
-        for query in queries:
-            buffer.append(query)
-            count += 1
-            if len(buffer) >= rows_per_group:
-                flush(writer)
-        if buffer:
-            flush(writer)
-    return count
+def write_split(folder: str | Path, split: str, queries: Iterable[QueryCandidates]) -> int:
+    """Write queries to `<folder>/<split>.parquet` atomically (small data: tests, RankGPT files)."""
+    import pyarrow.parquet as pq
+
+    from crossrank.io import atomic_write
+
+    queries = list(queries)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with atomic_write(Path(folder) / f"{split}.parquet", "wb") as f:
+        pq.write_table(_queries_table(queries), f)
+    return len(queries)
 
 
 def write_meta(folder: str | Path, meta: dict) -> None:
@@ -96,3 +126,416 @@ def write_meta(folder: str | Path, meta: dict) -> None:
 
     with atomic_write(Path(folder) / "meta.yaml") as f:
         yaml.safe_dump(meta, f, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming a large run: blocks of whole queries as Arrow tables (qid, docno, score), validated
+
+
+def read_run_blocks(path: str | Path, lenient: bool = False) -> "Iterator[pa.Table]":
+    """Stream a TREC run (or a parquet run) as Arrow tables (qid, docno, score) of complete queries, each
+    query sorted best first with crossrank's deterministic ties (score desc, docno desc).
+
+    The fast path parses single-space or tab separated text with Arrow's multi-threaded CSV reader in 16 MiB
+    blocks and never turns lines into Python objects, so memory stays bounded whatever the file size. A
+    query's lines must be contiguous (as retrieval engines write them): a query that reappears later is an
+    error, since bounded memory cannot regroup it. Whatever the fast path rejects is re-read by
+    `crossrank.io.read_run`, which names the offending `path:line`. `lenient` uses that validating reader
+    throughout and skips bad lines.
+    """
+    import pyarrow as pa
+
+    path = Path(path)
+    if lenient or _needs_line_reader(path):
+        yield from _blocks_from_lines(path, lenient)
+        return
+    seen: set[str] = set()
+    carry = None  # rows of the last query of the previous block, which may continue in this one
+    try:
+        for block in _raw_blocks(path):
+            table = block if carry is None else pa.concat_tables([carry, block])
+            starts = _group_starts(table)
+            cut = int(starts[-1])  # the last query may continue in the next block
+            carry = table.slice(cut)
+            if cut:
+                yield _check_and_sort(table.slice(0, cut), starts[:-1], path, seen)
+        if carry is not None:
+            yield _check_and_sort(carry, _group_starts(carry), path, seen)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, _BadRun) as error:
+        failure = error
+    else:
+        return
+    for _ in read_run(path):  # names the first bad line, if it is a line-level problem
+        pass
+    raise CrossrankError(str(failure) if isinstance(failure, _BadRun) else
+                         f"{path}: cannot parse the run ({failure})")
+
+
+class _BadRun(Exception):
+    """Raised inside the fast path; turned into a CrossrankError after the line reader had its say."""
+
+
+def _needs_line_reader(path: Path) -> bool:
+    """irds: and irregular whitespace (e.g. several spaces between columns) go through the line reader."""
+    if str(path).startswith("irds:"):
+        return True
+    if path.suffix == ".parquet":
+        return False
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+        head = [line.rstrip("\r\n") for line in (f.readline() for _ in range(5)) if line.strip()]
+    return not head or any(len(line.split(_delimiter(head[0]))) != 6 for line in head)
+
+
+def _delimiter(first_line: str) -> str:
+    return "\t" if "\t" in first_line else " "
+
+
+def _raw_blocks(path: Path) -> "Iterator[pa.Table]":
+    """Parse the run in ~16 MiB chunks cut at line ends. Each chunk is parsed by Arrow on all cores, and only
+    one chunk is in memory at a time (Arrow's own streaming CSV reader reads ahead without bound when its
+    consumer is slower than its parser)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    if path.suffix == ".parquet":
+        yield from _parquet_blocks(path)
+        return
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        delimiter = _delimiter(f.readline().decode("utf-8", "replace"))
+        f.seek(0)
+        options = dict(
+            read_options=pcsv.ReadOptions(column_names=RUN_COLUMNS),
+            parse_options=pcsv.ParseOptions(delimiter=delimiter, quote_char=False),
+            convert_options=pcsv.ConvertOptions(
+                column_types={"qid": pa.string(), "docno": pa.string(), "rank": pa.int64(), "score": pa.float64()},
+                include_columns=["qid", "docno", "score"]))
+        def chunks() -> Iterator[bytes]:
+            rest = b""
+            while data := f.read(BLOCK_BYTES):
+                chunk = rest + data
+                cut = chunk.rfind(b"\n") + 1
+                yield chunk[:cut]
+                rest = chunk[cut:]
+            yield rest
+
+        # Parse the next chunk in a thread while the caller works on this one (Arrow releases the GIL):
+        # two chunks in memory at most.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            parse = lambda chunk: pcsv.read_csv(pa.py_buffer(chunk), **options) if chunk.strip() else None
+            pending = None
+            for chunk in chunks():
+                following = pool.submit(parse, chunk)
+                if pending is not None and (table := pending.result()) is not None:
+                    yield table
+                pending = following
+            if pending is not None and (table := pending.result()) is not None:
+                yield table
+
+
+def _parquet_blocks(path: Path) -> "Iterator[pa.Table]":
+    """Parquet runs in long format, one row per (query, document), under common column names."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    names = file.schema_arrow.names
+    options = {"qid": ("qid", "query_id", "query-id"), "docno": ("docno", "doc_id", "docid", "corpus-id"),
+               "score": ("score",), "rank": ("rank",)}
+    found = {ours: next((c for c in theirs if c in names), None) for ours, theirs in options.items()}
+    for ours in ("qid", "docno"):
+        if found[ours] is None:
+            raise CrossrankError(f"{path}: parquet run has no {ours} column (expected one of "
+                                 f"{', '.join(options[ours])}; it has {', '.join(names)})")
+    if found["score"] is None and found["rank"] is None:
+        raise CrossrankError(f"{path}: parquet run has neither a score nor a rank column")
+    for batch in file.iter_batches(batch_size=1 << 20):
+        if found["score"] is not None:
+            score = batch[found["score"]].cast(pa.float64())
+        else:  # a ranking without scores: better ranks get higher scores
+            score = pc.negate(batch[found["rank"]].cast(pa.float64()))
+        yield pa.table({"qid": batch[found["qid"]].cast(pa.string()),
+                        "docno": batch[found["docno"]].cast(pa.string()), "score": score})
+
+
+def _blocks_from_lines(path: Path, lenient: bool) -> "Iterator[pa.Table]":
+    """The validating line reader, grouped into tables of complete queries (any query order is accepted
+    here, since a query's rows are collected before its table is built)."""
+    import pyarrow as pa
+
+    rows: dict[str, list[tuple[str, float]]] = {}
+    for qid, docno, _, score in read_run(path, lenient):
+        rows.setdefault(qid, []).append((docno, score))
+    queries = list(rows)
+    for first in range(0, len(queries), 10_000):
+        chunk = [(qid, docno, score) for qid in queries[first:first + 10_000] for docno, score in rows[qid]]
+        qids, docnos, scores = zip(*chunk)
+        table = pa.table({"qid": list(qids), "docno": list(docnos), "score": pa.array(scores, pa.float64())})
+        yield _check_and_sort(table, _group_starts(table), path, set())
+
+
+def _group_starts(table: "pa.Table") -> "np.ndarray":
+    """Row indices where a new qid begins (0 included)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    qid = table["qid"].combine_chunks()
+    changed = pc.not_equal(qid.slice(1), qid.slice(0, len(qid) - 1)).to_numpy(zero_copy_only=False)
+    return np.concatenate([[0], np.flatnonzero(changed) + 1]).astype(np.int64)
+
+
+def _check_and_sort(table: "pa.Table", starts: "np.ndarray", path: Path, seen: set[str]) -> "pa.Table":
+    """Check a table of complete queries (each qid new, each docno once per qid, finite scores) and sort
+    each query best first. Most runs are already in that order, so it is checked before anything is sorted."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = table.combine_chunks()
+    for qid in table["qid"].take(pa.array(starts)).to_pylist():
+        if qid in seen:
+            raise _BadRun(f"{path}:{_line_of_reappearance(path, qid)}: query {qid} appears again after other "
+                          f"queries (expected a query's lines together; sort the run, e.g. sort -s -k1,1)")
+        seen.add(qid)
+    score = table["score"].to_numpy()
+    if not np.isfinite(score).all():
+        raise _BadRun(f"{path}: a score is not finite")
+    group = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, table.num_rows)))  # [N] query index
+    same_query = group[1:] == group[:-1]
+    tied = same_query & (score[1:] == score[:-1])
+    in_order = ~same_query | (score[:-1] > score[1:])
+    if tied.any():
+        where_tied = np.flatnonzero(tied)
+        docno = table["docno"]
+        before, after = docno.take(pa.array(where_tied)), docno.take(pa.array(where_tied + 1))
+        if not pc.all(pc.not_equal(before, after)).as_py():
+            raise _BadRun(f"{path}: a docno appears twice for one query")
+        in_order[where_tied] = pc.greater(before, after).to_numpy(zero_copy_only=False)
+    if not in_order.all():
+        order = pc.sort_indices(pa.table({"g": group, "score": table["score"], "docno": table["docno"]}),
+                                sort_keys=[("g", "ascending"), ("score", "descending"), ("docno", "descending")])
+        table, group = table.take(order), group[order.to_numpy()]
+    if _has_repeated_docno(group, table["docno"]):
+        raise _BadRun(f"{path}: a docno appears twice for one query")
+    return table
+
+
+def _has_repeated_docno(group: "np.ndarray", docno: "pa.ChunkedArray") -> bool:
+    """Whether some docno occurs twice within one query ([N] query index, [N] docno).
+
+    Numeric docnos (MS MARCO, most passage collections) are checked as integers with a hash table, ~6x
+    faster than hashing strings; since equal strings give equal integers, "no repeat" there is final, and
+    only a suspected repeat (e.g. "7" and "007") is confirmed on the strings.
+    """
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        numbers = pc.cast(docno, pa.int64()).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        numbers = None
+    if numbers is not None and len(numbers) and 0 <= numbers.min() and numbers.max() < 1 << 40:
+        if not pd.Series((group.astype(np.int64) << 40) | numbers).duplicated().any():
+            return False
+    keys = pa.table({"g": group.astype(np.int32), "docno": docno})
+    return keys.group_by(["g", "docno"]).aggregate([]).num_rows != len(group)
+
+
+def _line_of_reappearance(path: Path, qid: str) -> int:
+    """The line where `qid` starts again after other queries (computed only for the error message)."""
+    started = left = False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            current = line.split(maxsplit=1)[0] if line.strip() else None
+            if current == qid:
+                if left:
+                    return number
+                started = True
+            elif started and current is not None:
+                left = True
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building the training folders
+
+
+def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str | Path, evalperc: float,
+                   seed: int, depth: int | None = None, lenient: bool = False,
+                   progress: bool = True) -> dict[str, int]:
+    """Stream a run (first-stage for CL, or a teacher's ranking for KD) into `out/{train,valid}.parquet`.
+
+    Each query keeps its top `depth` candidates (all when None), best first, and its judgements from `qrels`.
+    Memory holds one 16 MiB block of the run at a time (plus the qrels). Returns counts for meta.yaml.
+    """
+    import numpy as np
+    import pyarrow as pa
+    from tqdm import tqdm
+
+    counts = {"run_lines": 0, "kept_lines": 0, "train_queries": 0, "valid_queries": 0,
+              "queries_without_relevant": 0}
+    bar = tqdm(unit=" lines", unit_scale=True, desc=f"reading {Path(run).name}", disable=not progress)
+    with bar, split_writers(out) as writers:
+        for table in read_run_blocks(run, lenient):
+            counts["run_lines"] += table.num_rows
+            starts = _group_starts(table)
+            sizes = np.diff(np.append(starts, table.num_rows))
+            if depth is not None:
+                position = np.arange(table.num_rows) - np.repeat(starts, sizes)  # rank - 1 within the query
+                table = table.filter(pa.array(position < depth))
+                sizes = np.minimum(sizes, depth)
+                starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            counts["kept_lines"] += table.num_rows
+            offsets = pa.array(np.append(starts, table.num_rows).astype(np.int32))
+            qids = table["qid"].take(pa.array(starts)).to_pylist()
+            judged = [qrels.get(qid, {}) for qid in qids]
+            counts["queries_without_relevant"] += sum(1 for j in judged if not any(r > 0 for r in j.values()))
+            rows = pa.Table.from_arrays([
+                pa.array(qids, pa.string()),
+                pa.ListArray.from_arrays(offsets, table["docno"].combine_chunks()),
+                pa.ListArray.from_arrays(offsets, table["score"].combine_chunks().cast(pa.float32())),
+                pa.array([list(j) for j in judged], pa.list_(pa.string())),
+                pa.array([list(j.values()) for j in judged], pa.list_(pa.int32())),
+            ], schema=_schema())
+            held_out = pa.array([is_validation(qid, evalperc, seed) for qid in qids])
+            writers["valid"].write_table(rows.filter(held_out))
+            writers["train"].write_table(rows.filter(pa.compute.invert(held_out)))
+            n_valid = int(np.count_nonzero(held_out.to_numpy(zero_copy_only=False)))
+            counts["valid_queries"] += n_valid
+            counts["train_queries"] += len(qids) - n_valid
+            bar.update(table.num_rows)
+        if counts["run_lines"] == 0:  # inside the block: no empty split replaces a good one
+            raise CrossrankError(f"{run}: the run is empty (expected at least one line)")
+    return counts
+
+
+def parse_permutation(answer: str, n: int) -> tuple[list[int], bool]:
+    """Turn an LLM's `[2] > [1] > [3]` answer into a 0-based order of `n` items, RankGPT's way: keep the
+    digits, drop repeats and out-of-range ids, append the missing ones in their previous order. The flag
+    says whether the answer was malformed (anything had to be dropped or appended)."""
+    numbers = "".join(c if c.isdigit() else " " for c in answer).split()
+    order: list[int] = []
+    for token in numbers:
+        index = int(token) - 1
+        if 0 <= index < n and index not in order:
+            order.append(index)
+    malformed = len(order) != n or len(numbers) != n
+    return order + [i for i in range(n) if i not in order], malformed
+
+
+@contextlib.contextmanager
+def _open_maybe_zipped(path: Path) -> "Iterator[IO[str]]":
+    """A text file, or the single .jsonl member of a .zip (RankGPT ships `marco-train-100k.jsonl.zip`)."""
+    import io
+    import zipfile
+
+    if path.suffix != ".zip":
+        with open(path, encoding="utf-8") as f:
+            yield f
+        return
+    with zipfile.ZipFile(path) as archive:
+        members = [n for n in archive.namelist() if n.endswith(".jsonl")]
+        if len(members) != 1:
+            raise CrossrankError(f"{path}: expected one .jsonl file in the zip, found {len(members)}")
+        with archive.open(members[0]) as raw:
+            yield io.TextIOWrapper(raw, encoding="utf-8")
+
+
+def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, evalperc: float, seed: int,
+                       topics: dict[str, str] | None = None) -> dict[str, int]:
+    """RankGPT's distillation files -> KD training folder.
+
+    `data` is RankGPT's JSONL, or the zip holding it (one query per line: `query_id`, `query`,
+    `positive_passages`, `retrieved_passages`, each passage `{docid, rank, text}`); `answers` is the JSON list of the teacher's answers (`[3] > [1] > ...`), one per
+    line of `data`. The teacher order becomes scores `depth - rank + 1`; positives become judgements (rel 1).
+    Query and passage texts are written once each (`topics.tsv`, `passages.tsv`, deduplicated) next to the
+    splits, and qids are MS MARCO's when `topics` (qid -> text) knows the query text, else `rankgpt-<line>`.
+    """
+    from crossrank.io import atomic_write
+
+    answer_list = json.loads(Path(answers).read_text(encoding="utf-8"))
+    if not isinstance(answer_list, list):
+        raise CrossrankError(f"{answers}: expected a JSON list of answers, one per line of {data}")
+    qid_of_text = {text: qid for qid, text in (topics or {}).items()}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    queries: dict[str, list[QueryCandidates]] = {"train": [], "valid": []}
+    counts = {"queries": 0, "malformed_answers": 0, "train_queries": 0, "valid_queries": 0}
+    passages: dict[str, str] = {}
+    query_texts: dict[str, str] = {}
+    with _open_maybe_zipped(Path(data)) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                text, retrieved = item["query"], item["retrieved_passages"]
+                positives = {str(p["docid"]) for p in item.get("positive_passages", [])}
+                # the answer's [i] is the passage of first-stage rank i (RankGPT numbers them so)
+                retrieved = sorted(retrieved, key=lambda p: p.get("rank", 0))
+                docs = [(str(p["docid"]), p.get("text", "")) for p in retrieved]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CrossrankError(f"{data}:{number}: not a RankGPT training line ({type(e).__name__}: {e}; "
+                                     f"expected query, retrieved_passages[docid, text])") from None
+            if counts["queries"] >= len(answer_list):
+                raise CrossrankError(f"{answers}: has {len(answer_list)} answers but {data} has more lines "
+                                     f"(expected one answer per line)")
+            order, malformed = parse_permutation(str(answer_list[counts["queries"]]), len(docs))
+            counts["queries"] += 1
+            counts["malformed_answers"] += malformed
+            qid = str(item.get("qid") or item.get("query_id") or qid_of_text.get(text) or f"rankgpt-{number}")
+            query_texts[qid] = text
+            passages.update((d, t) for d, t in docs if t)
+            ranked = [docs[i][0] for i in order]
+            split = "valid" if is_validation(qid, evalperc, seed) else "train"
+            queries[split].append(QueryCandidates(qid, ranked, [float(len(ranked) - r) for r in range(len(ranked))],
+                                                  {d: 1 for d in positives}))
+    for split, rows in queries.items():
+        counts[f"{split}_queries"] = write_split(out, split, rows)
+    with atomic_write(out / "topics.tsv") as f:
+        f.writelines(f"{qid}\t{' '.join(text.split())}\n" for qid, text in query_texts.items())
+    with atomic_write(out / "passages.tsv") as f:
+        f.writelines(f"{docno}\t{' '.join(text.split())}\n" for docno, text in passages.items())
+    return counts
+
+
+# Short names of the seeds' training sets: (dataset config, objective).
+PRESETS = {"colbert": ("msmarco-train", "CL"), "rankgpt": ("msmarco-train", "KD")}
+
+
+def prepare(dataset: str, objective: str = "", run: str = "", evalperc: float = 1.0, seed: int = 42,
+            depth: int | None = None, out: str = "", lenient: bool = False) -> Path:
+    """Build `data/<dataset>/<objective>/` from a dataset config: CL from one of its runs (hard negatives,
+    judged by its qrels), KD from its teacher ranking. `dataset` is a preset (colbert, rankgpt), a key of
+    configs/datasets or a YAML path. Returns the folder."""
+    from crossrank import config
+    from crossrank.datasets import load_dataset
+    from crossrank.io import read_qrels, read_topics
+
+    if not 0 <= evalperc < 100:
+        raise CrossrankError(f"--evalperc {evalperc} is out of range (expected a percentage in [0, 100))")
+    key, preset_objective = PRESETS.get(dataset, (dataset, ""))
+    objective = objective or preset_objective or "CL"
+    if objective not in ("CL", "KD"):
+        raise CrossrankError(f"--objective {objective!r} is unknown (expected CL or KD)")
+    ds = load_dataset(key)
+    folder = Path(out) if out else config.ROOT / "data" / ds.name / objective
+    meta = {"dataset": ds.name, "objective": objective, "evalperc": evalperc, "seed": seed,
+            "topics": ds.source("topics"), "corpus": ds.source("corpus"),
+            "qrels": ds.source("qrels") if ds.qrels else ""}
+    if objective == "KD" and ds.teacher.endswith((".jsonl", ".jsonl.zip", ".zip")):
+        topics = read_topics(meta["topics"], lenient) if Path(meta["topics"]).is_file() else None
+        meta["source"] = ds.source("teacher")
+        counts = preprocess_rankgpt(meta["source"], ds.source("teacher_answers"), folder, evalperc, seed, topics)
+        # texts come with RankGPT's file: point training at the copies written next to the splits
+        meta["topics"], meta["corpus"] = str(folder / "topics.tsv"), str(folder / "passages.tsv")
+    else:
+        meta["source"] = ds.source("teacher") if objective == "KD" else ds.run(run or next(iter(ds.runs), ""))
+        qrels = read_qrels(meta["qrels"], lenient) if meta["qrels"] else {}
+        counts = preprocess_run(meta["source"], qrels, folder, evalperc, seed, depth, lenient)
+    meta["counts"] = counts
+    write_meta(folder, meta)
+    return folder

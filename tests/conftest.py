@@ -12,7 +12,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DATA = Path(__file__).parent / "data"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the project (found by walking up, so git worktrees nested deeper find it too)
+SHARED_DATA = next((p / "shared" / "data" for p in Path(__file__).resolve().parents if (p / "shared" / "data").is_dir()),
+                   Path(__file__).resolve().parents[2] / "shared" / "data")
 
 # Words the tiny tokenizers know: enough for the hand-written test texts and the demo collection.
 WORDS = """the a of and to in is for on with what how why who are was be by as at from that this it an or

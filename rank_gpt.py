@@ -1,0 +1,28 @@
+#!/usr/bin/env python
+"""Teacher rankings: re-rank a run's top-k with an LLM (RankGPT sliding windows) over any OpenAI-compatible
+chat endpoint (OpenAI, vLLM, ...). The API key is read from $OPENAI_API_KEY (or --api-key-env NAME).
+
+    python rank_gpt.py --dataset msmarco-train --run colbert --k 20 --window 20 \\
+        --model gpt-3.5-turbo -o runs/msmarco-train.rankgpt.run
+
+A killed run resumes where it stopped when started again with the same arguments. See the README,
+"Teacher rankings (rank_gpt.py)", and `crossrank/teacher.py`.
+"""
+import sys
+
+from crossrank.io import CrossrankError
+from crossrank.teacher import format_summary, main as rank_main
+
+
+def main() -> int:
+    try:
+        summary = rank_main(sys.argv[1:])
+    except CrossrankError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""BM25 with PISA: obvious documents come first, runs are written sorted, the index is cached."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from crossrank import bm25, io
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bm25_ranks_the_obvious_document_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(bm25, "INDEXES", tmp_path / "indexes")
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("a\tthe cat sat on the mat\nb\tdogs bark loudly at the postman\n"
+                      "c\tquantum chromodynamics describes quarks and gluons\nd\tthe weather is fine today\n")
+    run = bm25.bm25_run(str(corpus), {"1": "quarks and gluons", "2": "barking dogs", "3": "zebra"}, k=10)
+    assert run["1"][0][0] == "c" and len(run["1"]) == 1
+    assert run["2"][0][0] == "b"  # stemming: barking -> bark
+    assert run["3"] == []  # no match: no result, but the query stays known
+    assert (tmp_path / "indexes").is_dir() and bm25.build_index(str(corpus)).built()
+
+
+def test_index_folder_changes_when_the_corpus_changes(tmp_path):
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("a\tone\n")
+    before = bm25.index_folder(str(corpus))
+    corpus.write_text("a\tone two\n")
+    assert bm25.index_folder(str(corpus)) != before
+
+
+def test_create_bm25_baseline_run_script(tmp_path):
+    corpus, topics = tmp_path / "corpus.tsv", tmp_path / "topics.tsv"
+    corpus.write_text("".join(f"d{i}\tword{i} common text\n" for i in range(30)))
+    topics.write_text("q1\tword7\nq2\tcommon\n")
+    dataset = tmp_path / "tiny.yaml"
+    dataset.write_text(f"name: tiny\ncorpus: {corpus}\ntopics: {topics}\n")
+    out = tmp_path / "tiny.bm25.run"
+    result = subprocess.run(["./create_bm25_baseline_run.sh", "-d", str(dataset), "-k", "5", "-o", str(out)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    run = io.load_run(out)
+    assert run["q1"][0][0] == "d7" and len(run["q2"]) == 5
+    q2 = [line.split() for line in out.read_text().splitlines() if line.startswith("q2 ")]
+    assert [cols[3] for cols in q2] == ["1", "2", "3", "4", "5"]
+    scores = [float(cols[4]) for cols in q2]
+    assert scores == sorted(scores, reverse=True)
+    usage = subprocess.run(["./create_bm25_baseline_run.sh", "-h"], cwd=ROOT, capture_output=True, text=True)
+    assert usage.returncode == 0 and "Usage:" in usage.stdout
+    missing = subprocess.run(["./create_bm25_baseline_run.sh", "-d", str(tmp_path / "nope.yaml")], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "error:" in missing.stderr

@@ -1,0 +1,76 @@
+"""Config: YAML merge order, casting to field types, errors that name the key and the YAML line."""
+from __future__ import annotations
+
+import pytest
+
+from crossrank import config, datasets
+from crossrank.io import CrossrankError
+
+
+def test_defaults_are_the_seed_recipe():
+    cfg = config.load_run_config()
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.train.seed) == (1e-5, 0.01, 10.0, 42)
+    assert (cfg.model.truncation, cfg.model.max_length, cfg.data.num_negatives, cfg.data.depth) == ("pair", 256, 99, 200)
+
+
+def test_merge_order_and_casting(tmp_path):
+    backbone = tmp_path / "b.yaml"
+    backbone.write_text("model:\n  name: electra\n  path: /models/electra\noptim:\n  lr: 1e-4\n")
+    cfg = config.load_run_config([config.CONFIGS / "backbones" / "roberta.yaml", backbone],
+                                 ["optim.lr=1e-5", "optim.warmup_steps=1e3", "eval.metrics=nDCG@10,RR@10",
+                                  "model.gradient_checkpointing=yes"])
+    assert cfg.model.name == "electra" and cfg.model.path == "/models/electra"  # later file wins
+    assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)  # command line wins; "1e-5" cast
+    assert cfg.optim.warmup_steps == 1000 and isinstance(cfg.optim.warmup_steps, int)
+    assert cfg.eval.metrics == ["nDCG@10", "RR@10"] and cfg.model.gradient_checkpointing is True
+    assert config.load(config.OptimConfig, [], ["grad_clip=0"]).grad_clip == 0.0
+
+
+def test_unknown_key_names_the_closest_one_and_the_yaml_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-5\n  weight_decy: 0.1\n")
+    with pytest.raises(CrossrankError) as error:
+        config.load_run_config([path])
+    assert str(error.value) == f"{path}:3: unknown key optim.weight_decy (did you mean optim.weight_decay?)"
+    with pytest.raises(CrossrankError, match=r"command line \(trian.seed=1\): unknown key trian"):
+        config.load_run_config([], ["trian.seed=1"])
+
+
+def test_wrong_type_names_the_yaml_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  seed: 42\n  accumulation: two\n")
+    with pytest.raises(CrossrankError) as error:
+        config.load_run_config([path])
+    assert str(error.value) == f"{path}:3: train.accumulation has the wrong type (expected an integer, got 'two')"
+    with pytest.raises(CrossrankError, match="expected an integer, got 1.5"):
+        config.load_run_config([], ["train.seed=1.5"])
+
+
+def test_validate_checks_cross_field_rules():
+    with pytest.raises(CrossrankError, match=r"model.truncation is invalid \(expected pair or per_field, got 'both'\)"):
+        config.load_run_config([], ["model.truncation=both"])
+
+
+def test_invalid_yaml_and_override_syntax(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: [1\n")
+    with pytest.raises(CrossrankError, match=rf"{path}:\d+: invalid YAML"):
+        config.load_run_config([path])
+    with pytest.raises(CrossrankError, match="is not key=value"):
+        config.load_run_config([], ["optim.lr"])
+
+
+def test_save_round_trip(tmp_path):
+    cfg = config.load_run_config([], ["train.stage=2", "optim.lr=3e-6"])
+    config.save(cfg, tmp_path / "crossrank.yaml")
+    assert config.load(config.RunConfig, [tmp_path / "crossrank.yaml"]) == cfg
+
+
+def test_dataset_configs_resolve_relative_paths_and_runs(tmp_path):
+    demo = datasets.load_dataset("demo-test")
+    assert demo.rel_level == 2 and demo.source("topics") == str(config.ROOT / "data/demo/topics.test.tsv")
+    assert demo.run("bm25") == str(config.ROOT / "runs/demo-test.bm25.run")
+    with pytest.raises(CrossrankError, match="no run 'colbert' \\(expected one of bm25"):
+        demo.run("colbert")
+    with pytest.raises(CrossrankError, match="no config 'nope' \\(expected one of .*demo-test"):
+        datasets.load_dataset("nope")

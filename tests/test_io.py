@@ -1,0 +1,212 @@
+"""Readers and writers: round trips, every malformed-input message, atomic writes, deterministic ties."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from crossrank import io
+from crossrank.io import CrossrankError
+
+from conftest import DATA
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def assert_line_error(read, path: Path, line: int, message: str) -> None:
+    """`read(path)` fails with a message that starts `path:line: message`."""
+    with pytest.raises(CrossrankError) as error:
+        read(path)
+    assert str(error.value).startswith(f"{path}:{line}: {message}")
+
+
+# --- runs ------------------------------------------------------------------------------------------------
+
+
+def test_read_run_streams_file_order():
+    rows = list(io.read_run(DATA / "run.txt"))
+    assert rows[0] == ("q1", "d1", 1, 3.5)
+    assert rows[-1] == ("q2", "d1", 2, -0.5)
+    assert len(rows) == 5
+
+
+def test_load_run_sorts_by_score_with_trec_eval_ties():
+    run = io.load_run(DATA / "run.txt")
+    # d2 and d3 tie at 2.0: trec_eval orders ties by docno descending, so d3 comes before d2
+    assert run["q1"] == [("d1", 3.5), ("d3", 2.0), ("d2", 2.0)]
+    assert io.load_run(DATA / "run.txt", depth=1)["q1"] == [("d1", 3.5)]
+
+
+def test_write_run_round_trip_is_sorted_ranked_and_stable(tmp_path):
+    run = {"10": [("b", 1.0), ("a", 1.0), ("c", 5.0)], "9": [("x", 0.5)]}
+    path = io.write_run(tmp_path / "out.run", run, tag="my tag")
+    lines = path.read_text().splitlines()
+    # numeric qids in numeric order; score desc, ties docno desc; ranks 1..n; tag without spaces
+    assert lines == ["9 Q0 x 1 0.500000 mytag", "10 Q0 c 1 5.000000 mytag", "10 Q0 b 2 1.000000 mytag",
+                     "10 Q0 a 3 1.000000 mytag"]
+    again = io.write_run(tmp_path / "again.run", io.load_run(path), tag="mytag")
+    assert again.read_text() == path.read_text()
+
+
+def test_write_run_agrees_with_ir_measures_on_ties(tmp_path):
+    import ir_measures
+    from ir_measures import P
+
+    # d1 (judged relevant) ties with d2 at the cut-off 1: trec_eval puts d2 first (docno descending)
+    path = io.write_run(tmp_path / "t.run", {"q": [("d1", 1.0), ("d2", 1.0)]})
+    assert path.read_text().splitlines()[0].split()[2] == "d2"
+    qrels = [ir_measures.Qrel("q", "d1", 1)]
+    assert ir_measures.calc_aggregate([P @ 1], qrels, ir_measures.read_trec_run(str(path)))[P @ 1] == 0.0
+
+
+@pytest.mark.parametrize("line, message", [
+    ("q1 Q0 d1 1 2.0", "run line has 5 columns (expected 6: qid Q0 docno rank score tag"),
+    ("q1 Q0 d1 first 2.0 t", "rank is not an integer (expected e.g. 1, got 'first')"),
+    ("q1 Q0 d1 1 high t", "score is not a number (expected e.g. 12.5, got 'high')"),
+    ("q1 Q0 d1 1 nan t", "score is not finite (expected a finite number, got 'nan')"),
+    ("q1 Q0 d0 1 9.0 t", "docno d0 appears twice for query q1"),
+])
+def test_bad_run_line_names_file_and_line(tmp_path, line, message):
+    path = write(tmp_path, "bad.run", f"q1 Q0 d0 1 9.5 t\n{line}\nq1 Q0 d9 3 1.0 t\n")
+    assert_line_error(lambda p: list(io.read_run(p)), path, 2, message)
+
+
+def test_lenient_run_skips_and_reports(tmp_path, capsys):
+    path = write(tmp_path, "bad.run", "q1 Q0 d1 1 1.0 t\nq1 Q0 d2 x 1.0 t\nq1 Q0 d3\nq1 Q0 d4 4 0.5 t\n")
+    assert [r[1] for r in io.read_run(path, lenient=True)] == ["d1", "d4"]
+    err = capsys.readouterr().err
+    assert f"skipped 2 malformed run line(s) in {path}" in err and f"first: {path}:2:" in err
+
+
+def test_empty_run_is_an_error(tmp_path):
+    with pytest.raises(CrossrankError, match="the run is empty"):
+        io.load_run(write(tmp_path, "empty.run", "\n"))
+
+
+def test_missing_file_is_a_crossrank_error(tmp_path):
+    with pytest.raises(CrossrankError, match="no such file"):
+        list(io.read_run(tmp_path / "nope.run"))
+
+
+# --- qrels -----------------------------------------------------------------------------------------------
+
+
+def test_qrels_trec_and_beir_formats():
+    assert io.read_qrels(DATA / "qrels.txt") == {"q1": {"d1": 2, "d3": 0, "d9": 3}, "q2": {"d4": 1}}
+    assert io.read_qrels(DATA / "qrels.beir.tsv") == {"q1": {"d1": 2}, "q2": {"d4": 1}}
+    assert io.read_qrels(DATA / "beir") == {"q1": {"d1": 1}}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("q1 0 d2 high", "relevance is not an integer (expected e.g. 0..3, got 'high')"),
+    ("q1 0 d2 1 extra", "qrels line has 5 columns"),
+    ("q1 0 d1 0", "docno d1 is judged twice for query q1"),
+])
+def test_bad_qrels_line(tmp_path, line, message):
+    assert_line_error(io.read_qrels, write(tmp_path, "bad.qrels", f"q1 0 d1 1\n{line}\n"), 2, message)
+
+
+# --- topics ----------------------------------------------------------------------------------------------
+
+
+def test_topics_tsv_jsonl_trec_and_beir():
+    assert io.read_topics(DATA / "topics.tsv") == {"q1": "what is a cat", "q2": "dogs that bark"}
+    assert io.read_topics(DATA / "beir") == {"q1": "what is a cat"}
+    assert io.read_topics(DATA / "topics.trec.txt") == {"301": "international organized crime",
+                                                        "302": "poliomyelitis and post-polio"}
+
+
+@pytest.mark.parametrize("line, message", [
+    ("q2 no tab here", "topics line has no tab (expected qid<TAB>text"),
+    ("q2\t   ", "empty text for qid q2 (expected non-empty text)"),
+    ("q1\tagain", "qid q1 appears twice"),
+])
+def test_bad_topics_line(tmp_path, line, message):
+    assert_line_error(io.read_topics, write(tmp_path, "bad.tsv", f"q1\tfirst\n{line}\n"), 2, message)
+
+
+# --- corpora ---------------------------------------------------------------------------------------------
+
+
+def test_corpus_tsv_jsonl_and_beir_with_titles():
+    assert dict(io.read_corpus(DATA / "corpus.tsv"))["d4"] == "the dog barks"
+    assert dict(io.read_corpus(DATA / "corpus.jsonl")) == {"d1": "the cat sat on the mat",
+                                                          "d2": "Dogs dogs bark loudly at night"}
+    assert dict(io.read_corpus(DATA / "beir")) == {"d1": "the cat sat on the mat", "d2": "Dogs dogs bark"}
+
+
+def test_load_corpus_keeps_only_wanted_and_reports_missing():
+    assert io.load_corpus(DATA / "corpus.tsv", ["d2", "d4"]) == {"d2": "dogs bark loudly at night",
+                                                                 "d4": "the dog barks"}
+    with pytest.raises(CrossrankError, match=r"2 of 3 docnos are not in the corpus \(e.g. d7, d8\)"):
+        io.load_corpus(DATA / "corpus.tsv", ["d1", "d7", "d8"])
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"docno": "d2", "text": ""}', "empty text for docno d2"),
+    ('{"text": "no id"}', "no id field (expected one of docno, _id, doc_id)"),
+    ('{"docno": "d1", "text": "again"}', "docno d1 appears twice"),
+    ('{"docno": "d3", "text": "broken"', "invalid JSON"),
+])
+def test_bad_jsonl_corpus_line(tmp_path, line, message):
+    path = write(tmp_path, "bad.jsonl", '{"docno": "d1", "text": "fine"}\n' + line + "\n")
+    assert_line_error(lambda p: list(io.read_corpus(p)), path, 2, message)
+
+
+def test_lenient_corpus_skips_empty_text(tmp_path, capsys):
+    path = write(tmp_path, "c.tsv", "d1\tfine\nd2\t\nd3\talso fine\n")
+    assert dict(io.read_corpus(path, lenient=True)) == {"d1": "fine", "d3": "also fine"}
+    assert "skipped 1 malformed corpus line(s)" in capsys.readouterr().err
+
+
+def test_gzipped_files_are_read(tmp_path):
+    import gzip
+
+    path = tmp_path / "corpus.tsv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("d1\tzipped text\n")
+    assert dict(io.read_corpus(path)) == {"d1": "zipped text"}
+
+
+def test_irds_sources_read_through_ir_datasets(tmp_path, shared_data):
+    """vaswani from a copy of the pre-populated offline ir_datasets cache (skips without ../shared/data).
+    In a subprocess: ir_datasets reads IR_DATASETS_HOME when it is first used."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(shared_data / "ir_datasets_home" / "vaswani", tmp_path / "vaswani")
+    code = ("from crossrank import io; t = io.read_topics('irds:vaswani'); q = io.read_qrels('irds:vaswani'); "
+            "d = next(io.read_corpus('irds:vaswani')); print(len(t), sum(map(len, q.values())), d[0], bool(d[1]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "IR_DATASETS_HOME": str(tmp_path)}, cwd=Path(__file__).parent.parent)
+    assert out.stdout.split() == ["93", "2083", "1", "True"]
+
+
+def test_irds_offline_download_failure_is_explained(tmp_path):
+    import subprocess
+    import sys
+
+    code = "from crossrank import io; io.read_topics('irds:cranfield')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "IR_DATASETS_HOME": str(tmp_path)}, cwd=Path(__file__).parent.parent)
+    assert "irds:cranfield: ir_datasets could not download what its cache lacks" in out.stderr
+
+
+# --- atomic writes ---------------------------------------------------------------------------------------
+
+
+def test_atomic_write_leaves_nothing_behind_on_error(tmp_path):
+    target = tmp_path / "run.txt"
+    target.write_text("old content\n")
+    with pytest.raises(RuntimeError):
+        with io.atomic_write(target) as f:
+            f.write("half a file")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old content\n"
+    assert os.listdir(tmp_path) == ["run.txt"]

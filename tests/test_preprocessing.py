@@ -1,0 +1,189 @@
+"""preprocessing: the streaming run reader equals the in-memory reader, the split is deterministic and
+disjoint, RankGPT files are parsed like RankGPT does, and bad runs are reported by line."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crossrank import io, preprocessing
+from crossrank.io import CrossrankError
+from crossrank.preprocessing import QueryCandidates, is_validation, load_split, preprocess_run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_run(path: Path, queries: int = 60, depth: int = 40, seed: int = 0, shuffled: bool = False,
+             ties: bool = True) -> Path:
+    """A run with string and numeric docnos, tied scores and (optionally) lines out of score order."""
+    rng = random.Random(seed)
+    lines = []
+    for q in range(queries):
+        docs = rng.sample(range(10_000), depth)
+        scores = [round(rng.uniform(0, 10), 0 if ties else 6) for _ in docs]  # integer scores: many ties
+        rows = [f"{q * 3} Q0 {'D' if q % 2 else ''}{d} {r + 1} {s} run\n" for r, (d, s) in enumerate(zip(docs, scores))]
+        if shuffled:
+            rng.shuffle(rows)
+        lines += rows
+    path.write_text("".join(lines))
+    return path
+
+
+def as_lists(tables) -> dict[str, list[tuple[str, float]]]:
+    out: dict[str, list[tuple[str, float]]] = {}
+    for table in tables:
+        for qid, docno, score in zip(table["qid"].to_pylist(), table["docno"].to_pylist(), table["score"].to_pylist()):
+            out.setdefault(qid, []).append((docno, score))
+    return out
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_streaming_blocks_equal_the_in_memory_reader(tmp_path, monkeypatch, shuffled):
+    path = make_run(tmp_path / "run.txt", shuffled=shuffled)
+    monkeypatch.setattr(preprocessing, "BLOCK_BYTES", 997)  # many blocks; queries span block boundaries
+    streamed = as_lists(preprocessing.read_run_blocks(path))
+    assert streamed == io.load_run(path)
+
+
+def test_streaming_reads_tabs_gzip_and_parquet(tmp_path):
+    import gzip
+
+    import pandas as pd
+
+    path = make_run(tmp_path / "run.txt", queries=5, depth=7)
+    expected = io.load_run(path)
+    tabbed = tmp_path / "run.tsv"
+    tabbed.write_text(path.read_text().replace(" ", "\t"))
+    zipped = tmp_path / "run.txt.gz"
+    with gzip.open(zipped, "wt") as f:
+        f.write(path.read_text())
+    frame = pd.read_csv(path, sep=" ", header=None, names=["query_id", "q0", "doc_id", "rank", "score", "tag"],
+                        dtype={"query_id": str, "doc_id": str})
+    frame.drop(columns=["q0", "tag"]).to_parquet(tmp_path / "run.parquet")
+    for source in (tabbed, zipped, tmp_path / "run.parquet"):
+        assert as_lists(preprocessing.read_run_blocks(source)) == expected, source
+
+
+def test_preprocess_run_writes_disjoint_deterministic_splits(tmp_path):
+    path = make_run(tmp_path / "run.txt", queries=200, depth=10, ties=False)
+    qrels = {"0": {"999999": 1}, "3": {"x": 0}}
+    counts = preprocess_run(path, qrels, tmp_path / "a", evalperc=20, seed=7, depth=4, progress=False)
+    preprocess_run(path, qrels, tmp_path / "b", evalperc=20, seed=7, depth=4, progress=False)
+    train, valid = load_split(tmp_path / "a", "train"), load_split(tmp_path / "a", "valid")
+    assert {q.qid for q in train}.isdisjoint({q.qid for q in valid})
+    assert len(train) + len(valid) == 200 == counts["train_queries"] + counts["valid_queries"]
+    assert 20 <= len(valid) <= 60  # ~20% of 200 by a seeded hash
+    assert all(q.qid in {q2.qid for q2 in valid} for q in valid if is_validation(q.qid, 20, 7))
+    for split in ("train", "valid"):  # same inputs, same bytes
+        assert (tmp_path / "a" / f"{split}.parquet").read_bytes() == (tmp_path / "b" / f"{split}.parquet").read_bytes()
+    memory = io.load_run(path, depth=4)
+    for query in train + valid:
+        assert query.docnos == [docno for docno, _ in memory[query.qid]]
+        assert query.scores == pytest.approx([score for _, score in memory[query.qid]])
+        assert query.judged == qrels.get(query.qid, {})
+    assert counts["kept_lines"] == 800 and counts["run_lines"] == 2000
+    # another seed gives another split
+    other = {q.qid for q in load_split(tmp_path / "a", "valid")} != {
+        qid for qid in memory if is_validation(qid, 20, 8)}
+    assert other
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1 Q0 a 1 2.0 r\n1 Q0 b 2 1.0 r\n2 Q0 c 1 1.0 r\n1 Q0 d 3 0.5 r\n",
+     ":4: query 1 appears again after other queries"),
+    ("1 Q0 a 1 2.0 r\n1 Q0 b 2 x r\n", ":2: score is not a number"),
+    ("1 Q0 a 1 2.0 r\n1 Q0 b 2 1.0 r\n1 Q0 a 3 0.5 r\n", ":3: docno a appears twice for query 1"),
+    ("1 Q0 7 1 2.0 r\n1 Q0 8 2 1.0 r\n1 Q0 7 3 0.5 r\n", ":3: docno 7 appears twice for query 1"),
+    ("1 Q0 a 1 2.0 r\n1 Q0 b 2 1.0\n", ":2: run line has 5 columns"),
+])
+def test_bad_runs_are_reported_with_their_line(tmp_path, text, message):
+    path = tmp_path / "bad.run"
+    path.write_text(text)
+    with pytest.raises(CrossrankError) as error:
+        list(preprocessing.read_run_blocks(path))
+    assert str(error.value).startswith(f"{path}{message}")
+
+
+def test_numeric_docnos_with_leading_zeros_are_not_duplicates(tmp_path):
+    path = tmp_path / "run.txt"
+    path.write_text("1 Q0 7 1 2.0 r\n1 Q0 007 2 1.0 r\n")
+    assert as_lists(preprocessing.read_run_blocks(path)) == {"1": [("7", 2.0), ("007", 1.0)]}
+
+
+def test_lenient_skips_bad_lines(tmp_path, capsys):
+    path = tmp_path / "bad.run"
+    path.write_text("1 Q0 a 1 2.0 r\n1 Q0 b 2 x r\n1 Q0 c 3 1.0 r\n")
+    assert as_lists(preprocessing.read_run_blocks(path, lenient=True)) == {"1": [("a", 2.0), ("c", 1.0)]}
+    assert "skipped 1 malformed run line(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("answer, order, malformed", [
+    ("[2] > [1] > [3]", [1, 0, 2], False),
+    ("[3] > [3] > [9]", [2, 0, 1], True),  # repeat and out-of-range dropped, missing appended in order
+    ("I cannot rank these passages.", [0, 1, 2], True),
+    ("", [0, 1, 2], True),
+])
+def test_parse_permutation_like_rankgpt(answer, order, malformed):
+    assert preprocessing.parse_permutation(answer, 3) == (order, malformed)
+
+
+def test_rankgpt_files_become_a_kd_folder(tmp_path):
+    items = [{"query_id": "11", "query": "cats", "positive_passages": [{"docid": "p2", "text": "cat text"}],
+              "retrieved_passages": [{"docid": "p1", "rank": 1, "text": "dog text"},
+                                     {"docid": "p2", "rank": 2, "text": "cat text"},
+                                     {"docid": "p3", "rank": 3, "text": "bird  text"}]},
+             {"query": "dogs", "positive_passages": [],
+              "retrieved_passages": [{"docid": "p1", "rank": 1, "text": "dog text"}]}]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(i) + "\n" for i in items))
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["[2] > [3] > [1]", "[1]"]))
+    counts = preprocessing.preprocess_rankgpt(data, answers, tmp_path / "kd", evalperc=0, seed=1,
+                                              topics={"22": "dogs"})
+    assert counts["queries"] == 2 and counts["malformed_answers"] == 0
+    train = {q.qid: q for q in load_split(tmp_path / "kd", "train")}
+    assert train["11"] == QueryCandidates("11", ["p2", "p3", "p1"], [3.0, 2.0, 1.0], {"p2": 1})
+    assert train["22"].docnos == ["p1"]  # qid found from the query text
+    assert io.read_topics(tmp_path / "kd" / "topics.tsv") == {"11": "cats", "22": "dogs"}
+    assert dict(io.read_corpus(tmp_path / "kd" / "passages.tsv"))["p3"] == "bird text"
+
+
+def test_preprocessing_cli_on_the_demo_collection(tmp_path):
+    """End to end on generated data: demo collection -> BM25 (PISA) -> CL and KD folders."""
+    from crossrank import bm25, demo
+    from crossrank.preprocessing import preprocess_run
+
+    demo.generate(tmp_path / "demo")
+    topics = io.read_topics(tmp_path / "demo" / "topics.train.tsv")
+    run = bm25.bm25_run(str(tmp_path / "demo" / "corpus.tsv"), topics, k=50)
+    io.write_run(tmp_path / "bm25.run", run)
+    qrels = io.read_qrels(tmp_path / "demo" / "qrels.train.txt")
+    counts = preprocess_run(tmp_path / "bm25.run", qrels, tmp_path / "CL", evalperc=10, seed=42, progress=False)
+    assert counts["train_queries"] + counts["valid_queries"] == 200
+    assert counts["queries_without_relevant"] == 0
+    dataset = tmp_path / "demo.yaml"
+    dataset.write_text(f"name: t\ncorpus: {tmp_path}/demo/corpus.tsv\ntopics: {tmp_path}/demo/topics.train.tsv\n"
+                       f"qrels: {tmp_path}/demo/qrels.train.txt\nteacher: {tmp_path}/demo/teacher.train.run\n")
+    out = subprocess.run([sys.executable, "preprocessing.py", "--dataset", str(dataset), "--objective", "KD",
+                          "--evalperc", "10", "--out", str(tmp_path / "KD")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    meta = preprocessing.load_meta(tmp_path / "KD")
+    assert meta["objective"] == "KD" and meta["counts"]["kept_lines"] == 200 * 20
+    first = load_split(tmp_path / "KD", "train")[0]
+    assert first.scores == [float(20 - i) for i in range(20)]  # teacher order kept: 20, 19, ..., 1
+
+
+def test_preprocessing_cli_reports_errors_in_one_line(tmp_path):
+    dataset = tmp_path / "d.yaml"
+    bad_run = tmp_path / "bad.run"
+    bad_run.write_text("1 Q0 a 1 2.0 r\n1 Q0 b 2 oops r\n")
+    dataset.write_text(f"name: d\ncorpus: x\ntopics: x\nruns: {{bm25: {bad_run}}}\n")
+    out = subprocess.run([sys.executable, "preprocessing.py", "--dataset", str(dataset), "--out", str(tmp_path / "o")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == f"error: {bad_run}:2: score is not a number (expected e.g. 12.5, got 'oops')"
+    assert not (tmp_path / "o" / "train.parquet").exists()  # nothing half-written

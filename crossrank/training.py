@@ -38,7 +38,7 @@ from crossrank import config as config_io
 from crossrank import naming
 from crossrank.config import ROOT, OptimConfig, RunConfig
 from crossrank.data import PairTokenizer, TrainingData, load_training_data
-from crossrank.io import CrossrankError
+from crossrank.io import CrossrankError, atomic_write
 from crossrank.losses import LOSSES
 from crossrank.models import MonoEncoder, load_tokenizer
 from crossrank.preprocessing import QueryCandidates
@@ -448,7 +448,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop rows logged after the checkpoint (they will be logged again)."""
     if path.is_file():
         rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        from crossrank.io import atomic_write
         with atomic_write(path) as f:
             f.writelines(row + "\n" for row in rows)
 

@@ -123,6 +123,9 @@ def test_resume_after_sigterm_gives_identical_weights(tiny_bert, collection, tmp
     assert (resumed.best_step, resumed.best_metric) == (straight.best_step, straight.best_metric)
     rows = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     assert rows == list(range(1, 13))  # rows logged after the checkpoint were dropped, then logged again
+    changed = config(tiny_bert, collection["CL"], tmp_path / "b", "CL", *steps, "data.num_negatives=5")
+    with pytest.raises(CrossrankError, match=r"checkpoint was trained with other settings \(data.num_negatives\)"):
+        train(changed)
 
 
 def test_two_process_ddp_matches_one_process(quiet_bert, collection, tmp_path):

@@ -126,6 +126,9 @@ def train(cfg: RunConfig) -> TrainState:
     if cfg.train.loss not in LOSSES:
         raise CrossrankError(f"config: train.loss is unknown (expected one of {', '.join(LOSSES)}, "
                              f"got {cfg.train.loss!r})")
+    if cfg.model.kind != "mono":  # the Set-Encoder scores whole lists: its inputs and forward differ
+        raise CrossrankError(f"config: model.kind={cfg.model.kind} is not trained by this loop yet "
+                             f"(expected mono)")
     if cfg.train.accumulation % ddp.world:
         raise CrossrankError(f"config: train.accumulation={cfg.train.accumulation} is not divisible by the "
                              f"{ddp.world} processes (expected a multiple; the global batch is "
@@ -178,88 +181,88 @@ def train(cfg: RunConfig) -> TrainState:
               f"{len(valid)} validation queries, {total_steps} steps of {global_queries} queries, "
               f"{ddp.world} process(es) on {ddp.device}" + (f", resuming at step {state.step}" if resume else ""))
     reporters = _open_reporters(cfg, folder) if ddp.is_main else []
-    interrupted = _catch_signals()
 
     # --- loop -------------------------------------------------------------------------------------------
-    model.train()
-    progress = tqdm(total=total_steps, initial=state.step, disable=not ddp.is_main, desc="train", unit="step")
-    window = {"loss": 0.0, "pairs": 0, "time": 0.0, "steps": 0}
-    while state.step < total_steps:
-        started = time.perf_counter()
-        lr = lr_at(state.step, cfg.optim, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum, pair_count = torch.zeros((), device=ddp.device), 0
-        for micro in range(micro_steps):
-            # micro-batches are interleaved over processes: the step's examples are the same for any world size
-            start = state.cursor + (micro * ddp.world + ddp.rank) * cfg.train.queries_per_batch
-            batch = data.batch(start, cfg.train.queries_per_batch, pairs)
-            mask, targets = batch.mask.to(ddp.device), batch.targets.to(ddp.device)
-            last = micro == micro_steps - 1
-            with (model.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext()), autocast:
-                flat = model(**{k: v.to(ddp.device) for k, v in batch.inputs.items()})  # [N]
-                scores = flat.float().new_zeros(mask.shape).masked_scatter(mask, flat.float())  # [Q, D]
-                loss = loss_fn(scores, targets, mask)
-                scaler.scale(loss / micro_steps).backward()
-            loss_sum += loss.detach() / micro_steps
-            pair_count += batch.num_pairs
-        # one collective per step: mean loss, pairs, and whether any process was asked to stop
-        flags = torch.stack([loss_sum, torch.tensor(float(pair_count), device=ddp.device),
-                             torch.tensor(float(interrupted["signal"] is not None), device=ddp.device)])
-        if ddp.world > 1:
-            dist.all_reduce(flags)
-        step_loss, stop = flags[0].item() / ddp.world, flags[2].item() > 0
-        if not math.isfinite(step_loss):
-            raise CrossrankError(f"step {state.step + 1}: the loss is {step_loss} (training diverged; the last "
-                                 f"checkpoint is intact: lower optim.lr (now {cfg.optim.lr:g}), keep "
-                                 f"optim.grad_clip, or use train.precision=fp32)")
-        if cfg.optim.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.cursor += global_queries
-        progress.update(1)
+    with _signals_caught() as interrupted:
+        model.train()
+        progress = tqdm(total=total_steps, initial=state.step, disable=not ddp.is_main, desc="train", unit="step")
+        window = {"loss": 0.0, "pairs": 0, "time": 0.0, "steps": 0}
+        while state.step < total_steps:
+            started = time.perf_counter()
+            lr = lr_at(state.step, cfg.optim, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, pair_count = torch.zeros((), device=ddp.device), 0
+            for micro in range(micro_steps):
+                # micro-batches are interleaved over processes: the step's examples are the same for any world size
+                start = state.cursor + (micro * ddp.world + ddp.rank) * cfg.train.queries_per_batch
+                batch = data.batch(start, cfg.train.queries_per_batch, pairs)
+                mask, targets = batch.mask.to(ddp.device), batch.targets.to(ddp.device)
+                last = micro == micro_steps - 1
+                with (model.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext()), autocast:
+                    flat = model(**{k: v.to(ddp.device) for k, v in batch.inputs.items()})  # [N]
+                    scores = flat.float().new_zeros(mask.shape).masked_scatter(mask, flat.float())  # [Q, D]
+                    loss = loss_fn(scores, targets, mask)
+                    scaler.scale(loss / micro_steps).backward()
+                loss_sum += loss.detach() / micro_steps
+                pair_count += batch.num_pairs
+            # one collective per step: mean loss, pairs, and whether any process was asked to stop
+            flags = torch.stack([loss_sum, torch.tensor(float(pair_count), device=ddp.device),
+                                 torch.tensor(float(interrupted["signal"] is not None), device=ddp.device)])
+            if ddp.world > 1:
+                dist.all_reduce(flags)
+            step_loss, stop = flags[0].item() / ddp.world, flags[2].item() > 0
+            if not math.isfinite(step_loss):
+                raise CrossrankError(f"step {state.step + 1}: the loss is {step_loss} (training diverged; the last "
+                                     f"checkpoint is intact: lower optim.lr (now {cfg.optim.lr:g}), keep "
+                                     f"optim.grad_clip, or use train.precision=fp32)")
+            if cfg.optim.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.cursor += global_queries
+            progress.update(1)
 
-        window["loss"] += step_loss
-        window["pairs"] += int(flags[1].item())
-        window["time"] += time.perf_counter() - started
-        window["steps"] += 1
-        if ddp.is_main and (state.step % cfg.train.log_every == 0 or state.step == total_steps):
-            row = {"step": state.step, "epoch": round(state.cursor / len(data), 4), "lr": lr,
-                   "loss": window["loss"] / window["steps"], "pairs_per_s": window["pairs"] / window["time"]}
-            _log(folder, row, reporters)
-            progress.set_postfix(loss=f"{row['loss']:.4f}")
-            window = dict.fromkeys(window, 0)
+            window["loss"] += step_loss
+            window["pairs"] += int(flags[1].item())
+            window["time"] += time.perf_counter() - started
+            window["steps"] += 1
+            if ddp.is_main and (state.step % cfg.train.log_every == 0 or state.step == total_steps):
+                row = {"step": state.step, "epoch": round(state.cursor / len(data), 4), "lr": lr,
+                       "loss": window["loss"] / window["steps"], "pairs_per_s": window["pairs"] / window["time"]}
+                _log(folder, row, reporters)
+                progress.set_postfix(loss=f"{row['loss']:.4f}")
+                window = dict.fromkeys(window, 0)
 
-        done = state.step == total_steps
-        if valid and (state.step % cfg.train.eval_every == 0 or done):
-            value = evaluate(raw_model, pairs, valid, data, cfg, ddp, autocast)
-            model.train()
-            if ddp.is_main:
-                _log(folder, {"step": state.step, f"valid_{cfg.train.select_metric}": value}, reporters)
-            if value > state.best_metric:
-                state.best_metric, state.best_step = value, state.step
+            done = state.step == total_steps
+            if valid and (state.step % cfg.train.eval_every == 0 or done):
+                value = evaluate(raw_model, pairs, valid, data, cfg, ddp, autocast)
+                model.train()
                 if ddp.is_main:
-                    save_model(raw_model, tokenizer, cfg, folder / "model", state)
-        if done and not valid and ddp.is_main:  # nothing to select by: the last weights are the model
-            state.best_step = state.step
-            save_model(raw_model, tokenizer, cfg, folder / "model", state)
-        state.finished = done
-        if done or stop or state.step % cfg.train.save_every == 0:
-            state.rng = _gather_rng(ddp)
-            if ddp.is_main:
-                save_checkpoint(raw_model, tokenizer, optimizer, scaler, cfg, state, folder / "checkpoint")
-                _plot(folder, cfg.train.select_metric)
-        if stop and not done:
-            if ddp.is_main:
-                print(f"\ninterrupted by {interrupted['signal']} at step {state.step}: checkpoint saved in "
-                      f"{folder / 'checkpoint'}; rerun the same command to resume")
-            break
-    progress.close()
-    _restore_signals(interrupted)
+                    _log(folder, {"step": state.step, f"valid_{cfg.train.select_metric}": value}, reporters)
+                if value > state.best_metric:
+                    state.best_metric, state.best_step = value, state.step
+                    if ddp.is_main:
+                        save_model(raw_model, tokenizer, cfg, folder / "model", state)
+            if done and not valid and ddp.is_main:  # nothing to select by: the last weights are the model
+                state.best_step = state.step
+                save_model(raw_model, tokenizer, cfg, folder / "model", state)
+            state.finished = done
+            if done or stop or state.step % cfg.train.save_every == 0:
+                state.rng = _gather_rng(ddp)
+                if ddp.is_main:
+                    save_checkpoint(raw_model, tokenizer, optimizer, scaler, cfg, state, folder / "checkpoint")
+                    _plot(folder, cfg.train.select_metric)
+            if stop and not done:
+                if ddp.is_main:
+                    print(f"\ninterrupted by {interrupted['signal'] or 'a signal to another process'} at step "
+                          f"{state.step}: checkpoint saved in "
+                          f"{folder / 'checkpoint'}; rerun the same command to resume")
+                break
+        progress.close()
     for reporter in reporters:
         reporter.close()
     if ddp.is_main and state.finished:
@@ -426,22 +429,21 @@ def _set_rng(states: list, ddp: Distributed) -> None:
         torch.cuda.set_rng_state(mine["cuda"].cpu(), ddp.device)
 
 
-def _catch_signals() -> dict:
+@contextlib.contextmanager
+def _signals_caught():
     """SIGTERM/SIGUSR1 (SLURM preemption, torchrun shutdown) set a flag; the loop checkpoints and stops at the
-    end of the current step."""
-    flag = {"signal": None, "previous": {}}
+    end of the current step. The previous handlers come back however the loop ends."""
+    flag = {"signal": None}
 
     def handler(signum, frame):
         flag["signal"] = signal.Signals(signum).name
 
-    for sig in INTERRUPTING_SIGNALS:
-        flag["previous"][sig] = signal.signal(sig, handler)
-    return flag
-
-
-def _restore_signals(flag: dict) -> None:
-    for sig, previous in flag["previous"].items():
-        signal.signal(sig, previous)
+    previous = {sig: signal.signal(sig, handler) for sig in INTERRUPTING_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -150,7 +150,8 @@ def test_two_process_ddp_matches_one_process(quiet_bert, collection, tmp_path):
 
 
 def test_stage2_lookup_finds_the_right_folder_and_fails_clearly(tmp_path):
-    for name in ("tiny.CL.f1.lr1e-05.s42", "tiny.KD.f1.lr1e-05.s42", "tiny.CL.f1.lr2e-05.s7", "other.CL.f1.lr1e-05.s42"):
+    for name in ("tiny.CL.f1.lr1e-05.s42", "tiny.KD.f1.lr1e-05.s42", "tiny.CL.f1.lr2e-05.s7",
+                 "other.CL.f1.lr1e-05.s42"):
         (tmp_path / name / "model").mkdir(parents=True)
 
     def cfg(*overrides):
@@ -158,13 +159,15 @@ def test_stage2_lookup_finds_the_right_folder_and_fails_clearly(tmp_path):
 
     assert initial_weights(cfg("train.objective=KD")) == str(tmp_path / "tiny.CL.f1.lr1e-05.s42" / "model")
     assert initial_weights(cfg("train.objective=CL")) == str(tmp_path / "tiny.KD.f1.lr1e-05.s42" / "model")
-    assert initial_weights(cfg("train.objective=KD", "train.seed=7")) == str(tmp_path / "tiny.CL.f1.lr2e-05.s7" / "model")
+    seven = initial_weights(cfg("train.objective=KD", "train.seed=7"))
+    assert seven == str(tmp_path / "tiny.CL.f1.lr2e-05.s7" / "model")
     with pytest.raises(CrossrankError, match=r"no checkpoint matching tiny\.CL\.f1\.\* seed=3 .*there: other\.CL"):
         initial_weights(cfg("train.objective=KD", "train.seed=3"))
     with pytest.raises(CrossrankError, match=r"no checkpoint matching tiny\.KD\.f1\."):
         initial_weights(cfg("train.objective=CL", "train.previous=KD", "train.seed=7"))
     (tmp_path / "tiny.CL.f1.lr3e-05.s42" / "model").mkdir(parents=True)
-    with pytest.raises(CrossrankError, match=r"2 checkpoints \(tiny\.CL\.f1\.lr1e-05\.s42, tiny\.CL\.f1\.lr3e-05\.s42\)"):
+    two = r"2 checkpoints \(tiny\.CL\.f1\.lr1e-05\.s42, tiny\.CL\.f1\.lr3e-05\.s42\)"
+    with pytest.raises(CrossrankError, match=two):
         initial_weights(cfg("train.objective=KD"))
     assert initial_weights(cfg("train.objective=KD", "train.previous_lr=3e-5")).endswith("lr3e-05.s42/model")
 

@@ -234,7 +234,9 @@ def _raw_blocks(path: Path) -> "Iterator[pa.Table]":
 
 
 def _parquet_blocks(path: Path) -> "Iterator[pa.Table]":
-    """Parquet runs in long format, one row per (query, document), under common column names."""
+    """Parquet runs in long format, one row per (query, document), under the column names webis'
+    lightning-ir reads (query: qid, query_id, query-id; passage: docno, doc_id, docid, corpus-id; rank and/or
+    score)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -251,7 +253,7 @@ def _parquet_blocks(path: Path) -> "Iterator[pa.Table]":
     if found["score"] is None and found["rank"] is None:
         raise CrossrankError(f"{path}: parquet run has neither a score nor a rank column")
     for batch in file.iter_batches(batch_size=1 << 20):
-        if found["score"] is not None:
+        if found["score"] is not None:  # as trec_eval does with TREC runs, the score decides the order
             score = batch[found["score"]].cast(pa.float64())
         else:  # a ranking without scores: better ranks get higher scores
             score = pc.negate(batch[found["rank"]].cast(pa.float64()))

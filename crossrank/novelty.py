@@ -1,0 +1,150 @@
+"""Redundancy-aware pieces of Set-Encoder training and evaluation (Schlatt et al., ECIR 2025, arXiv:2404.06912):
+
+- stage 1's auxiliary task: a list holds one duplicated passage; `duplicate_targets` marks the passages that
+  have a copy in their list, `duplicate_bce` is the loss of the model's duplicate head;
+- the novelty variant: passages of a query are clustered by the Jaccard distance of their word sets
+  (`cluster_passages`); `na_rank_net` (Novelty-Aware RankNet) lets only the best-scored member of each cluster
+  keep the cluster's best teacher target; `alpha_ndcg` evaluates with the clusters as subtopics.
+
+Losses are functions on tensors (`scores`, `targets`, `mask`, all [Q, D]; mask False = padding) to a scalar.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Collection, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
+from torch import Tensor
+
+from crossrank.io import CrossrankError
+
+WORD = re.compile(r"\w+")
+
+
+# --- stage 1: duplicate detection -------------------------------------------------------------------------
+
+def add_duplicate(docnos: Sequence[str], rng: random.Random) -> list[str]:
+    """A copy of one random passage inserted at a random place of the list (the stage-1 recipe: n sampled
+    passages + 1 duplicate). The Set-Encoder sees no list positions, so the place only matters for padding."""
+    if not docnos:
+        raise CrossrankError("add_duplicate: empty passage list (expected at least one docno)")
+    docnos = list(docnos)
+    docnos.insert(rng.randrange(len(docnos) + 1), rng.choice(docnos))
+    return docnos
+
+
+def duplicate_targets(lists: Sequence[Sequence[str]], width: int | None = None) -> Tensor:
+    """[Q, D] float targets of the duplicate head: 1 for every passage whose docno (or text) occurs more than once
+    in its own list (both copies: the model cannot tell which one is "the" copy), else 0; 0 at padding.
+    `width` = D (default: the longest list)."""
+    width = max((len(docnos) for docnos in lists), default=0) if width is None else width
+    targets = torch.zeros(len(lists), width)
+    for q, docnos in enumerate(lists):
+        if len(docnos) > width:
+            raise CrossrankError(f"duplicate_targets: list {q} has {len(docnos)} passages (expected <= {width})")
+        for d, docno in enumerate(docnos):
+            targets[q, d] = float(docnos.count(docno) > 1)
+    return targets
+
+
+def duplicate_bce(scores: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Binary cross-entropy of the duplicate head: mean over unmasked passages of
+    -[t log sigmoid(s) + (1 - t) log(1 - sigmoid(s))]. scores = duplicate logits, targets in {0, 1}, mask; all
+    [Q, D]. Schlatt et al., ECIR 2025 (arXiv:2404.06912), stage 1."""
+    mask = mask.bool()
+    return F.binary_cross_entropy_with_logits(scores[mask], targets[mask].to(scores.dtype))
+
+
+# --- the novelty variant -----------------------------------------------------------------------------------
+
+def cluster_passages(texts: Sequence[str], threshold: float = 0.5) -> list[int]:
+    """Cluster the passages of one query: agglomerative, complete linkage, Jaccard distance of lower-cased word
+    sets (`\\w+`); clusters are merged while their distance is below `threshold` (strictly, like
+    scikit-learn's `distance_threshold`), so every pair inside a cluster is closer than `threshold`.
+    Returns one label per passage, numbered 0, 1, ... by first appearance. Two empty passages are duplicates."""
+    if len(texts) < 2:
+        return [0] * len(texts)
+    words = [set(WORD.findall(text.lower())) for text in texts]
+    vocabulary = {w: i for i, w in enumerate(sorted(set().union(*words)))}
+    sets = np.zeros((len(texts), max(len(vocabulary), 1)), dtype=bool)  # [D, V]
+    for row, ws in enumerate(words):
+        sets[row, [vocabulary[w] for w in ws]] = True
+    tree = linkage(pdist(sets, "jaccard"), method="complete")
+    raw = fcluster(tree, t=np.nextafter(threshold, -np.inf), criterion="distance")
+    renumber: dict[int, int] = {}
+    return [renumber.setdefault(int(c), len(renumber)) for c in raw]
+
+
+def novelty_targets(scores: Tensor, targets: Tensor, clusters: Tensor, mask: Tensor) -> Tensor:
+    """Novelty-aware targets: in every cluster only the member the model scores highest (the first on ties) keeps
+    the cluster's best target; the other members get 0, so ranking a near-duplicate high is a mistake.
+    scores, targets [Q, D] float, clusters [Q, D] long (labels per query, any value at padding), mask [Q, D].
+    Returns [Q, D] targets (0 at padding); no gradient flows through `scores`."""
+    mask = mask.bool()
+    clusters = torch.where(mask, clusters, 0).long()  # [Q, D]
+    K = int(clusters.max()) + 1 if clusters.numel() else 1
+    member = F.one_hot(clusters, K).bool() & mask[..., None]  # [Q, D, K]
+    low = torch.finfo(torch.float32).min
+    best = targets.float()[..., None].masked_fill(~member, low).amax(1)  # [Q, K] best target of each cluster
+    winner = scores.detach().float()[..., None].masked_fill(~member, low).argmax(1)  # [Q, K] first top-scored
+    is_winner = winner.gather(1, clusters) == torch.arange(clusters.shape[1], device=clusters.device)  # [Q, D]
+    return torch.where(is_winner & mask, best.gather(1, clusters), 0.0).to(targets.dtype)  # [Q, D]
+
+
+def rank_net_pairs(scores: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """RankNet (Burges et al., ICML 2005): mean over unmasked pairs (i, j) of one query with t_i > t_j of
+    log(1 + exp(s_j - s_i)); 0 if there is no such pair. All [Q, D]; mask False = padding."""
+    mask = mask.bool()
+    pairs = (targets[:, :, None] > targets[:, None, :]) & mask[:, :, None] & mask[:, None, :]  # [Q, D, D]
+    if not pairs.any():
+        return scores.sum() * 0.0
+    return F.softplus(scores[:, None, :] - scores[:, :, None])[pairs].mean()  # softplus(s_j - s_i)
+
+
+def na_rank_net(scores: Tensor, targets: Tensor, mask: Tensor, clusters: Tensor) -> Tensor:
+    """Novelty-Aware RankNet (Schlatt et al., ECIR 2025, arXiv:2404.06912): RankNet on `novelty_targets`, i.e.
+    per cluster only the highest-scored member keeps the cluster's best teacher target, the others get 0.
+    scores, targets (e.g. 101 - teacher rank), mask and clusters (from `cluster_passages`): all [Q, D]."""
+    return rank_net_pairs(scores, novelty_targets(scores, targets, clusters, mask), mask)
+
+
+def subtopic_qrels(qrels: Mapping[str, int], clusters: Mapping[str, int], min_rel: int = 1) -> dict[str, set[int]]:
+    """Cluster "subtopic" qrels of one query: a judged passage with rel >= `min_rel` covers one subtopic, its
+    cluster; other passages cover none. Passages without a cluster label (not clustered) are left out."""
+    return {docno: {clusters[docno]} for docno, rel in qrels.items() if rel >= min_rel and docno in clusters}
+
+
+def alpha_ndcg(ranking: Sequence[str], subtopics: Mapping[str, Collection], alpha: float = 0.99,
+               k: int = 10) -> float:
+    """α-nDCG@k (Clarke et al., SIGIR 2008) of one query: the gain at rank r is sum over the subtopics s of
+    the passage of (1 - α)^(number of passages above r that cover s), discounted by 1 / log2(r + 1); normalised
+    by the same sum for the greedy ideal ranking of all passages in `subtopics` (the usual approximation, as
+    in ndeval). `ranking` = docnos best first; `subtopics` = docno -> subtopics it covers. 0 if nothing covers
+    any subtopic."""
+    def dcg(docnos: Sequence[str]) -> float:
+        seen: dict = {}
+        total = 0.0
+        for r, docno in enumerate(docnos[:k], start=1):
+            covered = subtopics.get(docno, ())
+            total += sum((1 - alpha) ** seen.get(s, 0) for s in covered) / math.log2(r + 1)
+            for s in covered:
+                seen[s] = seen.get(s, 0) + 1
+        return total
+
+    ideal: list[str] = []
+    pool = sorted(d for d, s in subtopics.items() if s)
+    seen: dict = {}
+    while pool and len(ideal) < k:
+        best = max(pool, key=lambda d: sum((1 - alpha) ** seen.get(s, 0) for s in subtopics[d]))
+        pool.remove(best)
+        ideal.append(best)
+        for s in subtopics[best]:
+            seen[s] = seen.get(s, 0) + 1
+    top = dcg(ideal)
+    return dcg(ranking) / top if top > 0 else 0.0

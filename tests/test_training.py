@@ -197,3 +197,23 @@ def test_constant_validation_scores_stop_the_run(tiny_bert, collection, tmp_path
     cfg = config(model, collection["CL"], tmp_path, "CL", "optim.lr=1e-12", "train.max_steps=1")
     with pytest.raises(CrossrankError, match=r"validation: all \d+ scores are .* \(the model collapsed"):
         train(cfg)
+
+
+def test_lr_schedule_warmup_then_constant_or_linear_decay():
+    from crossrank.config import OptimConfig
+    from crossrank.training import lr_at
+
+    constant = OptimConfig(lr=1.0, warmup_steps=4, schedule="constant")
+    assert [lr_at(s, constant, 10) for s in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    linear = OptimConfig(lr=1.0, warmup_steps=2, schedule="linear")
+    assert [lr_at(s, linear, 10) for s in (0, 1, 2, 6, 9)] == [0.5, 1.0, 1.0, 0.5, 0.125]
+
+
+def test_train_py_reports_bad_input_in_one_line_and_exits_2(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), f"data.train={tmp_path / 'nowhere'}"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere' / 'meta.yaml'}: no such file "
+                                                f"(run preprocessing.py for this dataset and objective first)"]
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "train.los=lce"], capture_output=True, text=True)
+    assert done.returncode == 2 and "did you mean train.loss?" in done.stderr

@@ -199,10 +199,11 @@ def train(cfg: RunConfig) -> TrainState:
                 batch = data.batch(start, cfg.train.queries_per_batch, pairs)
                 mask, targets = batch.mask.to(ddp.device), batch.targets.to(ddp.device)
                 last = micro == micro_steps - 1
-                with (model.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext()), autocast:
-                    flat = model(**{k: v.to(ddp.device) for k, v in batch.inputs.items()})  # [N]
-                    scores = flat.float().new_zeros(mask.shape).masked_scatter(mask, flat.float())  # [Q, D]
-                    loss = loss_fn(scores, targets, mask)
+                with model.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext():
+                    with autocast:  # the forward only; backward runs in the dtypes autocast chose
+                        flat = model(**{k: v.to(ddp.device) for k, v in batch.inputs.items()})  # [N]
+                        scores = flat.float().new_zeros(mask.shape).masked_scatter(mask, flat.float())  # [Q, D]
+                        loss = loss_fn(scores, targets, mask)
                     scaler.scale(loss / micro_steps).backward()
                 loss_sum += loss.detach() / micro_steps
                 pair_count += batch.num_pairs
@@ -259,8 +260,8 @@ def train(cfg: RunConfig) -> TrainState:
             if stop and not done:
                 if ddp.is_main:
                     print(f"\ninterrupted by {interrupted['signal'] or 'a signal to another process'} at step "
-                          f"{state.step}: checkpoint saved in "
-                          f"{folder / 'checkpoint'}; rerun the same command to resume")
+                          f"{state.step}: checkpoint saved in {folder / 'checkpoint'}; rerun the same command "
+                          f"to resume")
                 break
         progress.close()
     for reporter in reporters:

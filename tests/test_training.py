@@ -3,6 +3,7 @@ stage 2 finds its stage-1 model, and divergence or collapse stops the run with a
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -217,3 +218,12 @@ def test_train_py_reports_bad_input_in_one_line_and_exits_2(tmp_path):
                                                 f"(run preprocessing.py for this dataset and objective first)"]
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), "train.los=lce"], capture_output=True, text=True)
     assert done.returncode == 2 and "did you mean train.loss?" in done.stderr
+
+
+@pytest.mark.parametrize("loss", ["lce", "bce", "rank_net", "list_net", "adr_mse", "margin_mse"])
+def test_every_loss_trains_in_the_loop(quiet_bert, collection, tmp_path, loss):
+    targets = "teacher_score" if loss == "margin_mse" else "teacher_rank"
+    state = train(config(quiet_bert, collection["KD"], tmp_path, "KD", f"train.loss={loss}", f"data.targets={targets}",
+                         "data.depth=8", "train.max_steps=2", "train.accumulation=1"))
+    rows = [json.loads(line) for line in (tmp_path / "tiny.KD.f1.lr0.003.s42" / "metrics.jsonl").open()]
+    assert state.finished and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows if "loss" in r)

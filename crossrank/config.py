@@ -219,8 +219,10 @@ class DataConfig:
     sampling: str = "single_relevant"  # single_relevant | top | random | log_random
     num_negatives: int = 99
     depth: int = 200  # how deep into the first-stage run negatives are drawn from
-    targets: str = "relevance"  # relevance | teacher_rank | teacher_score
+    targets: str = "relevance"  # relevance | teacher_rank (depth + 1 - rank) | teacher_score
     num_workers: int = 0
+    # single_relevant counts a passage as relevant from qrels grade 1 up (crossrank.data.is_relevant); the
+    # example stream is a function of train.seed and the cursor only, so a resumed run sees the same examples
 
 
 @dataclasses.dataclass
@@ -229,7 +231,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 0
     schedule: str = "constant"  # constant | linear (warm up, then decay to 0)
-    grad_clip: float = 10.0
+    grad_clip: float = 10.0  # max global gradient norm; 0 = no clipping
 
 
 @dataclasses.dataclass
@@ -238,15 +240,21 @@ class TrainConfig:
     objective: str = "CL"  # CL | KD | BCE
     previous: str = ""  # objective of the stage-1 model a stage-2 run starts from (default: the other one)
     loss: str = "lce"  # a key of crossrank.losses.LOSSES
-    queries_per_batch: int = 4
-    accumulation: int = 4
+    queries_per_batch: int = 4  # per process and micro-step (-b)
+    accumulation: int = 4  # micro-steps per optimiser step over all processes (divided by the number of GPUs)
     epochs: int = 1
     max_steps: int = 0  # optimiser steps; 0 = epochs decide
     seed: int = 42
-    precision: str = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
-    eval_every: int = 500
-    save_every: int = 500
-    output_dir: str = ""  # default: models/<name>.<objectives>.f<stage>.lr<lr>.s<seed>
+    precision: str = "bf16"  # bf16 | fp16 (with a gradient scaler) | fp32: autocast on CUDA; CPU runs fp32
+    eval_every: int = 500  # optimiser steps between validations (and at the end)
+    save_every: int = 500  # optimiser steps between resumable checkpoints (and on SIGTERM/SIGUSR1, at the end)
+    log_every: int = 10  # optimiser steps between metrics.jsonl rows
+    select_metric: str = "nDCG@10"  # ir_measures measure that picks the best checkpoint on validation
+    models_dir: str = "models"  # where run folders are written and stage-1 models are looked up
+    output_dir: str = ""  # default: <models_dir>/<name>.<objectives>.f<stage>.lr<lr>.s<seed>
+    init_from: str = ""  # stage 2: start from this model folder instead of looking the stage-1 one up
+    previous_lr: float = 0.0  # stage 2: the stage-1 run's lr, when several stage-1 runs match (0 = any)
+    report_to: list[str] = dataclasses.field(default_factory=list)  # tensorboard and/or wandb (if installed)
 
 
 @dataclasses.dataclass
@@ -284,6 +292,16 @@ class RunConfig:
             (self.train.queries_per_batch > 0, "train.queries_per_batch", "a positive integer",
              self.train.queries_per_batch),
             (self.train.accumulation > 0, "train.accumulation", "a positive integer", self.train.accumulation),
+            (self.train.precision in ("bf16", "fp16", "fp32"), "train.precision", "bf16, fp16 or fp32",
+             self.train.precision),
+            (self.data.sampling in ("single_relevant", "top", "random", "log_random"), "data.sampling",
+             "single_relevant, top, random or log_random", self.data.sampling),
+            (self.data.targets in ("relevance", "teacher_rank", "teacher_score"), "data.targets",
+             "relevance, teacher_rank or teacher_score", self.data.targets),
+            (self.optim.schedule in ("constant", "linear"), "optim.schedule", "constant or linear",
+             self.optim.schedule),
+            (set(self.train.report_to) <= {"tensorboard", "wandb"}, "train.report_to",
+             "a list of tensorboard, wandb", self.train.report_to),
         ]
         for ok, key, expected, got in checks:
             if not ok:

@@ -1,16 +1,24 @@
 """Turning texts into model inputs: per-pair or per-field truncation, and padding into batches.
 
-Training examples (sampling negatives from runs, teacher targets) are built on top of these helpers.
+Training examples (sampling candidates from a preprocessed run, targets from qrels or a teacher) are built
+on top of these helpers, below.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
+import random
+from pathlib import Path
 
 import torch
 from tokenizers import Encoding
 from transformers import PreTrainedTokenizerBase
 
-from crossrank.config import ModelConfig
+from crossrank.config import ROOT, DataConfig, ModelConfig, RunConfig
+from crossrank.datasets import resolve_source
+from crossrank.io import CrossrankError, load_corpus, read_topics
+from crossrank.preprocessing import QueryCandidates, load_meta, load_split
 
 Pair = tuple[list[int], list[int]]  # (input_ids, token_type_ids) of one (query, passage) sequence
 
@@ -74,3 +82,174 @@ class PairTokenizer:
 
     def __call__(self, queries: list[str], passages: list[str]) -> dict[str, torch.Tensor]:
         return self.pad(self.encode(queries, passages))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training examples: which candidates of a query are scored together, and their targets.
+#
+# The stream of examples is a function of (seed, position) only: position i is query
+# `order(epoch)[i % n]` of epoch `i // n`, and the candidates drawn for it come from a generator seeded with
+# (seed, epoch, qid). A run that resumes at position i therefore sees exactly the examples an uninterrupted
+# run would have seen, with no sampler state to save beyond the integer cursor.
+
+SAMPLINGS = ("single_relevant", "top", "random", "log_random")
+TARGETS = ("relevance", "teacher_rank", "teacher_score")
+
+
+@dataclasses.dataclass
+class Example:
+    """One query's candidates to score together, and a target per candidate (higher = better)."""
+
+    qid: str
+    docnos: list[str]
+    targets: list[float]
+
+
+@dataclasses.dataclass
+class Batch:
+    """Tokenised examples. Only real pairs are encoded: `inputs` has one row per True entry of `mask`, in
+    row-major (query, candidate) order, so `scores[mask] = model(**inputs)` fills the [Q, D] score matrix."""
+
+    inputs: dict[str, torch.Tensor]  # [N, L], N = mask.sum()
+    targets: torch.Tensor  # [Q, D] float
+    mask: torch.Tensor  # [Q, D] bool, False = padding (a query with fewer than D candidates)
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.mask.sum())
+
+
+def is_relevant(rel: int) -> bool:
+    """A judged passage counts as relevant for sampling from grade 1 up (MS MARCO's qrels are all 1; on graded
+    TREC-style qrels grade 1, "related", counts too, as in the seed's code, which tests rel > 0)."""
+    return rel >= 1
+
+
+def sample_candidates(query: QueryCandidates, data: DataConfig, rng: random.Random) -> list[int] | None:
+    """Positions (into `query.docnos`) of the candidates of one example; None if the query cannot give one.
+
+    single_relevant  1 random relevant passage from the top `depth` + `num_negatives` random non-relevant ones
+                     from the top `depth` (unjudged counts as non-relevant); the relevant one comes first
+    top              the top `num_negatives + 1` candidates (e.g. a teacher's whole top-20)
+    random           `num_negatives + 1` uniformly random candidates from the top `depth`, in rank order
+    log_random       the same, drawn with weight 1 / log2(rank + 1), so higher-ranked ones are favoured
+    """
+    depth = min(data.depth, len(query.docnos))
+    want = data.num_negatives + 1
+    if data.sampling == "single_relevant":
+        rels = [is_relevant(query.judged.get(d, 0)) for d in query.docnos[:depth]]
+        relevant = [i for i in range(depth) if rels[i]]
+        if not relevant:
+            return None
+        negatives = [i for i in range(depth) if not rels[i]]
+        return [rng.choice(relevant)] + rng.sample(negatives, min(data.num_negatives, len(negatives)))
+    if data.sampling == "top":
+        return list(range(min(want, depth)))
+    if data.sampling == "random":
+        return sorted(rng.sample(range(depth), min(want, depth)))
+    # log_random: weighted sampling without replacement (Efraimidis & Spirakis keys u^(1/w), largest first)
+    keys = [rng.random() ** math.log2(rank + 2) for rank in range(depth)]  # w = 1/log2(rank+1), rank 1-based
+    return sorted(sorted(range(depth), key=keys.__getitem__, reverse=True)[:want])
+
+
+def usable(query: QueryCandidates, data: DataConfig) -> bool:
+    """Whether `sample_candidates` can give this query an example (without drawing one)."""
+    if data.sampling == "single_relevant":
+        return any(is_relevant(query.judged.get(d, 0)) for d in query.docnos[: data.depth])
+    return bool(query.docnos)
+
+
+def targets_of(query: QueryCandidates, positions: list[int], data: DataConfig) -> list[float]:
+    """relevance: the qrels grade (0 if unjudged); teacher_rank: `depth + 1 - rank` (the seed's 21 - rank for
+    a top-20 teacher); teacher_score: the score stored with the ranking."""
+    if data.targets == "relevance":
+        return [float(query.judged.get(query.docnos[i], 0)) for i in positions]
+    if data.targets == "teacher_rank":
+        return [float(data.depth - i) for i in positions]  # position i is rank i + 1
+    return [float(query.scores[i]) for i in positions]
+
+
+class TrainingData:
+    """The training queries with their texts, as a deterministic, endless stream of examples (see above)."""
+
+    def __init__(self, queries: list[QueryCandidates], topics: dict[str, str], passages: dict[str, str],
+                 data: DataConfig, seed: int):
+        self.data, self.seed, self.topics, self.passages = data, seed, topics, passages
+        # a query that cannot give an example (single_relevant without a relevant passage) is dropped up front,
+        # so every position of the stream yields one
+        self.queries = [q for q in queries if usable(q, data)]
+        self.dropped = len(queries) - len(self.queries)
+        if not self.queries:
+            raise CrossrankError(f"training data: none of the {len(queries)} queries has a usable example "
+                                 f"(sampling {data.sampling} needs a passage judged rel>=1 in the top "
+                                 f"{data.depth} of each query)")
+        self._order: tuple[int, list[int]] = (-1, [])
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def order(self, epoch: int) -> list[int]:
+        """The shuffled query order of one epoch (cached: consecutive positions share it)."""
+        if self._order[0] != epoch:
+            order = list(range(len(self.queries)))
+            random.Random(f"{self.seed}/order/{epoch}").shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def example(self, position: int) -> Example:
+        epoch, index = divmod(position, len(self.queries))
+        query = self.queries[self.order(epoch)[index]]
+        positions = sample_candidates(query, self.data, random.Random(f"{self.seed}/{epoch}/{query.qid}"))
+        return Example(query.qid, [query.docnos[i] for i in positions], targets_of(query, positions, self.data))
+
+    def batch(self, start: int, count: int, tokenizer: PairTokenizer) -> Batch:
+        """The examples at stream positions start .. start + count - 1, tokenised."""
+        return collate([self.example(p) for p in range(start, start + count)], self.topics, self.passages,
+                       tokenizer)
+
+
+def collate(examples: list[Example], topics: dict[str, str], passages: dict[str, str],
+            tokenizer: PairTokenizer) -> Batch:
+    """Tokenise examples and pad them into [Q, D] targets and mask (D = the longest candidate list)."""
+    width = max(len(e.docnos) for e in examples)
+    targets = torch.zeros(len(examples), width)  # [Q, D]
+    mask = torch.zeros(len(examples), width, dtype=torch.bool)  # [Q, D]
+    for row, example in enumerate(examples):
+        targets[row, : len(example.targets)] = torch.tensor(example.targets)
+        mask[row, : len(example.docnos)] = True
+    queries = [topics[e.qid] for e in examples for _ in e.docnos]
+    texts = [passages[d] for e in examples for d in e.docnos]
+    return Batch(tokenizer(queries, texts), targets, mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading a preprocessed folder (data/<dataset>/<objective>/) with the texts it needs
+
+
+def training_folder(cfg: RunConfig) -> Path:
+    """`data.train` if set, else data/<dataset>/<CL or KD> (what preprocessing.py writes; BCE reads CL's)."""
+    if cfg.data.train:
+        return Path(resolve_source(cfg.data.train))
+    return ROOT / "data" / cfg.data.dataset / ("KD" if cfg.train.objective == "KD" else "CL")
+
+
+def load_training_data(cfg: RunConfig) -> tuple[TrainingData, list[QueryCandidates]]:
+    """Training stream and validation queries (cut to the top `eval.depth`, judged ones only) from the
+    preprocessed folder; texts are read once, only for the passages that can be used."""
+    folder = training_folder(cfg)
+    meta = load_meta(folder)
+    train, valid = load_split(folder, "train"), load_split(folder, "valid")
+    valid = [dataclasses.replace(q, docnos=q.docnos[: cfg.eval.depth], scores=q.scores[: cfg.eval.depth])
+             for q in valid if q.judged and q.docnos]
+    needed = {d for q in train for d in q.docnos[: cfg.data.depth]} | {d for q in valid for d in q.docnos}
+    for key in ("topics", "corpus"):
+        if not meta.get(key):
+            raise CrossrankError(f"{folder / 'meta.yaml'}: no {key} source (expected {key}: <path or irds:id>)")
+    topics = read_topics(resolve_source(str(meta["topics"])))
+    missing = [q.qid for q in train + valid if q.qid not in topics]
+    if missing:
+        raise CrossrankError(f"{meta['topics']}: {len(missing)} training/validation qids have no text "
+                             f"(e.g. {', '.join(missing[:5])})")
+    passages = load_corpus(resolve_source(str(meta["corpus"])), docnos=needed)
+    data = TrainingData(train, topics, passages, cfg.data, cfg.train.seed)
+    return data, valid

@@ -91,3 +91,54 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (real collections are optional)")
     return SHARED_DATA
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny training collection in the preprocessed layout (data/<dataset>/<CL|KD>/), for training tests.
+
+TINY_TOPICS = ["cat mat", "dog bark", "river fish", "bank money", "paris france", "london england",
+               "computer program", "python code", "neural network", "search engine", "tree garden", "ship sea"]
+
+
+def write_tiny_collection(root: Path, valid_is_train: bool = False) -> dict[str, Path]:
+    """12 queries, 2 relevant passages each (grades 2 and 1, sharing the query's words), every other query's
+    passages as candidates; writes corpus.tsv, topics.tsv and the CL and KD folders (train = first 10 queries,
+    valid = the last 2, or the training queries themselves with `valid_is_train`). Returns the paths."""
+    import random as _random
+
+    from crossrank.preprocessing import QueryCandidates, write_meta, write_split
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = _random.Random(0)
+    filler = ["the", "a", "of", "and", "is", "for", "with", "on"]
+    topics = {f"q{i}": text for i, text in enumerate(TINY_TOPICS)}
+    corpus: dict[str, str] = {}
+    for i, text in enumerate(TINY_TOPICS):
+        for j in range(2):
+            corpus[f"d{i}_{j}"] = " ".join(text.split() + rng.sample(filler, 3) + text.split()[j:])
+    (root / "corpus.tsv").write_text("".join(f"{d}\t{t}\n" for d, t in corpus.items()))
+    (root / "topics.tsv").write_text("".join(f"{q}\t{t}\n" for q, t in topics.items()))
+    folders = {}
+    for objective in ("CL", "KD"):
+        queries = []
+        for i in range(len(TINY_TOPICS)):
+            relevant = [f"d{i}_0", f"d{i}_1"]
+            others = sorted(d for d in corpus if d not in relevant)
+            rng.shuffle(others)
+            if objective == "CL":  # a first-stage run: relevant somewhere in the top 12
+                docnos = others[:12]
+                docnos.insert(rng.randrange(6), relevant[0])
+                docnos.insert(rng.randrange(12), relevant[1])
+            else:  # the teacher's top-8, relevant first
+                docnos = relevant + others[:6]
+            scores = [float(len(docnos) - r) for r in range(len(docnos))]
+            judged = {relevant[0]: 2, relevant[1]: 1, others[0]: 0}
+            queries.append(QueryCandidates(f"q{i}", docnos, scores, judged))
+        folder = root / objective
+        folder.mkdir(exist_ok=True)
+        write_split(folder, "train", queries[:10])
+        write_split(folder, "valid", queries[:10] if valid_is_train else queries[10:])
+        write_meta(folder, {"dataset": "tiny", "objective": objective, "topics": str(root / "topics.tsv"),
+                            "corpus": str(root / "corpus.tsv"), "qrels": "", "evalperc": 20, "seed": 42})
+        folders[objective] = folder
+    return folders

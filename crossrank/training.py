@@ -1,0 +1,526 @@
+"""Fine-tuning a pointwise cross-encoder: one plain-PyTorch loop, `train(cfg)`, read top to bottom.
+
+    setup (processes, seeds, data, model, optimiser) -> resume from checkpoint/ if there is one -> loop:
+    accumulate micro-batches -> clip -> step -> log -> validate (keep the best as model/) -> checkpoint
+
+Outputs in the run folder (naming: `crossrank.naming`): `model/` (best by validation `train.select_metric`),
+`checkpoint/` (latest resumable state), `metrics.jsonl`, `curve.png`, `crossrank.yaml`. Both model folders are
+Hugging Face `save_pretrained` folders with the tokenizer and the resolved config.
+
+Exact resume: the example stream is a function of (seed, cursor) (`crossrank.data.TrainingData`), the
+learning rate a function of the step, and the checkpoint holds the weights, the AdamW moments, the AMP scaler
+and every process's RNG states; rerunning the same command after SIGTERM/SIGUSR1 continues to the same weights
+as an uninterrupted run.
+
+Multi-GPU: start with `torchrun` (see ft-monoencoder.sh). Every process draws its own micro-batches from the
+one stream; `train.accumulation` counts micro-steps over all processes, so the global batch
+(`queries_per_batch x accumulation` queries) and the result do not depend on the number of GPUs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from crossrank import config as config_io
+from crossrank import naming
+from crossrank.config import ROOT, OptimConfig, RunConfig
+from crossrank.data import PairTokenizer, TrainingData, load_training_data
+from crossrank.io import CrossrankError, atomic_write
+from crossrank.losses import LOSSES
+from crossrank.models import MonoEncoder, load_tokenizer
+from crossrank.preprocessing import QueryCandidates
+
+INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything besides weights, optimiser and scaler that a resumed run needs (saved as state.pt)."""
+
+    step: int = 0  # optimiser steps done
+    cursor: int = 0  # examples consumed from the training stream, over all processes
+    best_metric: float = -math.inf  # best validation value so far (train.select_metric)
+    best_step: int = -1  # the step model/ was saved at
+    finished: bool = False
+    rng: list = dataclasses.field(default_factory=list)  # per process: python, torch CPU (and CUDA) RNG states
+
+
+@dataclasses.dataclass
+class Distributed:
+    rank: int
+    world: int
+    device: torch.device
+    is_main: bool
+
+
+def setup_distributed() -> Distributed:
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: then one process per GPU (NCCL), or gloo on CPU."""
+    if "RANK" not in os.environ:
+        return Distributed(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), True)
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return Distributed(rank, world, device, rank == 0)
+
+
+def run_folder(cfg: RunConfig) -> Path:
+    """The output folder: `train.output_dir`, or `<models_dir>/<name>.<objectives>.f<stage>.lr<lr>.s<seed>`."""
+    if cfg.train.output_dir:
+        return _project_path(cfg.train.output_dir)
+    chain = naming.objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
+    name = naming.run_name(cfg.model.name or cfg.model.path, chain, cfg.train.stage, cfg.optim.lr, cfg.train.seed)
+    return _project_path(cfg.train.models_dir) / name
+
+
+def initial_weights(cfg: RunConfig) -> str:
+    """Stage 1: the backbone. Stage 2: `train.init_from`, else the stage-1 `model/` of the previous objective
+    (same backbone and seed; `train.previous_lr` narrows when several stage-1 learning rates exist)."""
+    if cfg.train.init_from:
+        return str(_project_path(cfg.train.init_from))
+    if cfg.train.stage == 1:
+        if not cfg.model.path:
+            raise CrossrankError("config: model.path is empty (expected a backbone: -c bert|electra|roberta|<path>)")
+        return cfg.model.path
+    previous = naming.objective_chain(cfg.train.objective, 2, cfg.train.previous)[:-1]
+    return str(naming.find_model(cfg.model.name or cfg.model.path, previous, 1, lr=cfg.train.previous_lr or None,
+                                 seed=cfg.train.seed, models=_project_path(cfg.train.models_dir)))
+
+
+def _project_path(value: str) -> Path:
+    path = Path(os.path.expandvars(value)).expanduser()
+    return path if path.is_absolute() else ROOT / path
+
+
+def lr_at(step: int, optim: OptimConfig, total: int) -> float:
+    """Learning rate of optimiser step `step` (0-based): linear warmup, then constant or linear decay to 0.
+    A pure function of the step, so resuming needs no scheduler object."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    return optim.lr * max(0.0, (total - step) / max(1, total - optim.warmup_steps))
+
+
+def train(cfg: RunConfig) -> TrainState:
+    """Fine-tune `cfg.model` on `cfg.data` with `cfg.train.loss`; see the module docstring."""
+    # --- setup ------------------------------------------------------------------------------------------
+    ddp = setup_distributed()
+    if cfg.train.loss not in LOSSES:
+        raise CrossrankError(f"config: train.loss is unknown (expected one of {', '.join(LOSSES)}, "
+                             f"got {cfg.train.loss!r})")
+    if cfg.model.kind != "mono":  # the Set-Encoder scores whole lists: its inputs and forward differ
+        raise CrossrankError(f"config: model.kind={cfg.model.kind} is not trained by this loop yet "
+                             f"(expected mono)")
+    if cfg.train.accumulation % ddp.world:
+        raise CrossrankError(f"config: train.accumulation={cfg.train.accumulation} is not divisible by the "
+                             f"{ddp.world} processes (expected a multiple; the global batch is "
+                             f"queries_per_batch x accumulation)")
+    micro_steps = cfg.train.accumulation // ddp.world  # per process
+    global_queries = cfg.train.queries_per_batch * cfg.train.accumulation  # per optimiser step
+    loss_fn = LOSSES[cfg.train.loss]
+    folder = run_folder(cfg)
+    cuda = ddp.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16,
+                              enabled=cuda and cfg.train.precision != "fp32")
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.train.precision == "fp16")
+
+    data, valid = load_training_data(cfg)
+    total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * len(data) // global_queries)
+    resume = _recover_folder(folder / "checkpoint")
+    start_from = _saved_init(folder) if resume else initial_weights(cfg)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=start_from))  # recorded
+    if resume:
+        _check_same_recipe(cfg, folder / "checkpoint" / "crossrank.yaml")
+    init = str(folder / "checkpoint") if resume else start_from
+
+    torch.manual_seed(cfg.train.seed)  # the same fresh head on every process
+    tokenizer = load_tokenizer(init)
+    pairs = PairTokenizer(tokenizer, cfg.model)
+    raw_model = MonoEncoder.from_pretrained(init).to(ddp.device)
+    if cfg.model.gradient_checkpointing:
+        raw_model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = DistributedDataParallel(raw_model, device_ids=[ddp.device] if cuda else None) \
+        if ddp.world > 1 else raw_model
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+    # --- resume -----------------------------------------------------------------------------------------
+    state = TrainState()
+    if resume:
+        saved = torch.load(folder / "checkpoint" / "state.pt", map_location=ddp.device, weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        if saved["scaler"]:  # empty when saved by a disabled (non-fp16) scaler
+            scaler.load_state_dict(saved["scaler"])
+        state = TrainState(**saved["state"])
+        _set_rng(state.rng, ddp)
+    else:
+        random.seed(cfg.train.seed + ddp.rank)
+        torch.manual_seed(cfg.train.seed + ddp.rank)  # dropout differs per process, as it would per batch
+    if ddp.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        config_io.save(cfg, folder / "crossrank.yaml")
+        _truncate_metrics(folder / "metrics.jsonl", state.step)
+        print(f"training {folder.name}: {len(data)} queries ({data.dropped} without a usable example dropped), "
+              f"{len(valid)} validation queries, {total_steps} steps of {global_queries} queries, "
+              f"{ddp.world} process(es) on {ddp.device}" + (f", resuming at step {state.step}" if resume else ""))
+    reporters = _open_reporters(cfg, folder) if ddp.is_main else []
+
+    # --- loop -------------------------------------------------------------------------------------------
+    with _signals_caught() as interrupted:
+        model.train()
+        progress = tqdm(total=total_steps, initial=state.step, disable=not ddp.is_main, desc="train", unit="step")
+        window = {"loss": 0.0, "pairs": 0, "time": 0.0, "steps": 0}
+        while state.step < total_steps:
+            started = time.perf_counter()
+            lr = lr_at(state.step, cfg.optim, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, pair_count = torch.zeros((), device=ddp.device), 0
+            for micro in range(micro_steps):
+                # micro-batches are interleaved over processes: the step's examples are the same for any world size
+                start = state.cursor + (micro * ddp.world + ddp.rank) * cfg.train.queries_per_batch
+                batch = data.batch(start, cfg.train.queries_per_batch, pairs)
+                mask, targets = batch.mask.to(ddp.device), batch.targets.to(ddp.device)
+                last = micro == micro_steps - 1
+                with model.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext():
+                    with autocast:  # the forward only; backward runs in the dtypes autocast chose
+                        flat = model(**{k: v.to(ddp.device) for k, v in batch.inputs.items()})  # [N]
+                        scores = flat.float().new_zeros(mask.shape).masked_scatter(mask, flat.float())  # [Q, D]
+                        loss = loss_fn(scores, targets, mask)
+                    scaler.scale(loss / micro_steps).backward()
+                loss_sum += loss.detach() / micro_steps
+                pair_count += batch.num_pairs
+            # one collective per step: mean loss, pairs, and whether any process was asked to stop
+            flags = torch.stack([loss_sum, torch.tensor(float(pair_count), device=ddp.device),
+                                 torch.tensor(float(interrupted["signal"] is not None), device=ddp.device)])
+            if ddp.world > 1:
+                dist.all_reduce(flags)
+            step_loss, stop = flags[0].item() / ddp.world, flags[2].item() > 0
+            if not math.isfinite(step_loss):
+                raise CrossrankError(f"step {state.step + 1}: the loss is {step_loss} (training diverged; the last "
+                                     f"checkpoint is intact: lower optim.lr (now {cfg.optim.lr:g}), keep "
+                                     f"optim.grad_clip, or use train.precision=fp32)")
+            if cfg.optim.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.cursor += global_queries
+            progress.update(1)
+
+            window["loss"] += step_loss
+            window["pairs"] += int(flags[1].item())
+            window["time"] += time.perf_counter() - started
+            window["steps"] += 1
+            if ddp.is_main and (state.step % cfg.train.log_every == 0 or state.step == total_steps):
+                row = {"step": state.step, "epoch": round(state.cursor / len(data), 4), "lr": lr,
+                       "loss": window["loss"] / window["steps"], "pairs_per_s": window["pairs"] / window["time"]}
+                _log(folder, row, reporters)
+                progress.set_postfix(loss=f"{row['loss']:.4f}")
+                window = dict.fromkeys(window, 0)
+
+            done = state.step == total_steps
+            if valid and (state.step % cfg.train.eval_every == 0 or done):
+                value = evaluate(raw_model, pairs, valid, data, cfg, ddp, autocast)
+                model.train()
+                if ddp.is_main:
+                    _log(folder, {"step": state.step, f"valid_{cfg.train.select_metric}": value}, reporters)
+                if value > state.best_metric:
+                    state.best_metric, state.best_step = value, state.step
+                    if ddp.is_main:
+                        save_model(raw_model, tokenizer, cfg, folder / "model", state)
+            if done and not valid and ddp.is_main:  # nothing to select by: the last weights are the model
+                state.best_step = state.step
+                save_model(raw_model, tokenizer, cfg, folder / "model", state)
+            state.finished = done
+            if done or stop or state.step % cfg.train.save_every == 0:
+                state.rng = _gather_rng(ddp)
+                if ddp.is_main:
+                    save_checkpoint(raw_model, tokenizer, optimizer, scaler, cfg, state, folder / "checkpoint")
+                    _plot(folder, cfg.train.select_metric)
+            if stop and not done:
+                if ddp.is_main:
+                    print(f"\ninterrupted by {interrupted['signal'] or 'a signal to another process'} at step "
+                          f"{state.step}: checkpoint saved in {folder / 'checkpoint'}; rerun the same command "
+                          f"to resume")
+                break
+        progress.close()
+    for reporter in reporters:
+        reporter.close()
+    if ddp.is_main and state.finished:
+        print(f"done: {folder / 'model'} (step {state.best_step}"
+              + (f", validation {cfg.train.select_metric} {state.best_metric:.4f})" if valid else ")"))
+    if ddp.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+
+
+@torch.no_grad()
+def evaluate(model: MonoEncoder, pairs: PairTokenizer, valid: list[QueryCandidates], data: TrainingData,
+             cfg: RunConfig, ddp: Distributed, autocast) -> float:
+    """Re-rank the validation queries' candidates (each process a share), gather, and score with ir_measures.
+    Scores that are all equal mean the model collapsed: that stops the run."""
+    import ir_measures
+
+    model.eval()
+    run: dict[str, dict[str, float]] = {}
+    mine = valid[ddp.rank:: ddp.world]
+    for chunk in range(0, len(mine), 64):  # 64 queries at a time bound the memory of the encoded pairs
+        queries = mine[chunk: chunk + 64]
+        keys = [(q.qid, d) for q in queries for d in q.docnos]
+        with autocast:
+            scores = score_pairs(model, pairs, [data.topics[qid] for qid, _ in keys],
+                                 [data.passages[d] for _, d in keys], cfg.eval.batch_tokens, ddp.device)
+        for (qid, docno), score in zip(keys, scores):
+            run.setdefault(qid, {})[docno] = score
+    if ddp.world > 1:
+        shares = [None] * ddp.world
+        dist.all_gather_object(shares, run)
+        run = {qid: ranking for share in shares for qid, ranking in share.items()}
+    values = [s for ranking in run.values() for s in ranking.values()]
+    if max(values) - min(values) <= 1e-6 * max(1.0, abs(max(values))):
+        raise CrossrankError(f"validation: all {len(values)} scores are {values[0]:.6g} (the model collapsed to a "
+                             f"constant; lower optim.lr (now {cfg.optim.lr:g}) or check the data's targets)")
+    measure = ir_measures.parse_measure(cfg.train.select_metric)
+    qrels = {q.qid: q.judged for q in valid}
+    return float(ir_measures.calc_aggregate([measure], qrels, run)[measure])
+
+
+def score_pairs(model: MonoEncoder, pairs: PairTokenizer, queries: list[str], passages: list[str],
+                batch_tokens: int, device: torch.device) -> list[float]:
+    """Scores of (query, passage) pairs, batched by length so that a batch holds about `batch_tokens` tokens."""
+    encoded = pairs.encode(queries, passages)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    scores = [0.0] * len(encoded)
+    start = 0
+    while start < len(order):
+        end = start + 1  # grow while the padded batch (count x its longest, the last one) fits the budget
+        while end < len(order) and (end + 1 - start) * len(encoded[order[end]][0]) <= batch_tokens:
+            end += 1
+        batch = pairs.pad([encoded[i] for i in order[start:end]])
+        out = model(**{k: v.to(device) for k, v in batch.items()}).float().tolist()  # [N]
+        for i, score in zip(order[start:end], out):
+            scores[i] = score
+        start = end
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving: every folder is written under a temporary name, then swapped in with renames
+
+
+def save_model(model: MonoEncoder, tokenizer, cfg: RunConfig, folder: Path, state: TrainState) -> None:
+    """A Hugging Face folder (safetensors + tokenizer) with crossrank.yaml and which step it is."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        config_io.save(cfg, tmp / "crossrank.yaml")
+        selected = {"step": state.step, "metric": cfg.train.select_metric,
+                    "value": state.best_metric if math.isfinite(state.best_metric) else None}
+        (tmp / "selected.json").write_text(json.dumps(selected) + "\n")
+    _replace_folder(folder, write)
+
+
+def save_checkpoint(model: MonoEncoder, tokenizer, optimizer, scaler, cfg: RunConfig, state: TrainState,
+                    folder: Path) -> None:
+    """The model folder plus state.pt: optimiser, scaler and the TrainState (step, cursor, best, RNG)."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        config_io.save(cfg, tmp / "crossrank.yaml")
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "state": dataclasses.asdict(state)}, tmp / "state.pt")
+    _replace_folder(folder, write)
+
+
+def _replace_folder(folder: Path, write) -> None:
+    """Write into `.name.tmp`, fsync, then rename: `folder` is always either the old or the new complete one
+    (a crash between the two renames leaves `.name.old`, which `_recover_folder` puts back)."""
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    for file in tmp.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_folder(folder: Path) -> bool:
+    """Whether `folder` exists, after undoing an interrupted `_replace_folder`."""
+    old = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and old.exists():
+        os.replace(old, folder)
+    return (folder / "state.pt").is_file()
+
+
+def _saved_init(folder: Path) -> str:
+    import yaml
+
+    saved = yaml.safe_load((folder / "checkpoint" / "crossrank.yaml").read_text(encoding="utf-8"))
+    return saved["train"]["init_from"]
+
+
+def _check_same_recipe(cfg: RunConfig, saved_path: Path) -> None:
+    """Resuming with another recipe would silently mix two runs: refuse, naming the keys that differ."""
+    import yaml
+
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    now = config_io.to_dict(cfg)
+    free = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "report_to"}  # may change on resume
+    differ = [f"{section}.{key}" for section in ("model", "data", "optim", "train")
+              for key, value in now[section].items()
+              if key not in free and saved.get(section, {}).get(key) != value]
+    if differ:
+        raise CrossrankError(f"{saved_path}: the checkpoint was trained with other settings ({', '.join(differ)}); "
+                             f"resume with the same ones, or set train.output_dir to start a new run")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RNG states, signals, metrics
+
+
+def _gather_rng(ddp: Distributed) -> list:
+    mine = {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(ddp.device) if ddp.device.type == "cuda" else None}
+    if ddp.world == 1:
+        return [mine]
+    states = [None] * ddp.world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _set_rng(states: list, ddp: Distributed) -> None:
+    if len(states) != ddp.world:
+        raise CrossrankError(f"checkpoint: saved by {len(states)} process(es), resumed with {ddp.world} "
+                             f"(expected the same number of GPUs for an exact resume)")
+    mine = states[ddp.rank]
+    version, internal, gauss = mine["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(mine["torch"].cpu())
+    if mine["cuda"] is not None and ddp.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"].cpu(), ddp.device)
+
+
+@contextlib.contextmanager
+def _signals_caught():
+    """SIGTERM/SIGUSR1 (SLURM preemption, torchrun shutdown) set a flag; the loop checkpoints and stops at the
+    end of the current step. The previous handlers come back however the loop ends."""
+    flag = {"signal": None}
+
+    def handler(signum, frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, handler) for sig in INTERRUPTING_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint (they will be logged again)."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        with atomic_write(path) as f:
+            f.writelines(row + "\n" for row in rows)
+
+
+def _log(folder: Path, row: dict, reporters: list) -> None:
+    with open(folder / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    for reporter in reporters:
+        reporter.log(row)
+
+
+class _TensorBoard:
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(folder / "tensorboard"))
+
+    def log(self, row: dict) -> None:
+        for key, value in row.items():
+            if key != "step":
+                self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    def __init__(self, cfg: RunConfig, folder: Path):
+        import wandb
+        self.run = wandb.init(project="crossrank", name=folder.name, id=folder.name, resume="allow",
+                              dir=str(folder), config=config_io.to_dict(cfg))
+
+    def log(self, row: dict) -> None:
+        self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _open_reporters(cfg: RunConfig, folder: Path) -> list:
+    reporters = []
+    for name in cfg.train.report_to:
+        try:
+            reporters.append(_TensorBoard(folder) if name == "tensorboard" else _WandB(cfg, folder))
+        except ImportError:
+            raise CrossrankError(f"config: train.report_to has {name}, which is not installed "
+                                 f"(pip install {name}, or drop it from train.report_to)") from None
+    return reporters
+
+
+def _plot(folder: Path, metric: str) -> None:
+    """curve.png: training loss and validation metric against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()] \
+        if (folder / "metrics.jsonl").is_file() else []
+    train_rows = [r for r in rows if "loss" in r]
+    valid_rows = [r for r in rows if f"valid_{metric}" in r]
+    figure, left = plt.subplots(figsize=(7, 4))
+    left.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], color="tab:blue")
+    left.set_xlabel("optimiser step")
+    left.set_ylabel("training loss", color="tab:blue")
+    if valid_rows:
+        right = left.twinx()
+        right.plot([r["step"] for r in valid_rows], [r[f"valid_{metric}"] for r in valid_rows], "o-",
+                   color="tab:orange")
+        right.set_ylabel(f"validation {metric}", color="tab:orange")
+    figure.tight_layout()
+    with contextlib.suppress(OSError):
+        figure.savefig(folder / ".curve.tmp.png")
+        os.replace(folder / ".curve.tmp.png", folder / "curve.png")
+    plt.close(figure)

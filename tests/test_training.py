@@ -1,0 +1,229 @@
+"""The training loop on CPU with tiny random models: it learns, it resumes exactly, DDP matches one process,
+stage 2 finds its stage-1 model, and divergence or collapse stops the run with a clear message."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_tiny_collection
+from crossrank.config import ROOT, load_run_config
+from crossrank.io import CrossrankError
+from crossrank.preprocessing import QueryCandidates, write_meta, write_split
+from crossrank.training import initial_weights, train
+
+
+def config(model: Path, data: Path, out: Path, objective: str = "CL", *overrides: str):
+    return load_run_config([ROOT / "configs" / "objectives" / f"{objective}.yaml"], [
+        f"model.path={model}", "model.name=tiny", f"data.train={data}", f"train.models_dir={out}",
+        "data.num_negatives=7", "data.depth=14", "optim.lr=3e-3", "train.queries_per_batch=2",
+        "train.accumulation=2", "train.log_every=1", *overrides])
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def copy_model(source: Path, target: Path, **config_changes) -> Path:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(source, **config_changes)
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two cores shared by several jobs: one intra-op thread is several times faster for these tiny models."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quiet_bert(tiny_bert, tmp_path_factory) -> Path:
+    """The tiny BERT without dropout: it learns the tiny set reliably, and DDP can match one process."""
+    return copy_model(tiny_bert, tmp_path_factory.mktemp("quiet") / "bert", hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> dict[str, Path]:
+    return write_tiny_collection(tmp_path_factory.mktemp("tiny-collection"), valid_is_train=True)
+
+
+def test_overfits_tiny_set_and_saves_loadable_models(quiet_bert, collection, tmp_path):
+    state = train(config(quiet_bert, collection["CL"], tmp_path, "CL", "optim.lr=4e-3", "train.max_steps=240",
+                         "train.eval_every=120"))
+    run = tmp_path / "tiny.CL.f1.lr0.004.s42"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[0] > 2.0 and sum(losses[-20:]) / 20 < 0.3  # log(8) = 2.08 at chance
+    assert state.finished and state.best_metric >= 0.95  # validation = the training queries here
+    assert (run / "curve.png").is_file()
+    assert json.loads((run / "model" / "selected.json").read_text())["step"] == state.best_step in (120, 240)
+
+    # the selected model loads unchanged in transformers and in sentence-transformers, with the same scores
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    pairs = [("cat mat", "cat mat the of cat mat"), ("cat mat", "river fish and is river fish")]
+    hf = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    with torch.no_grad():
+        hf_scores = hf(**tokenizer([q for q, _ in pairs], [p for _, p in pairs], padding=True,
+                                   return_tensors="pt")).logits.squeeze(-1)
+    st_scores = CrossEncoder(str(run / "model"), activation_fn=torch.nn.Identity()).predict(pairs)
+    assert torch.allclose(hf_scores, torch.tensor(st_scores), atol=1e-5)
+    assert hf_scores[0] > hf_scores[1]
+
+    # stage 2 (KD) starts from that model, found by the naming convention, with a fresh optimiser
+    kd = config(quiet_bert, collection["KD"], tmp_path, "KD", "train.stage=2", "train.max_steps=2",
+                "data.num_negatives=7", "data.depth=8", "train.queries_per_batch=2", "train.accumulation=1")
+    assert initial_weights(kd) == str(run / "model")
+    train(kd)
+    stage2 = tmp_path / "tiny.CL-KD.f2.lr0.003.s42"  # stage 2 has its own lr (here the default of config())
+    assert str(run / "model") in (stage2 / "crossrank.yaml").read_text()
+    assert not (stage2 / "checkpoint" / "state.pt").stat().st_size == 0
+
+
+def test_resume_after_sigterm_gives_identical_weights(tiny_bert, collection, tmp_path):
+    """2N steps straight == N steps, SIGTERM, rerun: the same weights bit for bit (dropout is on, so the RNG
+    states must be restored too; validation and best-model selection cross the interruption)."""
+    steps = ["train.max_steps=12", "train.eval_every=4", "train.save_every=100"]
+    straight = train(config(tiny_bert, collection["CL"], tmp_path / "a", "CL", *steps))
+    cfg = config(tiny_bert, collection["CL"], tmp_path / "b", "CL", *steps)
+    metrics = tmp_path / "b" / "tiny.CL.f1.lr0.003.s42" / "metrics.jsonl"
+
+    def kill_after_step_5():
+        while not (metrics.is_file() and '"step": 5,' in metrics.read_text()):
+            time.sleep(0.002)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=kill_after_step_5, daemon=True).start()
+    interrupted = train(cfg)
+    assert not interrupted.finished and 5 <= interrupted.step < 12
+    resumed = train(cfg)
+    assert resumed.finished and resumed.step == 12
+    a, b = (tmp_path / x / "tiny.CL.f1.lr0.003.s42" for x in "ab")
+    for name in ("checkpoint", "model"):
+        wa, wb = weights(a / name), weights(b / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    assert (resumed.best_step, resumed.best_metric) == (straight.best_step, straight.best_metric)
+    rows = [json.loads(line)["step"] for line in (b / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert rows == list(range(1, 13))  # rows logged after the checkpoint were dropped, then logged again
+    changed = config(tiny_bert, collection["CL"], tmp_path / "b", "CL", *steps, "data.num_negatives=5")
+    with pytest.raises(CrossrankError, match=r"checkpoint was trained with other settings \(data.num_negatives\)"):
+        train(changed)
+
+
+def test_two_process_ddp_matches_one_process(quiet_bert, collection, tmp_path):
+    """Same global batch (2 queries x accumulation 2): 2 gloo processes x 1 micro-step == 1 process x 2.
+    Dropout off; the sums run in another order, so weights agree to 1e-5, not bit for bit."""
+    model = quiet_bert
+    args = [f"model.path={model}", "model.name=tiny", f"data.train={collection['CL']}", "data.num_negatives=7",
+            "data.depth=14", "optim.lr=1e-3", "train.queries_per_batch=2", "train.accumulation=2",
+            "train.max_steps=4", "train.eval_every=2", "train.log_every=1"]
+    objective = str(ROOT / "configs" / "objectives" / "CL.yaml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(ROOT / "train.py"), "--config", objective, *args, f"train.output_dir={tmp_path / 'ddp'}"],
+                   check=True, env=env, capture_output=True)
+    train(load_run_config([objective], [*args, f"train.output_dir={tmp_path / 'one'}"]))
+    one, two = weights(tmp_path / "one" / "checkpoint"), weights(tmp_path / "ddp" / "checkpoint")
+    initial = weights(model)
+    assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-4  # training moved the weights
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    saved = torch.load(tmp_path / "ddp" / "checkpoint" / "state.pt", weights_only=True)["state"]
+    assert saved["cursor"] == 4 * 4 and len(saved["rng"]) == 2
+
+
+def test_stage2_lookup_finds_the_right_folder_and_fails_clearly(tmp_path):
+    for name in ("tiny.CL.f1.lr1e-05.s42", "tiny.KD.f1.lr1e-05.s42", "tiny.CL.f1.lr2e-05.s7",
+                 "other.CL.f1.lr1e-05.s42"):
+        (tmp_path / name / "model").mkdir(parents=True)
+
+    def cfg(*overrides):
+        return load_run_config([], ["model.name=tiny", f"train.models_dir={tmp_path}", "train.stage=2", *overrides])
+
+    assert initial_weights(cfg("train.objective=KD")) == str(tmp_path / "tiny.CL.f1.lr1e-05.s42" / "model")
+    assert initial_weights(cfg("train.objective=CL")) == str(tmp_path / "tiny.KD.f1.lr1e-05.s42" / "model")
+    seven = initial_weights(cfg("train.objective=KD", "train.seed=7"))
+    assert seven == str(tmp_path / "tiny.CL.f1.lr2e-05.s7" / "model")
+    with pytest.raises(CrossrankError, match=r"no checkpoint matching tiny\.CL\.f1\.\* seed=3 .*there: other\.CL"):
+        initial_weights(cfg("train.objective=KD", "train.seed=3"))
+    with pytest.raises(CrossrankError, match=r"no checkpoint matching tiny\.KD\.f1\."):
+        initial_weights(cfg("train.objective=CL", "train.previous=KD", "train.seed=7"))
+    (tmp_path / "tiny.CL.f1.lr3e-05.s42" / "model").mkdir(parents=True)
+    two = r"2 checkpoints \(tiny\.CL\.f1\.lr1e-05\.s42, tiny\.CL\.f1\.lr3e-05\.s42\)"
+    with pytest.raises(CrossrankError, match=two):
+        initial_weights(cfg("train.objective=KD"))
+    assert initial_weights(cfg("train.objective=KD", "train.previous_lr=3e-5")).endswith("lr3e-05.s42/model")
+
+
+def test_nan_in_a_batch_stops_the_run(tiny_bert, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (tmp_path / "topics.tsv").write_text("q1\tcat mat\nq2\tdog bark\n")
+    (tmp_path / "corpus.tsv").write_text("d1\tcat mat\nd2\tdog bark\nd3\triver fish\n")
+    write_split(folder, "train", [QueryCandidates("q1", ["d1", "d3"], [2.0, 1.0], {}),
+                                  QueryCandidates("q2", ["d2", "d3"], [float("nan"), 1.0], {})])
+    write_split(folder, "valid", [])
+    write_meta(folder, {"dataset": "t", "objective": "KD", "topics": str(tmp_path / "topics.tsv"),
+                        "corpus": str(tmp_path / "corpus.tsv"), "qrels": "", "evalperc": 0, "seed": 42})
+    cfg = config(tiny_bert, folder, tmp_path, "KD", "train.loss=margin_mse", "data.targets=teacher_score",
+                 "data.depth=2", "data.num_negatives=1", "train.max_steps=4")
+    with pytest.raises(CrossrankError, match=r"step 1: the loss is nan \(training diverged"):
+        train(cfg)
+
+
+def test_constant_validation_scores_stop_the_run(tiny_bert, collection, tmp_path):
+    model = copy_model(tiny_bert, tmp_path / "flat")
+    tensors = weights(model)
+    tensors["classifier.weight"].zero_()  # every pair gets the bias: a collapsed model
+    from safetensors.torch import save_file
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    cfg = config(model, collection["CL"], tmp_path, "CL", "optim.lr=1e-12", "train.max_steps=1")
+    with pytest.raises(CrossrankError, match=r"validation: all \d+ scores are .* \(the model collapsed"):
+        train(cfg)
+
+
+def test_lr_schedule_warmup_then_constant_or_linear_decay():
+    from crossrank.config import OptimConfig
+    from crossrank.training import lr_at
+
+    constant = OptimConfig(lr=1.0, warmup_steps=4, schedule="constant")
+    assert [lr_at(s, constant, 10) for s in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    linear = OptimConfig(lr=1.0, warmup_steps=2, schedule="linear")
+    assert [lr_at(s, linear, 10) for s in (0, 1, 2, 6, 9)] == [0.5, 1.0, 1.0, 0.5, 0.125]
+
+
+def test_train_py_reports_bad_input_in_one_line_and_exits_2(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), f"data.train={tmp_path / 'nowhere'}"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere' / 'meta.yaml'}: no such file "
+                                                f"(run preprocessing.py for this dataset and objective first)"]
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "train.los=lce"], capture_output=True, text=True)
+    assert done.returncode == 2 and "did you mean train.loss?" in done.stderr
+
+
+@pytest.mark.parametrize("loss", ["lce", "bce", "rank_net", "list_net", "adr_mse", "margin_mse"])
+def test_every_loss_trains_in_the_loop(quiet_bert, collection, tmp_path, loss):
+    targets = "teacher_score" if loss == "margin_mse" else "teacher_rank"
+    state = train(config(quiet_bert, collection["KD"], tmp_path, "KD", f"train.loss={loss}", f"data.targets={targets}",
+                         "data.depth=8", "train.max_steps=2", "train.accumulation=1"))
+    rows = [json.loads(line) for line in (tmp_path / "tiny.KD.f1.lr0.003.s42" / "metrics.jsonl").open()]
+    assert state.finished and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows if "loss" in r)

@@ -220,9 +220,10 @@ class DataConfig:
     num_negatives: int = 99
     depth: int = 200  # how deep into the first-stage run negatives are drawn from
     targets: str = "relevance"  # relevance | teacher_rank (depth + 1 - rank) | teacher_score
-    num_workers: int = 0
-    # single_relevant counts a passage as relevant from qrels grade 1 up (crossrank.data.is_relevant); the
-    # example stream is a function of train.seed and the cursor only, so a resumed run sees the same examples
+    # single_relevant's positives: qrels grade >= relevant_level; 0 = the dataset's rel_level as recorded by
+    # preprocessing.py (MS MARCO 1; graded TREC-style qrels 2) (crossrank.data.is_relevant)
+    relevant_level: int = 0
+    # the example stream is a function of train.seed and the cursor only, so a resumed run sees the same examples
 
 
 @dataclasses.dataclass

@@ -119,10 +119,11 @@ class Batch:
         return int(self.mask.sum())
 
 
-def is_relevant(rel: int) -> bool:
-    """A judged passage counts as relevant for sampling from grade 1 up (MS MARCO's qrels are all 1; on graded
-    TREC-style qrels grade 1, "related", counts too, as in the seed's code, which tests rel > 0)."""
-    return rel >= 1
+def is_relevant(rel: int, level: int) -> bool:
+    """A judged passage counts as relevant for sampling from grade `level` up: `data.relevant_level`, by default
+    the dataset's `rel_level` recorded by preprocessing.py (1 for MS MARCO, whose qrels are all 1, as in the
+    seed's code, which tests rel > 0; 2 for graded TREC-style qrels, where grade 1 is only "related")."""
+    return rel >= max(level, 1)  # 0 = not resolved from a folder's meta.yaml: the seed's rel > 0
 
 
 def sample_candidates(query: QueryCandidates, data: DataConfig, rng: random.Random) -> list[int] | None:
@@ -137,7 +138,7 @@ def sample_candidates(query: QueryCandidates, data: DataConfig, rng: random.Rand
     depth = min(data.depth, len(query.docnos))
     want = data.num_negatives + 1
     if data.sampling == "single_relevant":
-        rels = [is_relevant(query.judged.get(d, 0)) for d in query.docnos[:depth]]
+        rels = [is_relevant(query.judged.get(d, 0), data.relevant_level) for d in query.docnos[:depth]]
         relevant = [i for i in range(depth) if rels[i]]
         if not relevant:
             return None
@@ -155,7 +156,7 @@ def sample_candidates(query: QueryCandidates, data: DataConfig, rng: random.Rand
 def usable(query: QueryCandidates, data: DataConfig) -> bool:
     """Whether `sample_candidates` can give this query an example (without drawing one)."""
     if data.sampling == "single_relevant":
-        return any(is_relevant(query.judged.get(d, 0)) for d in query.docnos[: data.depth])
+        return any(is_relevant(query.judged.get(d, 0), data.relevant_level) for d in query.docnos[: data.depth])
     return bool(query.docnos)
 
 
@@ -181,7 +182,7 @@ class TrainingData:
         self.dropped = len(queries) - len(self.queries)
         if not self.queries:
             raise CrossrankError(f"training data: none of the {len(queries)} queries has a usable example "
-                                 f"(sampling {data.sampling} needs a passage judged rel>=1 in the top "
+                                 f"(sampling {data.sampling} needs a passage judged rel>={data.relevant_level} in the top "
                                  f"{data.depth} of each query)")
         self._order: tuple[int, list[int]] = (-1, [])
 
@@ -238,6 +239,8 @@ def load_training_data(cfg: RunConfig) -> tuple[TrainingData, list[QueryCandidat
     preprocessed folder; texts are read once, only for the passages that can be used."""
     folder = training_folder(cfg)
     meta = load_meta(folder)
+    # 0 = the dataset's own threshold, recorded by preprocessing.py (older folders: 1)
+    data_cfg = dataclasses.replace(cfg.data, relevant_level=cfg.data.relevant_level or int(meta.get("rel_level", 1)))
     train, valid = load_split(folder, "train"), load_split(folder, "valid")
     valid = [dataclasses.replace(q, docnos=q.docnos[: cfg.eval.depth], scores=q.scores[: cfg.eval.depth])
              for q in valid if q.judged and q.docnos]
@@ -251,5 +254,5 @@ def load_training_data(cfg: RunConfig) -> tuple[TrainingData, list[QueryCandidat
         raise CrossrankError(f"{meta['topics']}: {len(missing)} training/validation qids have no text "
                              f"(e.g. {', '.join(missing[:5])})")
     passages = load_corpus(resolve_source(str(meta["corpus"])), docnos=needed)
-    data = TrainingData(train, topics, passages, cfg.data, cfg.train.seed)
+    data = TrainingData(train, topics, passages, data_cfg, cfg.train.seed)
     return data, valid

@@ -525,7 +525,7 @@ def prepare(dataset: str, objective: str = "", run: str = "", evalperc: float = 
         raise CrossrankError(f"--objective {objective!r} is unknown (expected CL or KD)")
     ds = load_dataset(key)
     folder = Path(out) if out else config.ROOT / "data" / ds.name / objective
-    meta = {"dataset": ds.name, "objective": objective, "evalperc": evalperc, "seed": seed,
+    meta = {"dataset": ds.name, "objective": objective, "evalperc": evalperc, "seed": seed, "rel_level": ds.rel_level,
             "topics": ds.source("topics"), "corpus": ds.source("corpus"),
             "qrels": ds.source("qrels") if ds.qrels else ""}
     if objective == "KD" and ds.teacher.endswith((".jsonl", ".jsonl.zip", ".zip")):

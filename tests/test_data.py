@@ -37,6 +37,13 @@ def test_single_relevant_draws_one_relevant_from_the_top_depth_then_non_relevant
     assert sample_candidates(QUERY, DataConfig(num_negatives=3, depth=3), random.Random(0)) is None
 
 
+def test_relevant_level_makes_grade_1_a_negative():
+    data = DataConfig(sampling="single_relevant", num_negatives=7, depth=8, relevant_level=2)
+    for seed in range(50):
+        docnos = [QUERY.docnos[i] for i in sample_candidates(QUERY, data, random.Random(seed))]
+        assert docnos[0] == "d3" and "d7" in docnos[1:]  # grade 1 is only "related" at level 2
+
+
 def test_top_with_teacher_rank_and_teacher_score_targets():
     data = DataConfig(sampling="top", num_negatives=3, depth=20, targets="teacher_rank")
     positions = sample_candidates(QUERY, data, random.Random(0))
@@ -98,6 +105,7 @@ def test_load_training_data_reads_texts_from_meta_sources(tmp_path):
     cfg = load_run_config([], [f"data.train={folders['CL']}", "data.depth=14", "eval.depth=5"])
     data, valid = load_training_data(cfg)
     assert len(data) == 10 and [q.qid for q in valid] == ["q10", "q11"]
+    assert data.data.relevant_level == 1  # meta.yaml without rel_level: the seed's rel > 0
     assert all(len(q.docnos) == 5 for q in valid)  # cut to eval.depth
     example = data.example(0)
     assert data.topics[example.qid] in ("cat mat dog bark river fish bank money paris france london england "

@@ -4,19 +4,22 @@ set -euo pipefail
 usage() {
   cat <<'TXT'
 usage: ./ft-monoencoder.sh [-f 1|2] [-c backbone] [-m CL|KD|BCE] [-l lr] [-b queries] [-g gpus] [-p CL|KD]
-                           [-s seed] [-d dataset] [key=value ...]
+                           [-s seed] [-d dataset] [-n] [key=value ...]
   -f  stage: 1 starts from the backbone, 2 from the stage-1 model found under models/ (default 1)
-  -c  bert | minilm | electra | roberta (configs/backbones/) or a Hugging Face id / local folder (default bert)
+  -c  bert | minilm | electra | roberta (configs/backbones/) or a Hugging Face id / local folder (default bert);
+      set-encoder (on MiniLM), set-encoder:electra|roberta|<id or folder>: the listwise Set-Encoder, whose
+      stage recipe configs/set-encoder/<m>.yaml is stacked on the objective's
   -m  objective: CL contrastive (LCE), KD distillation (RankNet), BCE pointwise (default CL)
   -l  learning rate (default 1e-5)            -b  queries per batch and micro-step (default: CL 4, KD 16)
   -g  GPU ids, e.g. 0 or 0,1,2,3: one process per GPU via torchrun (default: first visible GPU, else CPU)
   -p  stage 2: objective of the stage-1 model to start from (default: the other one, CL->KD, KD->CL)
   -s  seed (default 42)                       -d  dataset key, configs/datasets/ (default demo)
+  -n  Set-Encoder novelty variant: Novelty-Aware RankNet on Jaccard clusters (data.novelty=true)
   key=value  any config override, e.g. train.max_steps=1000 data.num_negatives=31 optim.schedule=linear
 TXT
 }
 stage=1 backbone=bert objective=CL gpus="" overrides=()
-while getopts "f:c:m:l:b:g:p:s:d:h" opt; do
+while getopts "f:c:m:l:b:g:p:s:d:nh" opt; do
   case $opt in
     f) stage=$OPTARG ;;
     c) backbone=$OPTARG ;;
@@ -27,6 +30,7 @@ while getopts "f:c:m:l:b:g:p:s:d:h" opt; do
     p) overrides+=("train.previous=$OPTARG") ;;
     s) overrides+=("train.seed=$OPTARG") ;;
     d) overrides+=("data.dataset=$OPTARG") ;;
+    n) overrides+=("data.novelty=true") ;;
     h) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
   esac
@@ -36,12 +40,18 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 if [[ ! -f $here/configs/objectives/$objective.yaml ]]; then
   echo "error: -m $objective is unknown (expected CL, KD or BCE)" >&2; exit 2
 fi
-configs=(--config "$here/configs/objectives/$objective.yaml")
+configs=(--config "$here/configs/objectives/$objective.yaml") prefix=""
+if [[ $backbone == set-encoder || $backbone == set-encoder:* ]]; then  # listwise: its stage recipe on top
+  prefix=set-encoder- backbone=${backbone#set-encoder} backbone=${backbone#:}
+  [[ -f $here/configs/set-encoder/$objective.yaml ]] && configs+=(--config "$here/configs/set-encoder/$objective.yaml")
+fi
 if [[ -f $here/configs/backbones/$backbone.yaml ]]; then
   configs=(--config "$here/configs/backbones/$backbone.yaml" "${configs[@]}")
-else  # a hub id or a folder: its last path part names the run folder
-  overrides=("model.path=$backbone" "model.name=$(basename "${backbone%/}")" "${overrides[@]}")
+  [[ -n $prefix ]] && overrides=("model.name=$prefix$backbone" "${overrides[@]}")
+elif [[ -n $backbone ]]; then  # a hub id or a folder: its last path part names the run folder
+  overrides=("model.path=$backbone" "model.name=$prefix$(basename "${backbone%/}")" "${overrides[@]}")
 fi
+[[ -n $prefix ]] && configs=(--config "$here/configs/backbones/set-encoder.yaml" "${configs[@]}")
 launch=(python)
 if [[ -n $gpus ]]; then
   export CUDA_VISIBLE_DEVICES=$gpus

@@ -3,9 +3,10 @@
 set -euo pipefail
 usage() {
   cat <<USAGE
-Usage: $0 -f 1|2 -c BACKBONE -m CL|KD -d DATASET [-g GPUS] [-p CL|KD] [-l LR] [-s RUN] [-k DEPTH] [-M DIR] [-L]
+Usage: $0 -f 1|2 -c BACKBONE -m CL|KD -d DATASET [-g GPUS] [-p CL|KD] [-l LR] [-s RUN] [-k DEPTH] [-M DIR] [-L] [-n]
   -f  stage of the checkpoint: 1 or 2
-  -c  backbone: electra | roberta | bert | minilm (configs/backbones/) or a Hugging Face id / folder
+  -c  backbone: electra | roberta | bert | minilm (configs/backbones/) or a Hugging Face id / folder;
+      set-encoder, set-encoder:electra|roberta|<id or folder>: a Set-Encoder checkpoint (also with -M)
   -m  objective of the checkpoint's last stage: CL or KD (stage 2 starts from the other one unless -p)
   -d  indomain (TREC DL 2019 + 2020) | outofdomain (BEIR list) | a configs/datasets key (or several, a,b)
   -g  GPU ids, e.g. 0 or 0,1 (several: torchrun shards the queries, one merged run); default: all visible / CPU
@@ -15,15 +16,16 @@ Usage: $0 -f 1|2 -c BACKBONE -m CL|KD -d DATASET [-g GPUS] [-p CL|KD] [-l LR] [-
   -k  re-ranking depth (default 100; 1000 supported)
   -M  checkpoint folder to use instead of searching models/
   -L  lenient: skip run lines whose qid or docno is unknown, and duplicates, and report them
+  -n  the Set-Encoder's novelty variant (-c set-encoder -n), and report alpha-nDCG@10 (eval.novelty=true)
   Extra key=value overrides go after --, e.g. -- eval.batch_tokens=8192 eval.score_cache=runs/cache.sqlite
 USAGE
 }
-stage="" backbone="" objective="" dataset="" gpus="" previous="" lr="" first=bm25 depth=100 model="" lenient=()
-while getopts "f:c:m:d:g:p:l:s:k:M:Lh" opt; do
+stage="" backbone="" objective="" dataset="" gpus="" previous="" lr="" first=bm25 depth=100 model="" opts=() kv=()
+while getopts "f:c:m:d:g:p:l:s:k:M:Lnh" opt; do
   case "$opt" in
     f) stage="$OPTARG" ;; c) backbone="$OPTARG" ;; m) objective="$OPTARG" ;; d) dataset="$OPTARG" ;;
     g) gpus="$OPTARG" ;; p) previous="$OPTARG" ;; l) lr="$OPTARG" ;; s) first="$OPTARG" ;;
-    k) depth="$OPTARG" ;; M) model="$OPTARG" ;; L) lenient=(--lenient) ;;
+    k) depth="$OPTARG" ;; M) model="$OPTARG" ;; L) opts+=(--lenient) ;; n) kv+=(data.novelty=true eval.novelty=true) ;;
     h) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
   esac
@@ -31,19 +33,25 @@ done
 shift $((OPTIND - 1))
 [[ -n "$dataset" && ( -n "$model" || ( -n "$stage" && -n "$backbone" && -n "$objective" ) ) ]] || { usage >&2; exit 2; }
 cd "$(dirname "$0")"
-args=("${lenient[@]}" train.stage="${stage:-1}" train.objective="${objective:-CL}" train.previous="$previous"
-      eval.dataset="$dataset" eval.first_stage="$first" eval.depth="$depth" "$@")
-if [[ -f "configs/backbones/$backbone.yaml" ]]; then
-  args=(--config "configs/backbones/$backbone.yaml" "${args[@]}")
-elif [[ -n "$backbone" ]]; then
-  args=(model.name="$backbone" model.path="$backbone" "${args[@]}")
+prefix=""
+if [[ $backbone == set-encoder || $backbone == set-encoder:* ]]; then  # the listwise Set-Encoder on that backbone
+  prefix=set-encoder- backbone=${backbone#set-encoder} backbone=${backbone#:}
+  opts+=(--config configs/backbones/set-encoder.yaml)
 fi
-[[ -n "$lr" ]] && args=(--lr "$lr" "${args[@]}")
-[[ -n "$model" ]] && args=(--model "$model" "${args[@]}")
+if [[ -f "configs/backbones/$backbone.yaml" ]]; then
+  opts+=(--config "configs/backbones/$backbone.yaml")
+  [[ -n $prefix ]] && kv+=(model.name="$prefix$backbone")
+elif [[ -n "$backbone" ]]; then
+  kv+=(model.name="$prefix$(basename "${backbone%/}")" model.path="$backbone")
+fi
+[[ -n "$lr" ]] && opts+=(--lr "$lr")
+[[ -n "$model" ]] && opts+=(--model "$model")
+kv+=(train.stage="${stage:-1}" train.objective="${objective:-CL}" train.previous="$previous"
+     eval.dataset="$dataset" eval.first_stage="$first" eval.depth="$depth")
 launcher=(python)
 if [[ -n "$gpus" ]]; then
   export CUDA_VISIBLE_DEVICES="$gpus"
   n=$(tr ',' '\n' <<<"$gpus" | grep -c .)
   (( n > 1 )) && launcher=(torchrun --standalone --nproc_per_node "$n")
 fi
-exec "${launcher[@]}" infer.py "${args[@]}"
+exec "${launcher[@]}" infer.py "${opts[@]}" "${kv[@]}" "$@"  # options first: argparse wants them before key=value

@@ -210,6 +210,9 @@ class ModelConfig:
     query_length: int = 32
     passage_length: int = 256
     gradient_checkpointing: bool = False
+    # Set-Encoder, training only: pad each query's [INT] set to the list length the recipe asks for
+    # (data.num_negatives + 1) with Gaussian pseudo-states (crossrank.set_encoder.pseudo_states)
+    sample_missing_docs: bool = False
 
 
 @dataclasses.dataclass
@@ -223,6 +226,11 @@ class DataConfig:
     # single_relevant's positives: qrels grade >= relevant_level; 0 = the dataset's rel_level as recorded by
     # preprocessing.py (MS MARCO 1; graded TREC-style qrels 2) (crossrank.data.is_relevant)
     relevant_level: int = 0
+    # Set-Encoder stage 1: one passage of each list is copied into it; the duplicate head learns to spot the copy
+    duplicate: bool = False
+    # Set-Encoder novelty variant: a query's passages are clustered by Jaccard distance of their word sets, and
+    # only the best-scored member of a cluster keeps the cluster's best target (crossrank.novelty)
+    novelty: bool = False
     # the example stream is a function of train.seed and the cursor only, so a resumed run sees the same examples
 
 
@@ -256,6 +264,7 @@ class TrainConfig:
     init_from: str = ""  # stage 2: start from this model folder instead of looking the stage-1 one up
     previous_lr: float = 0.0  # stage 2: the stage-1 run's lr, when several stage-1 runs match (0 = any)
     report_to: list[str] = dataclasses.field(default_factory=list)  # tensorboard and/or wandb (if installed)
+    duplicate_weight: float = 1.0  # Set-Encoder stage 1: loss = ranking loss + duplicate_weight x duplicate BCE
 
 
 @dataclasses.dataclass
@@ -270,6 +279,7 @@ class EvalConfig:
     correction: str = ""  # p-value correction over compared runs: "" or holm
     lenient: bool = False  # skip (and report) run lines whose qid/docno is unknown instead of failing
     compile: bool = False  # torch.compile the model: ~1 min to compile, then faster (worth it for big runs)
+    novelty: bool = False  # also report α-nDCG@10 (α = 0.99) with Jaccard clusters of relevant passages as subtopics
 
 
 @dataclasses.dataclass
@@ -303,6 +313,15 @@ class RunConfig:
              self.optim.schedule),
             (set(self.train.report_to) <= {"tensorboard", "wandb"}, "train.report_to",
              "a list of tensorboard, wandb", self.train.report_to),
+        ]
+        listwise = self.model.kind == "set-encoder"
+        checks += [  # the Set-Encoder's conventions and the parts only it has
+            (not listwise or self.model.truncation == "per_field", "model.truncation",
+             "per_field with model.kind=set-encoder (query and passage cut on their own)", self.model.truncation),
+            (listwise or not self.data.duplicate, "data.duplicate", "false unless model.kind=set-encoder "
+             "(only the Set-Encoder has a duplicate head)", self.data.duplicate),
+            (listwise or not self.model.sample_missing_docs, "model.sample_missing_docs",
+             "false unless model.kind=set-encoder", self.model.sample_missing_docs),
         ]
         for ok, key, expected, got in checks:
             if not ok:

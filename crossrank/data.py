@@ -103,16 +103,21 @@ class Example:
     qid: str
     docnos: list[str]
     targets: list[float]
+    copy: int = -1  # position of the inserted duplicate (data.duplicate), left out of the ranking loss; -1 none
 
 
 @dataclasses.dataclass
 class Batch:
-    """Tokenised examples. Only real pairs are encoded: `inputs` has one row per True entry of `mask`, in
-    row-major (query, candidate) order, so `scores[mask] = model(**inputs)` fills the [Q, D] score matrix."""
+    """Tokenised examples. Pointwise: only real pairs are encoded, `inputs` has one row per True entry of `mask`
+    in row-major (query, candidate) order, so `scores[mask] = model(**inputs)` fills the [Q, D] score matrix.
+    Listwise (Set-Encoder): `inputs` are `encode_lists`' [Q, D, L] tensors and the [Q, D] `mask`."""
 
-    inputs: dict[str, torch.Tensor]  # [N, L], N = mask.sum()
+    inputs: dict[str, torch.Tensor]  # [N, L], N = mask.sum(); listwise [Q, D, L] + mask [Q, D]
     targets: torch.Tensor  # [Q, D] float
     mask: torch.Tensor  # [Q, D] bool, False = padding (a query with fewer than D candidates)
+    ranked: torch.Tensor | None = None  # [Q, D] bool: what the ranking loss sees (mask minus duplicate copies)
+    duplicates: torch.Tensor | None = None  # [Q, D] float: 1 = has a copy in its list (data.duplicate)
+    clusters: torch.Tensor | None = None  # [Q, D] long: Jaccard cluster of each passage (data.novelty)
 
     @property
     def num_pairs(self) -> int:
@@ -185,6 +190,7 @@ class TrainingData:
                                  f"(sampling {data.sampling} needs a passage judged rel>={data.relevant_level} in the top "
                                  f"{data.depth} of each query)")
         self._order: tuple[int, list[int]] = (-1, [])
+        self._clusters: dict[tuple[str, ...], list[int]] = {}  # data.novelty: computed once per candidate list
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -200,27 +206,68 @@ class TrainingData:
     def example(self, position: int) -> Example:
         epoch, index = divmod(position, len(self.queries))
         query = self.queries[self.order(epoch)[index]]
-        positions = sample_candidates(query, self.data, random.Random(f"{self.seed}/{epoch}/{query.qid}"))
-        return Example(query.qid, [query.docnos[i] for i in positions], targets_of(query, positions, self.data))
+        rng = random.Random(f"{self.seed}/{epoch}/{query.qid}")
+        positions = sample_candidates(query, self.data, rng)
+        example = Example(query.qid, [query.docnos[i] for i in positions], targets_of(query, positions, self.data))
+        if self.data.duplicate:  # Set-Encoder stage 1: n sampled passages + a copy of one of them
+            from crossrank.novelty import add_duplicate
 
-    def batch(self, start: int, count: int, tokenizer: PairTokenizer) -> Batch:
-        """The examples at stream positions start .. start + count - 1, tokenised."""
-        return collate([self.example(p) for p in range(start, start + count)], self.topics, self.passages,
-                       tokenizer)
+            docnos = add_duplicate(example.docnos, rng)
+            target = dict(zip(example.docnos, example.targets))
+            copy = next(i for i, d in enumerate(docnos) if d in docnos[:i])  # the second occurrence
+            example = Example(query.qid, docnos, [target[d] for d in docnos], copy)
+        return example
+
+    def clusters(self, docnos: list[str]) -> list[int]:
+        """Jaccard clusters of a candidate list (data.novelty), computed once per distinct list."""
+        from crossrank.novelty import cluster_passages
+
+        key = tuple(docnos)
+        if key not in self._clusters:
+            self._clusters[key] = cluster_passages([self.passages[d] for d in docnos])
+        return self._clusters[key]
+
+    def batch(self, start: int, count: int, tokenizer: PairTokenizer, listwise: bool = False) -> Batch:
+        """The examples at stream positions start .. start + count - 1, tokenised (`listwise`: whole lists for
+        the Set-Encoder)."""
+        examples = [self.example(p) for p in range(start, start + count)]
+        batch = collate(examples, self.topics, self.passages, tokenizer, listwise)
+        if self.data.novelty:
+            batch.clusters = torch.zeros(batch.mask.shape, dtype=torch.long)  # [Q, D]
+            for row, example in enumerate(examples):
+                batch.clusters[row, : len(example.docnos)] = torch.tensor(self.clusters(example.docnos))
+        return batch
 
 
 def collate(examples: list[Example], topics: dict[str, str], passages: dict[str, str],
-            tokenizer: PairTokenizer) -> Batch:
-    """Tokenise examples and pad them into [Q, D] targets and mask (D = the longest candidate list)."""
+            tokenizer: PairTokenizer, listwise: bool = False) -> Batch:
+    """Tokenise examples and pad them into [Q, D] targets and mask (D = the longest candidate list): as pairs
+    for a pointwise model, as whole lists (`crossrank.set_encoder.encode_lists`) for the Set-Encoder. A list
+    with a duplicate also gets the duplicate head's targets and leaves the copy out of `ranked`."""
     width = max(len(e.docnos) for e in examples)
     targets = torch.zeros(len(examples), width)  # [Q, D]
     mask = torch.zeros(len(examples), width, dtype=torch.bool)  # [Q, D]
     for row, example in enumerate(examples):
         targets[row, : len(example.targets)] = torch.tensor(example.targets)
         mask[row, : len(example.docnos)] = True
-    queries = [topics[e.qid] for e in examples for _ in e.docnos]
-    texts = [passages[d] for e in examples for d in e.docnos]
-    return Batch(tokenizer(queries, texts), targets, mask)
+    if listwise:
+        from crossrank.set_encoder import INTERACTION_TOKEN, encode_lists
+
+        inputs = encode_lists(tokenizer, tokenizer.fields.token_to_id(INTERACTION_TOKEN),
+                              [topics[e.qid] for e in examples], [[passages[d] for d in e.docnos] for e in examples])
+    else:
+        inputs = tokenizer([topics[e.qid] for e in examples for _ in e.docnos],
+                           [passages[d] for e in examples for d in e.docnos])
+    batch = Batch(inputs, targets, mask)
+    if any(e.copy >= 0 for e in examples):
+        from crossrank.novelty import duplicate_targets
+
+        batch.duplicates = duplicate_targets([e.docnos for e in examples], width)  # [Q, D]
+        batch.ranked = mask.clone()
+        for row, example in enumerate(examples):
+            if example.copy >= 0:
+                batch.ranked[row, example.copy] = False
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -153,6 +153,47 @@ def format_table(table: pd.DataFrame, metrics: list[ir_measures.Measure], alpha:
     return "\n".join(lines)
 
 
+def cluster_subtopics(qrels: Qrels, texts: dict[str, str], rel_level: int = 1) -> dict[str, dict[str, set[int]]]:
+    """Cluster "subtopic" qrels for α-nDCG (the Set-Encoder's novelty evaluation): per query, its judged passages
+    with grade >= `rel_level` are clustered by Jaccard distance of their word sets (`novelty.cluster_passages`),
+    and each covers one subtopic, its cluster. Clustering only the relevant passages makes the subtopics a
+    property of the qrels, the same for every run compared. Passages without text are left out."""
+    from crossrank.novelty import cluster_passages, subtopic_qrels
+
+    subtopics = {}
+    for qid, judged in qrels.items():
+        relevant = sorted(d for d, rel in judged.items() if rel >= rel_level and d in texts)
+        clusters = dict(zip(relevant, cluster_passages([texts[d] for d in relevant])))
+        subtopics[qid] = subtopic_qrels(judged, clusters, rel_level)
+    return subtopics
+
+
+def alpha_ndcg_means(runs: dict[str, Run], subtopics: dict[str, dict[str, set[int]]], qrels: Qrels,
+                     topics: dict[str, str] | None = None, alpha: float = 0.99, k: int = 10
+                     ) -> tuple[dict[str, float], int]:
+    """Mean α-nDCG@k of each run over the judged queries that have a subtopic (a query the run lacks counts 0),
+    rankings in trec_eval order; returns the means and the number of queries averaged over."""
+    from crossrank.novelty import alpha_ndcg
+
+    qids = [q for q in judged_qids(qrels, topics) if subtopics.get(q)]
+    means = {}
+    for name, run in runs.items():
+        values = [alpha_ndcg([d for d, _ in sort_ranking(run.get(q, []))], subtopics[q], alpha, k) for q in qids]
+        means[name] = sum(values) / len(values) if values else 0.0
+    return means, len(qids)
+
+
+def format_alpha_ndcg(runs: dict[str, Run], subtopics: dict[str, dict[str, set[int]]], qrels: Qrels,
+                      topics: dict[str, str] | None = None) -> str:
+    """One line per run: α-nDCG@10 (α = 0.99) on cluster subtopics, and how it was measured."""
+    means, n = alpha_ndcg_means(runs, subtopics, qrels, topics)
+    width = max(len(name) for name in runs) + 2
+    return "\n".join([f"{'run'.ljust(width)}{'alpha-nDCG@10':>16}",
+                      *(f"{name.ljust(width)}{value:>16.4f}" for name, value in means.items()),
+                      f"(α = 0.99; subtopics = Jaccard clusters (complete linkage, < 0.5) of each query's relevant "
+                      f"passages; {n} queries with a relevant passage that has text)"])
+
+
 def plot_difference(evaluation: Evaluation, baseline: Evaluation, path: str | os.PathLike,
                     measure: str = "nDCG@10", title: str = "") -> Path:
     """Bar chart of per-query `measure` differences (run - baseline), sorted, written atomically as PNG."""

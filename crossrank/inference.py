@@ -134,6 +134,12 @@ def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.de
                compile: bool = False) -> tuple[MonoEncoder, PairTokenizer]:
     """The checkpoint in eval mode on `device` and its pair tokenizer. SDPA attention on CUDA; `compile` wraps
     it in `torch.compile` (dynamic shapes)."""
+    from crossrank.set_encoder import CONFIG_FILE
+
+    if model_cfg.kind != "set-encoder" and (Path(resolve_model_path(str(path))) / CONFIG_FILE).is_file():
+        raise CrossrankError(f"{path}: is a Set-Encoder checkpoint ({CONFIG_FILE}) loaded as model.kind="
+                             f"{model_cfg.kind} (expected -c set-encoder, or model.kind=set-encoder "
+                             f"model.truncation=per_field)")
     # A bare backbone (no trained head) gets a random head: seed it, so that every rank of a sharded run and
     # every resumed run has the same one (transformers reports the missing weights).
     with torch.random.fork_rng(devices=[]):
@@ -501,18 +507,24 @@ def rerank_dataset(cfg, model: MonoEncoder, tokenizer: PairTokenizer, fingerprin
               f"(* p < 0.05, paired two-sided t-test against {e.first_stage}{', Holm' if e.correction else ''}; "
               f"{len(evaluation.judged_qids(qrels, topics))} judged queries; binary measures at rel >= "
               f"{dataset.rel_level})"]
+    if e.novelty:
+        subtopics = evaluation.cluster_subtopics(qrels, _load_texts(dataset.source("corpus"), {
+            d for q in evaluation.judged_qids(qrels, topics) for d, rel in qrels[q].items()
+            if rel >= dataset.rel_level}), dataset.rel_level)
+        lines.append(evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics))
     return "\n".join(lines)
 
 
 def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: int | None = None) -> None:
     """infer.py's work: find the checkpoint, then re-rank and evaluate every dataset of eval.dataset."""
-    from crossrank.naming import find_model, objective_chain
+    from crossrank.naming import find_model, model_label, objective_chain
 
     keys = dataset_keys(cfg.eval.dataset)
     dist = setup_distributed()
     if model_path is None:
         chain = objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
-        model_path = str(find_model(cfg.model.name, chain, cfg.train.stage, lr, seed))
+        label = model_label(cfg.model.name, cfg.data.novelty)  # data.novelty: the novelty-trained variant
+        model_path = str(find_model(label, chain, cfg.train.stage, lr, seed))
     model, tokenizer = load_model(model_path, cfg.model, dist.device, cfg.eval.compile)
     fingerprint = model_fingerprint(model_path, cfg.model)
     if dist.is_main:

@@ -33,6 +33,12 @@ def objective_chain(objective: str, stage: int, previous: str = "") -> list[str]
     return [previous or OTHER_OBJECTIVE.get(objective, "CL"), objective]
 
 
+def model_label(name: str, novelty: bool = False) -> str:
+    """The first part of a run folder's name: the model name, plus `-novelty` for the Set-Encoder's novelty
+    variant (data.novelty), so that it never shares a folder with the plain run it is compared with."""
+    return f"{name}-novelty" if novelty else name
+
+
 def run_name(backbone: str, objectives: list[str], stage: int, lr: float, seed: int) -> str:
     return f"{backbone_name(backbone)}.{'-'.join(objectives)}.f{stage}.lr{lr:g}.s{seed}"
 

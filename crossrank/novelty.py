@@ -23,6 +23,7 @@ from scipy.spatial.distance import pdist
 from torch import Tensor
 
 from crossrank.io import CrossrankError
+from crossrank.losses import rank_net
 
 WORD = re.compile(r"\w+")
 
@@ -97,21 +98,11 @@ def novelty_targets(scores: Tensor, targets: Tensor, clusters: Tensor, mask: Ten
     return torch.where(is_winner & mask, best.gather(1, clusters), 0.0).to(targets.dtype)  # [Q, D]
 
 
-def rank_net_pairs(scores: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    """RankNet (Burges et al., ICML 2005): mean over unmasked pairs (i, j) of one query with t_i > t_j of
-    log(1 + exp(s_j - s_i)); 0 if there is no such pair. All [Q, D]; mask False = padding."""
-    mask = mask.bool()
-    pairs = (targets[:, :, None] > targets[:, None, :]) & mask[:, :, None] & mask[:, None, :]  # [Q, D, D]
-    if not pairs.any():
-        return scores.sum() * 0.0
-    return F.softplus(scores[:, None, :] - scores[:, :, None])[pairs].mean()  # softplus(s_j - s_i)
-
-
 def na_rank_net(scores: Tensor, targets: Tensor, mask: Tensor, clusters: Tensor) -> Tensor:
     """Novelty-Aware RankNet (Schlatt et al., ECIR 2025, arXiv:2404.06912): RankNet on `novelty_targets`, i.e.
     per cluster only the highest-scored member keeps the cluster's best teacher target, the others get 0.
     scores, targets (e.g. 101 - teacher rank), mask and clusters (from `cluster_passages`): all [Q, D]."""
-    return rank_net_pairs(scores, novelty_targets(scores, targets, clusters, mask), mask)
+    return rank_net(scores, novelty_targets(scores, targets, clusters, mask), mask.bool())
 
 
 def subtopic_qrels(qrels: Mapping[str, int], clusters: Mapping[str, int], min_rel: int = 1) -> dict[str, set[int]]:

@@ -31,16 +31,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from crossrank import config as config_io
 from crossrank import naming
 from crossrank.config import ROOT, OptimConfig, RunConfig
-from crossrank.data import PairTokenizer, TrainingData, load_training_data
+from crossrank.data import Batch, PairTokenizer, TrainingData, load_training_data
 from crossrank.io import CrossrankError, atomic_write
 from crossrank.losses import LOSSES
 from crossrank.models import MonoEncoder, load_tokenizer
+from crossrank.novelty import duplicate_bce, novelty_targets
 from crossrank.preprocessing import QueryCandidates
 
 INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -86,7 +89,8 @@ def run_folder(cfg: RunConfig) -> Path:
     if cfg.train.output_dir:
         return _project_path(cfg.train.output_dir)
     chain = naming.objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
-    name = naming.run_name(cfg.model.name or cfg.model.path, chain, cfg.train.stage, cfg.optim.lr, cfg.train.seed)
+    label = naming.model_label(cfg.model.name or cfg.model.path, cfg.data.novelty)
+    name = naming.run_name(label, chain, cfg.train.stage, cfg.optim.lr, cfg.train.seed)
     return _project_path(cfg.train.models_dir) / name
 
 
@@ -119,6 +123,55 @@ def lr_at(step: int, optim: OptimConfig, total: int) -> float:
     return optim.lr * max(0.0, (total - step) / max(1, total - optim.warmup_steps))
 
 
+def load_model(path: str, cfg: RunConfig) -> tuple[PreTrainedTokenizerBase, nn.Module]:
+    """Tokenizer and model to train from `path` (backbone, stage-1 model or checkpoint). The Set-Encoder adds
+    [INT]; outside stage 1 its duplicate head gets no loss, so it is frozen (DDP then needs no
+    find_unused_parameters)."""
+    if cfg.model.kind == "mono":
+        model = MonoEncoder.from_pretrained(path)
+        if cfg.model.gradient_checkpointing:
+            model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return load_tokenizer(path), model
+    from crossrank.set_encoder import SetEncoder, load_set_tokenizer
+
+    model = SetEncoder.from_pretrained(path, sample_missing_docs=cfg.model.sample_missing_docs,
+                                       depth=cfg.data.num_negatives + 1)  # pseudo-states fill lists up to this
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.duplicate.requires_grad_(cfg.data.duplicate)
+    return load_set_tokenizer(path), model
+
+
+def batch_loss(model: nn.Module, batch: Batch, loss_fn, cfg: RunConfig, device: torch.device
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one micro-batch, and its parts when it has several (for the log).
+
+    Mono: one score per encoded pair, scattered into [Q, D]. Set-Encoder: all lists in one call, scores [Q, D]
+    (and in stage 1 the duplicate head's logits [Q, D]: loss = ranking loss + train.duplicate_weight x
+    duplicate BCE). The ranking loss sees `batch.ranked`, which leaves out the inserted duplicate, so a CL
+    list keeps exactly one positive. With data.novelty the targets become novelty-aware first (NA-RankNet
+    when train.loss=rank_net)."""
+    inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    mask, targets = batch.mask.to(device), batch.targets.to(device)
+    logits = None
+    if cfg.model.kind == "set-encoder":
+        out = model(**inputs, duplicates=batch.duplicates is not None)
+        scores, logits = out if batch.duplicates is not None else (out, None)  # [Q, D] each
+    else:
+        flat = model(**inputs)  # [N]
+        scores = flat.float().new_zeros(mask.shape).masked_scatter(mask, flat.float())  # [Q, D]
+    scores = scores.float()
+    ranked = batch.ranked.to(device) if batch.ranked is not None else mask
+    if batch.clusters is not None:
+        targets = novelty_targets(scores, targets, batch.clusters.to(device), ranked)
+    loss = loss_fn(scores, targets, ranked)
+    if logits is None:
+        return loss, {}
+    duplicate = duplicate_bce(logits.float(), batch.duplicates.to(device), mask)
+    return loss + cfg.train.duplicate_weight * duplicate, {f"loss_{cfg.train.loss}": loss,
+                                                          "loss_duplicate_bce": duplicate}
+
+
 def train(cfg: RunConfig) -> TrainState:
     """Fine-tune `cfg.model` on `cfg.data` with `cfg.train.loss`; see the module docstring."""
     # --- setup ------------------------------------------------------------------------------------------
@@ -126,9 +179,6 @@ def train(cfg: RunConfig) -> TrainState:
     if cfg.train.loss not in LOSSES:
         raise CrossrankError(f"config: train.loss is unknown (expected one of {', '.join(LOSSES)}, "
                              f"got {cfg.train.loss!r})")
-    if cfg.model.kind != "mono":  # the Set-Encoder scores whole lists: its inputs and forward differ
-        raise CrossrankError(f"config: model.kind={cfg.model.kind} is not trained by this loop yet "
-                             f"(expected mono)")
     if cfg.train.accumulation % ddp.world:
         raise CrossrankError(f"config: train.accumulation={cfg.train.accumulation} is not divisible by the "
                              f"{ddp.world} processes (expected a multiple; the global batch is "
@@ -152,11 +202,10 @@ def train(cfg: RunConfig) -> TrainState:
     init = str(folder / "checkpoint") if resume else start_from
 
     torch.manual_seed(cfg.train.seed)  # the same fresh head on every process
-    tokenizer = load_tokenizer(init)
+    listwise = cfg.model.kind == "set-encoder"
+    tokenizer, raw_model = load_model(init, cfg)
+    raw_model.to(ddp.device)
     pairs = PairTokenizer(tokenizer, cfg.model)
-    raw_model = MonoEncoder.from_pretrained(init).to(ddp.device)
-    if cfg.model.gradient_checkpointing:
-        raw_model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = DistributedDataParallel(raw_model, device_ids=[ddp.device] if cuda else None) \
         if ddp.world > 1 else raw_model
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -192,24 +241,23 @@ def train(cfg: RunConfig) -> TrainState:
             lr = lr_at(state.step, cfg.optim, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, pair_count = torch.zeros((), device=ddp.device), 0
+            loss_sum, pair_count, part_sums = torch.zeros((), device=ddp.device), 0, {}
             for micro in range(micro_steps):
                 # micro-batches are interleaved over processes: the step's examples are the same for any world size
                 start = state.cursor + (micro * ddp.world + ddp.rank) * cfg.train.queries_per_batch
-                batch = data.batch(start, cfg.train.queries_per_batch, pairs)
-                mask, targets = batch.mask.to(ddp.device), batch.targets.to(ddp.device)
+                batch = data.batch(start, cfg.train.queries_per_batch, pairs, listwise)
                 last = micro == micro_steps - 1
                 with model.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext():
                     with autocast:  # the forward only; backward runs in the dtypes autocast chose
-                        flat = model(**{k: v.to(ddp.device) for k, v in batch.inputs.items()})  # [N]
-                        scores = flat.float().new_zeros(mask.shape).masked_scatter(mask, flat.float())  # [Q, D]
-                        loss = loss_fn(scores, targets, mask)
+                        loss, parts = batch_loss(model, batch, loss_fn, cfg, ddp.device)
                     scaler.scale(loss / micro_steps).backward()
                 loss_sum += loss.detach() / micro_steps
+                part_sums = {k: part_sums.get(k, 0.0) + v.detach() / micro_steps for k, v in parts.items()}
                 pair_count += batch.num_pairs
-            # one collective per step: mean loss, pairs, and whether any process was asked to stop
+            # one collective per step: mean loss, pairs, whether any process was asked to stop, the loss's parts
             flags = torch.stack([loss_sum, torch.tensor(float(pair_count), device=ddp.device),
-                                 torch.tensor(float(interrupted["signal"] is not None), device=ddp.device)])
+                                 torch.tensor(float(interrupted["signal"] is not None), device=ddp.device),
+                                 *part_sums.values()])
             if ddp.world > 1:
                 dist.all_reduce(flags)
             step_loss, stop = flags[0].item() / ddp.world, flags[2].item() > 0
@@ -228,15 +276,18 @@ def train(cfg: RunConfig) -> TrainState:
             progress.update(1)
 
             window["loss"] += step_loss
+            for i, name in enumerate(part_sums):  # the parts of a composite loss (Set-Encoder stage 1), logged too
+                window[name] = window.get(name, 0.0) + flags[3 + i].item() / ddp.world
             window["pairs"] += int(flags[1].item())
             window["time"] += time.perf_counter() - started
             window["steps"] += 1
             if ddp.is_main and (state.step % cfg.train.log_every == 0 or state.step == total_steps):
                 row = {"step": state.step, "epoch": round(state.cursor / len(data), 4), "lr": lr,
-                       "loss": window["loss"] / window["steps"], "pairs_per_s": window["pairs"] / window["time"]}
+                       "loss": window["loss"] / window["steps"], "pairs_per_s": window["pairs"] / window["time"],
+                       **{k: v / window["steps"] for k, v in window.items() if k in part_sums}}
                 _log(folder, row, reporters)
                 progress.set_postfix(loss=f"{row['loss']:.4f}")
-                window = dict.fromkeys(window, 0)
+                window = {"loss": 0.0, "pairs": 0, "time": 0.0, "steps": 0}
 
             done = state.step == total_steps
             if valid and (state.step % cfg.train.eval_every == 0 or done):
@@ -289,14 +340,24 @@ def evaluate(model: MonoEncoder, pairs: PairTokenizer, valid: list[QueryCandidat
     model.eval()
     run: dict[str, dict[str, float]] = {}
     mine = valid[ddp.rank:: ddp.world]
-    for chunk in range(0, len(mine), 64):  # 64 queries at a time bound the memory of the encoded pairs
-        queries = mine[chunk: chunk + 64]
-        keys = [(q.qid, d) for q in queries for d in q.docnos]
-        with autocast:
-            scores = score_pairs(model, pairs, [data.topics[qid] for qid, _ in keys],
-                                 [data.passages[d] for _, d in keys], cfg.eval.batch_tokens, ddp.device)
-        for (qid, docno), score in zip(keys, scores):
-            run.setdefault(qid, {})[docno] = score
+    if cfg.model.kind == "set-encoder":  # a query's passages attend to each other: one list per forward pass
+        from crossrank.set_encoder import INTERACTION_TOKEN, encode_lists
+
+        interaction_id = pairs.fields.token_to_id(INTERACTION_TOKEN)
+        for q in mine:
+            lists = encode_lists(pairs, interaction_id, [data.topics[q.qid]], [[data.passages[d] for d in q.docnos]])
+            with autocast:
+                scores = model(**{k: v.to(ddp.device) for k, v in lists.items()})[0]  # [D]
+            run[q.qid] = dict(zip(q.docnos, scores.float().tolist()))
+    else:
+        for chunk in range(0, len(mine), 64):  # 64 queries at a time bound the memory of the encoded pairs
+            queries = mine[chunk: chunk + 64]
+            keys = [(q.qid, d) for q in queries for d in q.docnos]
+            with autocast:
+                scores = score_pairs(model, pairs, [data.topics[qid] for qid, _ in keys],
+                                     [data.passages[d] for _, d in keys], cfg.eval.batch_tokens, ddp.device)
+            for (qid, docno), score in zip(keys, scores):
+                run.setdefault(qid, {})[docno] = score
     if ddp.world > 1:
         shares = [None] * ddp.world
         dist.all_gather_object(shares, run)

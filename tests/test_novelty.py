@@ -9,7 +9,8 @@ import torch
 
 from crossrank.io import CrossrankError
 from crossrank.novelty import (add_duplicate, alpha_ndcg, cluster_passages, duplicate_bce, duplicate_targets,
-                               na_rank_net, novelty_targets, rank_net_pairs, subtopic_qrels)
+                               na_rank_net, novelty_targets, subtopic_qrels)
+from crossrank.losses import rank_net
 
 T = torch.tensor
 softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
@@ -81,10 +82,10 @@ def test_na_rank_net_by_hand():
     na_rank_net(scores, targets, padded, clusters).backward()
     assert scores.grad[1, 2] == 0  # padding gets no gradient
     # Plain RankNet on the original targets differs: (1 > 2) is a pair there, not (2 > 1).
-    plain = rank_net_pairs(scores, targets, full).item()
+    plain = rank_net(scores, targets, full).item()
     assert plain == pytest.approx((softplus(-1) + softplus(-2) + softplus(-1) + softplus(-1) + softplus(-5)
                                    + softplus(-4)) / 6, rel=1e-6)
-    assert rank_net_pairs(scores, torch.zeros(2, 3), full).item() == 0.0  # no pair with t_i > t_j
+    assert rank_net(scores, torch.zeros(2, 3), full).item() == 0.0  # no pair with t_i > t_j
 
 
 def test_alpha_ndcg_by_hand():

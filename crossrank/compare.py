@@ -35,9 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holm", action="store_true", help="Holm-correct the p-values over the compared runs")
     parser.add_argument("--per-query", action="store_true", help="write <run>.perquery.csv next to each run")
     parser.add_argument("--plot", action="store_true", help="write <run>.ndcg10-diff.png next to each run")
+    parser.add_argument("--novelty", action="store_true", help="also alpha-nDCG@10 (alpha 0.99) on Jaccard "
+                        "clusters of the relevant passages as subtopics (needs the corpus: -d or --corpus)")
+    parser.add_argument("--corpus", help="corpus for --novelty (overrides the dataset's)")
     args = parser.parse_args(argv)
     try:
-        qrels_source, topics_source, rel_level = args.qrels, args.topics, args.rel_level
+        qrels_source, topics_source, rel_level, corpus = args.qrels, args.topics, args.rel_level, args.corpus
         if args.dataset:
             from crossrank.datasets import load_dataset
 
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             qrels_source = qrels_source or dataset.source("qrels")
             topics_source = topics_source or (dataset.source("topics") if dataset.topics else None)
             rel_level = dataset.rel_level if rel_level is None else rel_level
+            corpus = corpus or (dataset.source("corpus") if args.novelty else None)
         if not qrels_source:
             raise CrossrankError("command line: no qrels (expected -d DATASET or --qrels PATH)")
         qrels = read_qrels(qrels_source)
@@ -59,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         if base is None or not 0 <= base < len(runs):
             raise CrossrankError(f"command line: --baseline {args.baseline} is not one of the runs "
                                  f"(expected 0..{len(runs) - 1} or one of the paths)")
+        novelty = ""
+        if args.novelty:
+            if not corpus:
+                raise CrossrankError("command line: --novelty needs passage texts (expected -d DATASET or --corpus)")
+            from crossrank.inference import load_texts
+
+            texts = load_texts(corpus, evaluation.relevant_docnos(qrels, topics, rel_level or 1))
+            novelty = evaluation.format_alpha_ndcg(runs, evaluation.cluster_subtopics(qrels, texts, rel_level or 1),
+                                                   qrels, topics)
         table, notes = evaluation.compare(runs, qrels, metrics, topics, base, "holm" if args.holm else None)
         if args.per_query or args.plot:
             evals = {n: evaluation.evaluate(r, qrels, metrics, topics, n) for n, r in runs.items()}
@@ -78,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     print(evaluation.format_table(table, metrics))
     print(f"(* p < 0.05, paired two-sided t-test against {list(runs)[base]}"
           f"{', Holm-corrected' if args.holm else ''}; {len(evaluation.judged_qids(qrels, topics))} judged queries)")
+    if novelty:
+        print(novelty)
     return 0
 
 

@@ -153,6 +153,11 @@ def format_table(table: pd.DataFrame, metrics: list[ir_measures.Measure], alpha:
     return "\n".join(lines)
 
 
+def relevant_docnos(qrels: Qrels, topics: dict[str, str] | None, rel_level: int) -> set[str]:
+    """The judged queries' passages with grade >= rel_level: the texts `cluster_subtopics` needs."""
+    return {d for q in judged_qids(qrels, topics) for d, rel in qrels[q].items() if rel >= rel_level}
+
+
 def cluster_subtopics(qrels: Qrels, texts: dict[str, str], rel_level: int = 1) -> dict[str, dict[str, set[int]]]:
     """Cluster "subtopic" qrels for α-nDCG (the Set-Encoder's novelty evaluation): per query, its judged passages
     with grade >= `rel_level` are clustered by Jaccard distance of their word sets (`novelty.cluster_passages`),

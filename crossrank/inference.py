@@ -87,7 +87,7 @@ def load_candidates(run_path: str, topics: str, corpus: str, depth: int, lenient
         notes.append(f"{message}: skipped (--lenient)")
         run = {q: r for q, r in run.items() if q in all_topics}
     wanted = {docno for ranking in run.values() for docno, _ in ranking}
-    texts = _load_texts(corpus, wanted)
+    texts = load_texts(corpus, wanted)
     missing_d = wanted - texts.keys()
     if missing_d:
         n_lines = sum(d in missing_d for r in run.values() for d, _ in r)
@@ -115,7 +115,7 @@ def _count_duplicates(path: str) -> int:
     return duplicates
 
 
-def _load_texts(corpus: str, wanted: set[str]) -> dict[str, str]:
+def load_texts(corpus: str, wanted: set[str]) -> dict[str, str]:
     """{docno: text} for the `wanted` docnos that the corpus has (an ir_datasets docstore is looked up)."""
     if corpus.startswith(IRDS_PREFIX):
         import ir_datasets
@@ -508,9 +508,8 @@ def rerank_dataset(cfg, model: MonoEncoder, tokenizer: PairTokenizer, fingerprin
               f"{len(evaluation.judged_qids(qrels, topics))} judged queries; binary measures at rel >= "
               f"{dataset.rel_level})"]
     if e.novelty:
-        subtopics = evaluation.cluster_subtopics(qrels, _load_texts(dataset.source("corpus"), {
-            d for q in evaluation.judged_qids(qrels, topics) for d, rel in qrels[q].items()
-            if rel >= dataset.rel_level}), dataset.rel_level)
+        texts = load_texts(dataset.source("corpus"), evaluation.relevant_docnos(qrels, topics, dataset.rel_level))
+        subtopics = evaluation.cluster_subtopics(qrels, texts, dataset.rel_level)
         lines.append(evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics))
     return "\n".join(lines)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fine-tune a pointwise cross-encoder: one stage of the multi-stage recipe (README, "Training").
+# Fine-tune a cross-encoder (pointwise, or the listwise Set-Encoder): one stage (README, "Training").
 set -euo pipefail
 usage() {
   cat <<'TXT'
@@ -7,8 +7,7 @@ usage: ./ft-monoencoder.sh [-f 1|2] [-c backbone] [-m CL|KD|BCE] [-l lr] [-b que
                            [-s seed] [-d dataset] [-n] [key=value ...]
   -f  stage: 1 starts from the backbone, 2 from the stage-1 model found under models/ (default 1)
   -c  bert | minilm | electra | roberta (configs/backbones/) or a Hugging Face id / local folder (default bert);
-      set-encoder (on MiniLM), set-encoder:electra|roberta|<id or folder>: the listwise Set-Encoder, whose
-      stage recipe configs/set-encoder/<m>.yaml is stacked on the objective's
+      set-encoder[:electra|roberta|<id or folder>]: the Set-Encoder (MiniLM by default) + configs/set-encoder/<m>
   -m  objective: CL contrastive (LCE), KD distillation (RankNet), BCE pointwise (default CL)
   -l  learning rate (default 1e-5)            -b  queries per batch and micro-step (default: CL 4, KD 16)
   -g  GPU ids, e.g. 0 or 0,1,2,3: one process per GPU via torchrun (default: first visible GPU, else CPU)

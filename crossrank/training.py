@@ -1,4 +1,8 @@
-"""Fine-tuning a pointwise cross-encoder: one plain-PyTorch loop, `train(cfg)`, read top to bottom.
+"""Fine-tuning a cross-encoder: one plain-PyTorch loop, `train(cfg)`, read top to bottom.
+
+`model.kind` picks the model: `mono` (pointwise, one score per pair) or `set-encoder` (listwise,
+`crossrank.set_encoder`: every query's list in one forward pass). They differ only in `load_model` and in how
+a micro-batch is scored (`batch_loss`); the loop, resume, validation and checkpoints are the same.
 
     setup (processes, seeds, data, model, optimiser) -> resume from checkpoint/ if there is one -> loop:
     accumulate micro-batches -> clip -> step -> log -> validate (keep the best as model/) -> checkpoint
@@ -331,7 +335,7 @@ def train(cfg: RunConfig) -> TrainState:
 
 
 @torch.no_grad()
-def evaluate(model: MonoEncoder, pairs: PairTokenizer, valid: list[QueryCandidates], data: TrainingData,
+def evaluate(model: nn.Module, pairs: PairTokenizer, valid: list[QueryCandidates], data: TrainingData,
              cfg: RunConfig, ddp: Distributed, autocast) -> float:
     """Re-rank the validation queries' candidates (each process a share), gather, and score with ir_measures.
     Scores that are all equal mean the model collapsed: that stops the run."""
@@ -394,7 +398,7 @@ def score_pairs(model: MonoEncoder, pairs: PairTokenizer, queries: list[str], pa
 # Saving: every folder is written under a temporary name, then swapped in with renames
 
 
-def save_model(model: MonoEncoder, tokenizer, cfg: RunConfig, folder: Path, state: TrainState) -> None:
+def save_model(model: nn.Module, tokenizer, cfg: RunConfig, folder: Path, state: TrainState) -> None:
     """A Hugging Face folder (safetensors + tokenizer) with crossrank.yaml and which step it is."""
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -406,7 +410,7 @@ def save_model(model: MonoEncoder, tokenizer, cfg: RunConfig, folder: Path, stat
     _replace_folder(folder, write)
 
 
-def save_checkpoint(model: MonoEncoder, tokenizer, optimizer, scaler, cfg: RunConfig, state: TrainState,
+def save_checkpoint(model: nn.Module, tokenizer, optimizer, scaler, cfg: RunConfig, state: TrainState,
                     folder: Path) -> None:
     """The model folder plus state.pt: optimiser, scaler and the TrainState (step, cursor, best, RNG)."""
     def write(tmp: Path) -> None:

@@ -461,9 +461,10 @@ def _check_same_recipe(cfg: RunConfig, saved_path: Path) -> None:
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
     now = config_io.to_dict(cfg)
     free = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "report_to"}  # may change on resume
+    defaults = config_io.to_dict(RunConfig())  # a key newer than the checkpoint counts as its default
     differ = [f"{section}.{key}" for section in ("model", "data", "optim", "train")
               for key, value in now[section].items()
-              if key not in free and saved.get(section, {}).get(key) != value]
+              if key not in free and saved.get(section, {}).get(key, defaults[section][key]) != value]
     if differ:
         raise CrossrankError(f"{saved_path}: the checkpoint was trained with other settings ({', '.join(differ)}); "
                              f"resume with the same ones, or set train.output_dir to start a new run")

@@ -44,7 +44,7 @@ from crossrank.io import (IRDS_PREFIX, CrossrankError, Run, atomic_write, load_r
                           sort_ranking, write_run)
 from crossrank.models import MonoEncoder, load_tokenizer, resolve_model_path
 
-SCORE_DECIMALS = 6  # what format_run_lines writes
+SCORE_DECIMALS = 6  # scores are rounded so that runs from different batchings and shards are identical
 ScoredPair = tuple[str, str, float]  # (qid, docno, score)
 
 

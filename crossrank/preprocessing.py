@@ -437,9 +437,10 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     """RankGPT's distillation files -> KD training folder.
 
     `data` is RankGPT's JSONL, or the zip holding it (one query per line: `query_id`, `query`,
-    `positive_passages`, `retrieved_passages`, each passage `{docid, rank, text}`); `answers` is the JSON list of the teacher's answers (`[3] > [1] > ...`), one per
-    line of `data`, parsed as rank_gpt.py parses answers (`crossrank.teacher.parse_permutation`). The teacher
-    order becomes scores `depth - rank + 1`; positives become judgements (rel 1).
+    `positive_passages`, `retrieved_passages`, each passage `{docid, rank, text}`); `answers` is the JSON list
+    of the teacher's answers (`[3] > [1] > ...`), one per line of `data`, parsed as rank_gpt.py parses answers
+    (`crossrank.teacher.parse_permutation`). The teacher order becomes scores `depth - rank + 1`; positives
+    become judgements (rel 1).
     Query and passage texts are written once each (`topics.tsv`, `passages.tsv`, deduplicated) next to the
     splits, and qids are MS MARCO's when `topics` (qid -> text) knows the query text, else `rankgpt-<line>`.
     """

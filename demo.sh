@@ -2,7 +2,7 @@
 # The whole pipeline offline on the generated demo collection: generate -> BM25 -> preprocessing -> evaluate.
 set -euo pipefail
 cd "$(dirname "$0")"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1
 
 echo "== 1. Generate the demo collection (data/demo/)"
 python -m crossrank.demo

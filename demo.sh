@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The whole pipeline offline on the generated demo collection: generate -> BM25 -> preprocessing -> evaluate.
+# The whole pipeline offline on the generated demo collection: generate -> BM25 -> preprocessing -> stage 1 CL
+# -> stage 2 KD -> re-rank the test topics -> comparison table with significance tests. A few minutes on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1
 
 echo "== 1. Generate the demo collection (data/demo/)"
 python -m crossrank.demo

@@ -191,9 +191,14 @@ def sort_ranking(ranking: Iterable[tuple[str, float]]) -> list[tuple[str, float]
 
 
 def format_run_lines(qid: str, ranking: Iterable[tuple[str, float]], tag: str) -> Iterator[str]:
-    """TREC run lines for one query; `ranking` must already be sorted (see `sort_ranking`)."""
+    """TREC run lines for one query; `ranking` must already be sorted (see `sort_ranking`).
+
+    Scores are written exactly (Python's shortest round-trip form), never rounded to a fixed number of
+    decimals: rounding could turn two different scores into a tie that the evaluation tools then order by
+    docno, against the ranks written here (and tiny scores such as PISA's on small corpora would all become 0).
+    """
     for rank, (docno, score) in enumerate(ranking, 1):
-        yield f"{qid} Q0 {docno} {rank} {score:.6f} {tag}\n"
+        yield f"{qid} Q0 {docno} {rank} {float(score)!r} {tag}\n"
 
 
 def write_run(path: str | os.PathLike, run: Run, tag: str = "crossrank", depth: int | None = None) -> Path:
@@ -449,6 +454,16 @@ def _looks_like_trec_topics(path: Path) -> bool:
 # Atomic writes
 
 
+def _file_mode() -> int:
+    """The mode `open()` would give a new file under the process umask (read once, at import)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file next to `path`; on success fsync and rename it over `path`, on error delete it.
@@ -459,6 +474,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes owner-only files; runs are shared like any other file
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()

@@ -414,20 +414,6 @@ def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str |
     return counts
 
 
-def parse_permutation(answer: str, n: int) -> tuple[list[int], bool]:
-    """Turn an LLM's `[2] > [1] > [3]` answer into a 0-based order of `n` items, RankGPT's way: keep the
-    digits, drop repeats and out-of-range ids, append the missing ones in their previous order. The flag
-    says whether the answer was malformed (anything had to be dropped or appended)."""
-    numbers = "".join(c if c.isdigit() else " " for c in answer).split()
-    order: list[int] = []
-    for token in numbers:
-        index = int(token) - 1
-        if 0 <= index < n and index not in order:
-            order.append(index)
-    malformed = len(order) != n or len(numbers) != n
-    return order + [i for i in range(n) if i not in order], malformed
-
-
 @contextlib.contextmanager
 def _open_maybe_zipped(path: Path) -> "Iterator[IO[str]]":
     """A text file, or the single .jsonl member of a .zip (RankGPT ships `marco-train-100k.jsonl.zip`)."""
@@ -451,12 +437,15 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     """RankGPT's distillation files -> KD training folder.
 
     `data` is RankGPT's JSONL, or the zip holding it (one query per line: `query_id`, `query`,
-    `positive_passages`, `retrieved_passages`, each passage `{docid, rank, text}`); `answers` is the JSON list of the teacher's answers (`[3] > [1] > ...`), one per
-    line of `data`. The teacher order becomes scores `depth - rank + 1`; positives become judgements (rel 1).
+    `positive_passages`, `retrieved_passages`, each passage `{docid, rank, text}`); `answers` is the JSON list
+    of the teacher's answers (`[3] > [1] > ...`), one per line of `data`, parsed as rank_gpt.py parses answers
+    (`crossrank.teacher.parse_permutation`). The teacher order becomes scores `depth - rank + 1`; positives
+    become judgements (rel 1).
     Query and passage texts are written once each (`topics.tsv`, `passages.tsv`, deduplicated) next to the
     splits, and qids are MS MARCO's when `topics` (qid -> text) knows the query text, else `rankgpt-<line>`.
     """
     from crossrank.io import atomic_write
+    from crossrank.teacher import parse_permutation  # one parser for the teacher's answers, ours or RankGPT's
 
     answer_list = json.loads(Path(answers).read_text(encoding="utf-8"))
     if not isinstance(answer_list, list):
@@ -485,9 +474,9 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
             if counts["queries"] >= len(answer_list):
                 raise CrossrankError(f"{answers}: has {len(answer_list)} answers but {data} has more lines "
                                      f"(expected one answer per line)")
-            order, malformed = parse_permutation(str(answer_list[counts["queries"]]), len(docs))
+            order, problems = parse_permutation(str(answer_list[counts["queries"]]), len(docs))
             counts["queries"] += 1
-            counts["malformed_answers"] += malformed
+            counts["malformed_answers"] += bool(problems)
             qid = str(item.get("qid") or item.get("query_id") or qid_of_text.get(text) or f"rankgpt-{number}")
             query_texts[qid] = text
             passages.update((d, t) for d, t in docs if t)

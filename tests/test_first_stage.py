@@ -11,13 +11,13 @@ from crossrank.io import CrossrankError
 # (d21, d22 at 8.25) and 4 candidates, query 10 is listed out of score order, query 1 has one candidate.
 # Cut to depth 3, sorted by score with ties by docno descending (trec_eval's order), ranks renumbered:
 EXPECTED_DEPTH_3 = """\
-2 Q0 d20 1 9.500000 colbertv2
-2 Q0 d22 2 8.250000 colbertv2
-2 Q0 d21 3 8.250000 colbertv2
-10 Q0 d11 1 7.500000 colbertv2
-10 Q0 d10 2 3.000000 colbertv2
-10 Q0 d12 3 -2.000000 colbertv2
-1 Q0 d1 1 4.000000 colbertv2
+2 Q0 d20 1 9.5 colbertv2
+2 Q0 d22 2 8.25 colbertv2
+2 Q0 d21 3 8.25 colbertv2
+10 Q0 d11 1 7.5 colbertv2
+10 Q0 d10 2 3.0 colbertv2
+10 Q0 d12 3 -2.0 colbertv2
+1 Q0 d1 1 4.0 colbertv2
 """
 
 
@@ -54,8 +54,8 @@ def test_parquet_with_ranks_only_orders_by_rank(tmp_path):
     write_parquet(source, {"query-id": [7, 7, 7], "corpus-id": ["b", "a", "c"], "rank": [2, 1, 3]})
     out = tmp_path / "ranked.run"
     import_run(source, out, tag="llm ranking", progress=False)
-    assert out.read_text() == ("7 Q0 a 1 -1.000000 llmranking\n7 Q0 b 2 -2.000000 llmranking\n"
-                               "7 Q0 c 3 -3.000000 llmranking\n")
+    assert out.read_text() == ("7 Q0 a 1 -1.0 llmranking\n7 Q0 b 2 -2.0 llmranking\n"
+                               "7 Q0 c 3 -3.0 llmranking\n")
 
 
 def test_parquet_without_a_docno_column_names_what_it_has(tmp_path):

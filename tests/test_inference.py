@@ -195,6 +195,22 @@ def test_score_cache_skips_scored_pairs(tiny_bert, collection, tmp_path):
     assert counting.calls > 0
 
 
+def test_bf16_precision_on_cpu_is_close_and_cached_apart(tiny_bert, collection, tmp_path):
+    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    cands = _candidates(collection)
+    fp32 = inference.score_candidates(model, tok, cands, _eval_cfg())
+    bf16 = inference.score_candidates(model, tok, cands, _eval_cfg(precision="bf16"))
+    pairs32 = {(q, d): s for q, r in fp32.items() for d, s in r}
+    pairs16 = {(q, d): s for q, r in bf16.items() for d, s in r}
+    assert pairs32.keys() == pairs16.keys() and pairs32 != pairs16  # autocast really ran
+    assert max(abs(pairs32[k] - pairs16[k]) for k in pairs32) < 0.05
+    cache = str(tmp_path / "cache.sqlite")
+    inference.rerank(model, tok, cands, tmp_path / "a.run", _eval_cfg(score_cache=cache), "fp")
+    counting = _Interrupting(model, fail_at=-1)
+    inference.rerank(counting, tok, cands, tmp_path / "b.run", _eval_cfg(score_cache=cache, precision="bf16"), "fp")
+    assert counting.calls > 0  # fp32 scores are not reused for bf16
+
+
 def test_set_encoder_scores_each_query_list_in_one_pass(tiny_bert, collection, tmp_path):
     from crossrank.set_encoder import SetEncoder, encode_lists, load_set_tokenizer
 

@@ -47,10 +47,16 @@ def test_write_run_round_trip_is_sorted_ranked_and_stable(tmp_path):
     path = io.write_run(tmp_path / "out.run", run, tag="my tag")
     lines = path.read_text().splitlines()
     # numeric qids in numeric order; score desc, ties docno desc; ranks 1..n; tag without spaces
-    assert lines == ["9 Q0 x 1 0.500000 mytag", "10 Q0 c 1 5.000000 mytag", "10 Q0 b 2 1.000000 mytag",
-                     "10 Q0 a 3 1.000000 mytag"]
+    assert lines == ["9 Q0 x 1 0.5 mytag", "10 Q0 c 1 5.0 mytag", "10 Q0 b 2 1.0 mytag", "10 Q0 a 3 1.0 mytag"]
     again = io.write_run(tmp_path / "again.run", io.load_run(path), tag="mytag")
     assert again.read_text() == path.read_text()
+
+
+def test_written_scores_are_exact_so_no_tie_is_made_up(tmp_path):
+    run = {"q": [("a", 0.1234567891), ("z", 0.1234567890), ("m", 9.4e-07), ("n", 9.3e-07)]}
+    path = io.write_run(tmp_path / "exact.run", run)
+    assert io.load_run(path) == {"q": sorted(run["q"], key=lambda p: -p[1])}
+    assert [line.split()[2] for line in path.read_text().splitlines()] == ["a", "z", "m", "n"]
 
 
 def test_write_run_agrees_with_ir_measures_on_ties(tmp_path):
@@ -199,6 +205,13 @@ def test_irds_offline_download_failure_is_explained(tmp_path):
 
 
 # --- atomic writes ---------------------------------------------------------------------------------------
+
+
+def test_atomic_write_gives_the_usual_permissions(tmp_path):
+    with io.atomic_write(tmp_path / "shared.run") as f:
+        f.write("x")
+    (tmp_path / "plain.run").write_text("x")
+    assert (tmp_path / "shared.run").stat().st_mode == (tmp_path / "plain.run").stat().st_mode
 
 
 def test_atomic_write_leaves_nothing_behind_on_error(tmp_path):

@@ -142,3 +142,21 @@ def write_tiny_collection(root: Path, valid_is_train: bool = False) -> dict[str,
                             "corpus": str(root / "corpus.tsv"), "qrels": "", "evalperc": 20, "seed": 42})
         folders[objective] = folder
     return folders
+
+
+def interrupt_and_resume(train, cfg, metrics: Path, step: int):
+    """`train(cfg)` with SIGTERM sent to this process once `metrics` has logged `step`, then `train(cfg)` again
+    (the resume, as rerunning the same command does). Returns (interrupted state, resumed state)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def kill() -> None:
+        while not (metrics.is_file() and f'"step": {step},' in metrics.read_text()):
+            time.sleep(0.002)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=kill, daemon=True).start()
+    interrupted = train(cfg)
+    return interrupted, train(cfg)

@@ -5,18 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_tiny_collection
+from conftest import interrupt_and_resume, write_tiny_collection
 from crossrank.config import ROOT, load_run_config
 from crossrank.io import CrossrankError
 from crossrank.preprocessing import QueryCandidates, write_meta, write_split
@@ -107,15 +104,8 @@ def test_resume_after_sigterm_gives_identical_weights(tiny_bert, collection, tmp
     cfg = config(tiny_bert, collection["CL"], tmp_path / "b", "CL", *steps)
     metrics = tmp_path / "b" / "tiny.CL.f1.lr0.003.s42" / "metrics.jsonl"
 
-    def kill_after_step_5():
-        while not (metrics.is_file() and '"step": 5,' in metrics.read_text()):
-            time.sleep(0.002)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=kill_after_step_5, daemon=True).start()
-    interrupted = train(cfg)
+    interrupted, resumed = interrupt_and_resume(train, cfg, metrics, step=5)
     assert not interrupted.finished and 5 <= interrupted.step < 12
-    resumed = train(cfg)
     assert resumed.finished and resumed.step == 12
     a, b = (tmp_path / x / "tiny.CL.f1.lr0.003.s42" for x in "ab")
     for name in ("checkpoint", "model"):

@@ -12,10 +12,14 @@ import hashlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crossrank import config
 from crossrank.datasets import load_dataset
 from crossrank.io import CrossrankError, Run, read_corpus, read_topics, write_run
+
+if TYPE_CHECKING:
+    from pyterrier_pisa import PisaIndex
 
 INDEXES = config.ROOT / "data" / "indexes"
 

@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.novelty:
             if not corpus:
                 raise CrossrankError("command line: --novelty needs passage texts (expected -d DATASET or --corpus)")
-            from crossrank.inference import load_texts
+            from crossrank.io import load_corpus
 
-            texts = load_texts(corpus, evaluation.relevant_docnos(qrels, topics, rel_level or 1))
+            texts = load_corpus(corpus, evaluation.relevant_docnos(qrels, topics, rel_level or 1), missing_ok=True)
             novelty = evaluation.format_alpha_ndcg(runs, evaluation.cluster_subtopics(qrels, texts, rel_level or 1),
                                                    qrels, topics)
         table, notes = evaluation.compare(runs, qrels, metrics, topics, base, "holm" if args.holm else None)

@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from crossrank.config import EvalConfig, ModelConfig
 from crossrank.data import PairTokenizer
-from crossrank.io import (IRDS_PREFIX, CrossrankError, Run, atomic_write, load_run, read_corpus, read_topics,
+from crossrank.distributed import Distributed, setup_distributed
+from crossrank.io import (CrossrankError, Run, atomic_write, load_corpus, load_run, qid_order, read_topics,
                           sort_ranking, write_run)
 from crossrank.models import MonoEncoder, load_tokenizer, resolve_model_path
 
@@ -87,7 +88,7 @@ def load_candidates(run_path: str, topics: str, corpus: str, depth: int, lenient
         notes.append(f"{message}: skipped (--lenient)")
         run = {q: r for q, r in run.items() if q in all_topics}
     wanted = {docno for ranking in run.values() for docno, _ in ranking}
-    texts = load_texts(corpus, wanted)
+    texts = load_corpus(corpus, wanted, missing_ok=True)  # missing docnos are counted and reported below
     missing_d = wanted - texts.keys()
     if missing_d:
         n_lines = sum(d in missing_d for r in run.values() for d, _ in r)
@@ -113,17 +114,6 @@ def _count_duplicates(path: str) -> int:
                 duplicates += key in seen
                 seen.add(key)
     return duplicates
-
-
-def load_texts(corpus: str, wanted: set[str]) -> dict[str, str]:
-    """{docno: text} for the `wanted` docnos that the corpus has (an ir_datasets docstore is looked up)."""
-    if corpus.startswith(IRDS_PREFIX):
-        import ir_datasets
-
-        store = ir_datasets.load(corpus[len(IRDS_PREFIX):]).docs_store()
-        return {d.doc_id: (f"{d.title} {d.text}".strip() if getattr(d, "title", "") else d.text)
-                for d in store.get_many_iter(wanted)}
-    return {docno: text for docno, text in read_corpus(corpus) if docno in wanted}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,34 +300,8 @@ def score_batches(model: MonoEncoder, batches: list[tuple[list[int], dict[str, t
 # The re-ranking loop
 
 
-@dataclasses.dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Distributed:
-    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK switch sharding on (NCCL on CUDA, gloo on CPU)."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Distributed(device=torch.device("cuda" if cuda else "cpu"))
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if not torch.distributed.is_initialized():
-        # ranks wait for each other only at the merge: allow long imbalances before timing out
-        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=12))
-    device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return Distributed(rank, world, device)
-
-
 def blocks_of(candidates: Candidates, block_queries: int) -> list[list[str]]:
-    qids = sorted(candidates.run, key=lambda q: (0, int(q)) if q.isdigit() else (1, q))  # write_run's order
+    qids = sorted(candidates.run, key=qid_order)  # the order write_run writes queries in
     return [qids[i: i + block_queries] for i in range(0, len(qids), block_queries)]
 
 
@@ -520,7 +484,8 @@ def rerank_dataset(cfg, model: MonoEncoder, tokenizer: PairTokenizer, fingerprin
               f"{len(evaluation.judged_qids(qrels, topics))} judged queries; binary measures at rel >= "
               f"{dataset.rel_level})"]
     if e.novelty:
-        texts = load_texts(dataset.source("corpus"), evaluation.relevant_docnos(qrels, topics, dataset.rel_level))
+        texts = load_corpus(dataset.source("corpus"), evaluation.relevant_docnos(qrels, topics, dataset.rel_level),
+                            missing_ok=True)
         subtopics = evaluation.cluster_subtopics(qrels, texts, dataset.rel_level)
         lines.append(evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics))
     return "\n".join(lines)
@@ -531,7 +496,7 @@ def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: in
     from crossrank.naming import find_model, model_label, objective_chain
 
     keys = dataset_keys(cfg.eval.dataset)
-    dist = setup_distributed()
+    dist = setup_distributed(timeout=datetime.timedelta(hours=12))  # shards may finish far apart
     if model_path is None:
         chain = objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
         label = model_label(cfg.model.name, cfg.data.novelty)  # data.novelty: the novelty-trained variant

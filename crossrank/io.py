@@ -205,12 +205,12 @@ def write_run(path: str | os.PathLike, run: Run, tag: str = "crossrank", depth: 
     """Write a run atomically, each query sorted by score with deterministic ties, queries in qid order."""
     tag = "".join(tag.split()) or "crossrank"  # a tag with spaces would add columns
     with atomic_write(path) as f:
-        for qid in sorted(run, key=_qid_key):
+        for qid in sorted(run, key=qid_order):
             f.writelines(format_run_lines(qid, sort_ranking(run[qid])[:depth], tag))
     return Path(path)
 
 
-def _qid_key(qid: str) -> tuple[int, int | str]:
+def qid_order(qid: str) -> tuple[int, int | str]:
     """Numeric qids in numeric order, then the rest in string order (a stable, familiar file layout)."""
     return (0, int(qid)) if qid.isdigit() else (1, qid)
 
@@ -351,9 +351,9 @@ def _irds_doc_text(doc) -> str:
 
 
 def load_corpus(path: str | os.PathLike, docnos: Iterable[str] | None = None,
-                lenient: bool = False) -> dict[str, str]:
+                lenient: bool = False, missing_ok: bool = False) -> dict[str, str]:
     """Read a corpus into {docno: text}, keeping only `docnos` when given (so MS MARCO's 8.8M passages need
-    not all sit in memory); every requested docno must be found."""
+    not all sit in memory); every requested docno must be found, unless `missing_ok` (the caller reports)."""
     wanted = set(docnos) if docnos is not None else None
     if wanted is not None and _is_irds(path):
         with _irds_errors(str(path)):
@@ -361,7 +361,7 @@ def load_corpus(path: str | os.PathLike, docnos: Iterable[str] | None = None,
             texts = {doc.doc_id: _irds_doc_text(doc) for doc in store.get_many_iter(wanted)}
     else:
         texts = {d: t for d, t in read_corpus(path, lenient) if wanted is None or d in wanted}
-    if wanted is not None and len(texts) < len(wanted):
+    if wanted is not None and len(texts) < len(wanted) and not missing_ok:
         missing = sorted(wanted - texts.keys())
         raise CrossrankError(f"{path}: {len(missing)} of {len(wanted)} docnos are not in the corpus "
                              f"(e.g. {', '.join(missing[:5])})")

@@ -41,7 +41,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
-from crossrank.io import (IRDS_PREFIX, CrossrankError, _qid_key, atomic_write, load_corpus, load_run, read_topics,
+from crossrank.io import (IRDS_PREFIX, CrossrankError, qid_order, atomic_write, load_corpus, load_run, read_topics,
                           write_run)
 
 SYSTEM = "You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to the query."
@@ -535,7 +535,7 @@ def rank(cfg: TeacherConfig) -> dict:
             path.unlink(missing_ok=True)
     resume_from, previous = resume_point(files, settings) if not cfg.overwrite else (None, {})
     candidates = load_candidates(cfg.run, cfg.k)
-    qids = sorted(candidates, key=_qid_key)[: cfg.limit or None]
+    qids = sorted(candidates, key=qid_order)[: cfg.limit or None]
     topics = read_topics(cfg.topics)
     missing = [qid for qid in qids if qid not in topics]
     if missing:

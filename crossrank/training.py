@@ -44,6 +44,7 @@ from crossrank import config as config_io
 from crossrank import naming
 from crossrank.config import ROOT, OptimConfig, RunConfig
 from crossrank.data import Batch, PairTokenizer, TrainingData, load_training_data
+from crossrank.distributed import Distributed, setup_distributed
 from crossrank.io import CrossrankError, atomic_write
 from crossrank.losses import LOSSES
 from crossrank.models import MonoEncoder, load_tokenizer
@@ -63,29 +64,6 @@ class TrainState:
     best_step: int = -1  # the step model/ was saved at
     finished: bool = False
     rng: list = dataclasses.field(default_factory=list)  # per process: python, torch CPU (and CUDA) RNG states
-
-
-@dataclasses.dataclass
-class Distributed:
-    rank: int
-    world: int
-    device: torch.device
-    is_main: bool
-
-
-def setup_distributed() -> Distributed:
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: then one process per GPU (NCCL), or gloo on CPU."""
-    if "RANK" not in os.environ:
-        return Distributed(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), True)
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return Distributed(rank, world, device, rank == 0)
 
 
 def run_folder(cfg: RunConfig) -> Path:

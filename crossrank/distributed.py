@@ -1,0 +1,41 @@
+"""One process per GPU under torchrun, as nanoGPT does it with the public API: train.py and infer.py share this.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them (or with one process) nothing is initialised and
+the single process uses the first GPU, else the CPU. NCCL on CUDA, gloo on CPU (how the tests run 2 processes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        """The process that logs and writes (rank 0)."""
+        return self.rank == 0
+
+
+def setup_distributed(timeout: datetime.timedelta | None = None) -> Distributed:
+    """This process's rank, world size and device; joins the process group when torchrun started several.
+    `timeout` bounds how long a collective waits for the slowest rank (re-ranking shards may be unbalanced)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Distributed(device=torch.device("cuda" if cuda else "cpu"))
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        extra = {"device_id": device} if cuda else {}
+        dist.init_process_group("nccl" if cuda else "gloo", **extra, **({"timeout": timeout} if timeout else {}))
+    return Distributed(rank, world, device)

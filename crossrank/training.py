@@ -45,6 +45,7 @@ from crossrank import naming
 from crossrank.config import ROOT, OptimConfig, RunConfig
 from crossrank.data import Batch, PairTokenizer, TrainingData, load_training_data
 from crossrank.distributed import Distributed, setup_distributed
+from crossrank.inference import plan_batches
 from crossrank.io import CrossrankError, atomic_write
 from crossrank.losses import LOSSES
 from crossrank.models import MonoEncoder, load_tokenizer
@@ -355,20 +356,15 @@ def evaluate(model: nn.Module, pairs: PairTokenizer, valid: list[QueryCandidates
 
 def score_pairs(model: MonoEncoder, pairs: PairTokenizer, queries: list[str], passages: list[str],
                 batch_tokens: int, device: torch.device) -> list[float]:
-    """Scores of (query, passage) pairs, batched by length so that a batch holds about `batch_tokens` tokens."""
+    """Scores of (query, passage) pairs in batches of about `batch_tokens` padded tokens, planned as
+    inference plans them (`crossrank.inference.plan_batches`: length-sorted)."""
     encoded = pairs.encode(queries, passages)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     scores = [0.0] * len(encoded)
-    start = 0
-    while start < len(order):
-        end = start + 1  # grow while the padded batch (count x its longest, the last one) fits the budget
-        while end < len(order) and (end + 1 - start) * len(encoded[order[end]][0]) <= batch_tokens:
-            end += 1
-        batch = pairs.pad([encoded[i] for i in order[start:end]])
+    for rows in plan_batches([len(ids) for ids, _ in encoded], [], batch_tokens):
+        batch = pairs.pad([encoded[i] for i in rows])
         out = model(**{k: v.to(device) for k, v in batch.items()}).float().tolist()  # [N]
-        for i, score in zip(order[start:end], out):
+        for i, score in zip(rows, out):
             scores[i] = score
-        start = end
     return scores
 
 

@@ -1,0 +1,69 @@
+"""bench/gpu.py --dry-run: the GPU check's code paths on CPU with tiny shapes (gloo instead of NCCL), so the script
+is known to run before a GPU machine is lent. Checks that every section's rows are in the table, that the exit
+status is 0 when all checks pass and 1 when one fails."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "gpu.py"
+
+
+def dry_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), "--dry-run", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The printed table's rows (after its header line), split into columns on runs of 2+ spaces."""
+    import re
+
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("section "))
+    rows = []
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    return rows
+
+
+def test_dry_run_prints_every_section_and_exits_0():
+    # --min-tau -1: the 0.98 gate is meant for the GPU's 100-passage lists; the dry run's 8 CPU passages per
+    # query are too few for a tau that does not depend on the data at hand
+    done = dry_run("--min-tau", "-1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = table_rows(done.stdout)
+    checks = {(r[0], r[1]): r[-1] for r in rows}
+    expected = [
+        ("1 rerank", "electra-tiny crossrank eager bf16"), ("1 rerank", "roberta-tiny crossrank eager bf16"),
+        ("1 rerank", "minilm crossrank eager bf16"), ("1 rerank", "minilm CrossEncoder.predict bs32 bf16"),
+        ("1 rerank", "minilm crossrank eager Kendall tau bf16 vs fp32 (real weights)"),
+        ("1 rerank", "electra-tiny crossrank eager / best CrossEncoder.predict"),
+        ("2 train", "CL 2 x 8 crossrank train() bf16"), ("2 train", "CL 2 x 8 CrossEncoderTrainer bf16"),
+        ("2 train", "KD 2 x 5 crossrank / CrossEncoderTrainer"),
+        ("3 set-encoder", "training step, 1 list x 8 passages, gradient checkpointing, bf16"),
+        ("3 set-encoder", "re-rank 3 queries x 8 passages, bf16"),
+        ("4 torchrun", "train.py: 2 steps + checkpoint"), ("4 torchrun", "train.py again: resume"),
+        ("4 torchrun", "DDP probe (world of 1, this process): process group, DDP backward, all_reduce"),
+        ("5 gemm", "electra-tiny GEMM rate at the model's shapes (256 tokens)"),
+        ("5 gemm", "CL 2 x 8 training ideal (forward + backward = 3x forward)"),
+    ]
+    missing = [key for key in expected if key not in checks]
+    assert not missing, f"rows missing from the table: {missing}\n{done.stdout[-3000:]}"
+    assert {status for status in checks.values()} <= {"PASS", "info", "dry"}
+    assert checks[("4 torchrun", "train.py again: resume")] == "PASS"
+    assert checks[("1 rerank", "electra-tiny crossrank eager / best CrossEncoder.predict")] == "dry"  # not gated
+    assert done.stdout.rstrip().splitlines()[-1].endswith("(target == 0) PASS")
+
+
+def test_a_failing_check_makes_the_exit_status_1():
+    done = dry_run("--sections", "1", "--models", "minilm", "--min-tau", "1.01")  # tau <= 1 always
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {(r[0], r[1]): r for r in table_rows(done.stdout)}
+    tau = rows[("1 rerank", "minilm crossrank eager Kendall tau bf16 vs fp32 (real weights)")]
+    assert tau[-2:] == [">= 1.01", "FAIL"]
+    assert -1 <= float(tau[2]) <= 1
+    assert done.stdout.rstrip().splitlines()[-1].startswith("checks failed = 1 of ")
+    assert done.stdout.rstrip().splitlines()[-1].endswith("FAIL")

@@ -67,3 +67,24 @@ def test_a_failing_check_makes_the_exit_status_1():
     assert -1 <= float(tau[2]) <= 1
     assert done.stdout.rstrip().splitlines()[-1].startswith("checks failed = 1 of ")
     assert done.stdout.rstrip().splitlines()[-1].endswith("FAIL")
+
+
+def test_a_step_still_running_past_the_budget_is_stopped_and_fails(monkeypatch):
+    import importlib.util
+    import time
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
+    gpu = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_bench", gpu)  # dataclasses look their module up there
+    spec.loader.exec_module(gpu)
+    monkeypatch.setattr(gpu, "OVERRUN_S", 1)
+    report = gpu.Report(dry=False)
+    started = time.perf_counter()
+    gpu.run_steps([("9 x slow", lambda: time.sleep(30)), ("9 x next", lambda: None)], 0.5, started,
+                  torch.device("cpu"), report)
+    assert time.perf_counter() - started < 10
+    assert [(r.check, r.status) for r in report.rows] == [("9 x slow", "FAIL"), ("9 x next", "FAIL")]
+    assert report.rows[0].value.startswith("error: TimeoutError")
+    assert report.rows[1].value == "skipped: over the time budget"

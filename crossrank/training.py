@@ -124,7 +124,8 @@ def load_model(path: str, cfg: RunConfig) -> tuple[PreTrainedTokenizerBase, nn.M
     from crossrank.set_encoder import SetEncoder, load_set_tokenizer
 
     model = SetEncoder.from_pretrained(path, sample_missing_docs=cfg.model.sample_missing_docs,
-                                       depth=cfg.data.num_negatives + 1)  # pseudo-states fill lists up to this
+                                       sample_at_inference=cfg.model.sample_at_inference,
+                                       depth=cfg.model.depth)  # the [INT] set's size, whatever the list's
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.duplicate.requires_grad_(cfg.data.duplicate)

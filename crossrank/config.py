@@ -292,7 +292,10 @@ class EvalConfig:
     lenient: bool = False  # skip (and report) run lines whose qid/docno is unknown instead of failing
     compile: bool = False  # torch.compile the model: ~1 min to compile, then faster (worth it for big runs)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32: autocast while scoring
-    novelty: bool = False  # also report α-nDCG@10 (α = 0.99) with Jaccard clusters of relevant passages as subtopics
+    novelty: bool = False  # also report α-nDCG@10 (α = 0.99) with Jaccard clusters of judged passages as subtopics
+    # how those subtopics are made: reference (the Set-Encoder's code: all judged passages, NLTK tokens, grade >= 1
+    # relevant) | relevant_words (crossrank's earlier one: grade >= rel_level passages, lower-cased words)
+    novelty_subtopics: str = "reference"
 
 
 @dataclasses.dataclass
@@ -326,6 +329,8 @@ class RunConfig:
              "relevance, relevant, teacher_rank or teacher_score", self.data.targets),
             (self.optim.schedule in ("constant", "linear"), "optim.schedule", "constant or linear",
              self.optim.schedule),
+            (self.eval.novelty_subtopics in ("reference", "relevant_words"), "eval.novelty_subtopics",
+             "reference or relevant_words", self.eval.novelty_subtopics),
             (set(self.train.report_to) <= {"tensorboard", "wandb"}, "train.report_to",
              "a list of tensorboard, wandb", self.train.report_to),
         ]

@@ -485,10 +485,11 @@ def rerank_dataset(cfg, model: MonoEncoder, tokenizer: PairTokenizer, fingerprin
               f"{len(evaluation.judged_qids(qrels, topics))} judged queries; binary measures at rel >= "
               f"{dataset.rel_level})"]
     if e.novelty:
-        texts = load_corpus(dataset.source("corpus"), evaluation.relevant_docnos(qrels, topics, dataset.rel_level),
-                            missing_ok=True)
-        subtopics = evaluation.cluster_subtopics(qrels, texts, dataset.rel_level)
-        lines.append(evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics))
+        protocol = e.novelty_subtopics
+        texts = load_corpus(dataset.source("corpus"),
+                            evaluation.relevant_docnos(qrels, topics, dataset.rel_level, protocol), missing_ok=True)
+        subtopics = evaluation.cluster_subtopics(qrels, texts, dataset.rel_level, protocol)
+        lines.append(evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, protocol))
     return "\n".join(lines)
 
 

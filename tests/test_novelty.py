@@ -43,7 +43,10 @@ def test_clustering_by_jaccard_distance():
              "dogs bark loudly",
              "dogs bark loudly at night",    # 1 - 3/5 = 0.4 from 2
              "the dogs sat"]                 # 0.67 from 0, 0.8 from 2
-    assert cluster_passages(texts) == [0, 0, 1, 1, 2]
+    assert cluster_passages(texts, tokens="words") == [0, 0, 1, 1, 2]
+    # The reference's NLTK tokens keep case and punctuation: {The cat sat on a mat !} is 1 - 4/8 = 0.5 from
+    # {the cat sat on mat}, which is not below 0.5, so it is a cluster of its own.
+    assert cluster_passages(texts) == [0, 1, 2, 2, 3]
     # Exactly 0.5 is not merged (strict threshold); 0.4 is.
     assert cluster_passages(["a b c", "a b d"]) == [0, 1]
     assert cluster_passages(["a b c d", "a b c e"]) == [0, 0]

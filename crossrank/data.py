@@ -93,7 +93,7 @@ class PairTokenizer:
 # run would have seen, with no sampler state to save beyond the integer cursor.
 
 SAMPLINGS = ("single_relevant", "top", "random", "log_random")
-TARGETS = ("relevance", "teacher_rank", "teacher_score")
+TARGETS = ("relevance", "relevant", "teacher_rank", "teacher_score")
 
 
 @dataclasses.dataclass
@@ -135,7 +135,9 @@ def sample_candidates(query: QueryCandidates, data: DataConfig, rng: random.Rand
     """Positions (into `query.docnos`) of the candidates of one example; None if the query cannot give one.
 
     single_relevant  1 random relevant passage from the top `depth` + `num_negatives` random non-relevant ones
-                     from the top `depth` (unjudged counts as non-relevant); the relevant one comes first
+                     from the top `depth` (unjudged counts as non-relevant); the relevant one comes first.
+                     With `add_missing_relevant` the relevant one is drawn from all of the query's judged
+                     relevant passages (`with_judged_relevant` appends those the run lacks)
     top              the top `num_negatives + 1` candidates (e.g. a teacher's whole top-20)
     random           `num_negatives + 1` uniformly random candidates from the top `depth`, in rank order
     log_random       the same, drawn with weight 1 / log2(rank + 1), so higher-ranked ones are favoured
@@ -145,6 +147,9 @@ def sample_candidates(query: QueryCandidates, data: DataConfig, rng: random.Rand
     if data.sampling == "single_relevant":
         rels = [is_relevant(query.judged.get(d, 0), data.relevant_level) for d in query.docnos[:depth]]
         relevant = [i for i in range(depth) if rels[i]]
+        if data.add_missing_relevant:  # also the relevant ones below the top depth or appended from the qrels
+            relevant += [i for i in range(depth, len(query.docnos))
+                         if is_relevant(query.judged.get(query.docnos[i], 0), data.relevant_level)]
         if not relevant:
             return None
         negatives = [i for i in range(depth) if not rels[i]]
@@ -158,18 +163,31 @@ def sample_candidates(query: QueryCandidates, data: DataConfig, rng: random.Rand
     return sorted(sorted(range(depth), key=keys.__getitem__, reverse=True)[:want])
 
 
+def with_judged_relevant(query: QueryCandidates, data: DataConfig) -> QueryCandidates:
+    """The query with its judged-relevant passages that the run does not hold appended after the run's
+    candidates (score -inf), so that single_relevant with `add_missing_relevant` can draw them."""
+    present = set(query.docnos)
+    missing = [d for d, rel in sorted(query.judged.items()) if is_relevant(rel, data.relevant_level) and d not in present]
+    return dataclasses.replace(query, docnos=query.docnos + missing, scores=query.scores + [-math.inf] * len(missing))
+
+
 def usable(query: QueryCandidates, data: DataConfig) -> bool:
     """Whether `sample_candidates` can give this query an example (without drawing one)."""
+    if data.sampling == "single_relevant" and data.add_missing_relevant:
+        return any(is_relevant(rel, data.relevant_level) for rel in query.judged.values())
     if data.sampling == "single_relevant":
         return any(is_relevant(query.judged.get(d, 0), data.relevant_level) for d in query.docnos[: data.depth])
     return bool(query.docnos)
 
 
 def targets_of(query: QueryCandidates, positions: list[int], data: DataConfig) -> list[float]:
-    """relevance: the qrels grade (0 if unjudged); teacher_rank: `depth + 1 - rank` (the seed's 21 - rank for
+    """relevance: the qrels grade (0 if unjudged); relevant: 1 if the grade counts as relevant for sampling
+    (`is_relevant` at `data.relevant_level`), else 0 (BCE's labels); teacher_rank: `depth + 1 - rank` (the seed's 21 - rank for
     a top-20 teacher); teacher_score: the score stored with the ranking."""
     if data.targets == "relevance":
         return [float(query.judged.get(query.docnos[i], 0)) for i in positions]
+    if data.targets == "relevant":
+        return [float(is_relevant(query.judged.get(query.docnos[i], 0), data.relevant_level)) for i in positions]
     if data.targets == "teacher_rank":
         return [float(data.depth - i) for i in positions]  # position i is rank i + 1
     return [float(query.scores[i]) for i in positions]
@@ -183,6 +201,8 @@ class TrainingData:
         self.data, self.seed, self.topics, self.passages = data, seed, topics, passages
         # a query that cannot give an example (single_relevant without a relevant passage) is dropped up front,
         # so every position of the stream yields one
+        if data.sampling == "single_relevant" and data.add_missing_relevant:
+            queries = [with_judged_relevant(q, data) for q in queries]
         self.queries = [q for q in queries if usable(q, data)]
         self.dropped = len(queries) - len(self.queries)
         if not self.queries:
@@ -292,6 +312,8 @@ def load_training_data(cfg: RunConfig) -> tuple[TrainingData, list[QueryCandidat
     valid = [dataclasses.replace(q, docnos=q.docnos[: cfg.eval.depth], scores=q.scores[: cfg.eval.depth])
              for q in valid if q.judged and q.docnos]
     needed = {d for q in train for d in q.docnos[: cfg.data.depth]} | {d for q in valid for d in q.docnos}
+    if cfg.data.add_missing_relevant:  # positives may come from the qrels, wherever the run ranked them
+        needed |= {d for q in train for d, rel in q.judged.items() if is_relevant(rel, data_cfg.relevant_level)}
     for key in ("topics", "corpus"):
         if not meta.get(key):
             raise CrossrankError(f"{folder / 'meta.yaml'}: no {key} source (expected {key}: <path or irds:id>)")

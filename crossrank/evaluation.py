@@ -17,6 +17,7 @@ Conventions (those of trec_eval / ir_measures, made explicit):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -153,23 +154,50 @@ def format_table(table: pd.DataFrame, metrics: list[ir_measures.Measure], alpha:
     return "\n".join(lines)
 
 
-def relevant_docnos(qrels: Qrels, topics: dict[str, str] | None, rel_level: int) -> set[str]:
-    """The judged queries' passages with grade >= rel_level: the texts `cluster_subtopics` needs."""
-    return {d for q in judged_qids(qrels, topics) for d, rel in qrels[q].items() if rel >= rel_level}
+SUBTOPICS = ("reference", "relevant_words")  # eval.novelty_subtopics: how α-nDCG's subtopics are made
+REFERENCE_MAX_JUDGED = (1000, 5000)  # the reference clusters only grade >= 1 above 1000 judged, nothing above 5000
 
 
-def cluster_subtopics(qrels: Qrels, texts: dict[str, str], rel_level: int = 1) -> dict[str, dict[str, set[int]]]:
-    """Cluster "subtopic" qrels for α-nDCG (the Set-Encoder's novelty evaluation): per query, its judged passages
-    with grade >= `rel_level` are clustered by Jaccard distance of their word sets (`novelty.cluster_passages`),
-    and each covers one subtopic, its cluster. Clustering only the relevant passages makes the subtopics a
-    property of the qrels, the same for every run compared. Passages without text are left out."""
+def relevant_docnos(qrels: Qrels, topics: dict[str, str] | None, rel_level: int,
+                    protocol: str = "reference") -> set[str]:
+    """The judged queries' passages whose texts `cluster_subtopics` needs: every judged one for the reference
+    protocol, those with grade >= rel_level for `relevant_words`."""
+    floor = -math.inf if protocol == "reference" else rel_level
+    return {d for q in judged_qids(qrels, topics) for d, rel in qrels[q].items() if rel >= floor}
+
+
+def cluster_subtopics(qrels: Qrels, texts: dict[str, str], rel_level: int = 1,
+                      protocol: str = "reference") -> dict[str, dict[str, set[int]]]:
+    """Cluster "subtopic" qrels for α-nDCG (the Set-Encoder's novelty evaluation); each relevant passage covers
+    one subtopic, its cluster (`novelty.cluster_passages`: complete linkage, Jaccard distance < 0.5).
+
+    reference        as the paper's code (webis-de/set-encoder, utils/create_novelty_runs.py): per query *all*
+                     judged passages are clustered, non-relevant ones too (they shape the complete-linkage
+                     clusters), on NLTK tokens (`novelty.reference_tokens`); a passage of grade >= 1 covers
+                     its cluster, whatever the dataset's rel_level (ndeval counts judgements > 0). Above 1000
+                     judged passages only grade >= 1 ones are clustered; above 5000 none (one subtopic).
+    relevant_words   crossrank's earlier protocol: only passages with grade >= `rel_level`, on lower-cased
+                     `\\w+` words.
+
+    Either way the subtopics are a property of the qrels, the same for every run compared. Passages without
+    text are left out."""
     from crossrank.novelty import cluster_passages, subtopic_qrels
 
+    if protocol not in SUBTOPICS:
+        raise CrossrankError(f"eval.novelty_subtopics is unknown (expected one of {', '.join(SUBTOPICS)}, "
+                             f"got {protocol!r})")
     subtopics = {}
     for qid, judged in qrels.items():
-        relevant = sorted(d for d, rel in judged.items() if rel >= rel_level and d in texts)
-        clusters = dict(zip(relevant, cluster_passages([texts[d] for d in relevant])))
-        subtopics[qid] = subtopic_qrels(judged, clusters, rel_level)
+        if protocol == "relevant_words":
+            relevant = sorted(d for d, rel in judged.items() if rel >= rel_level and d in texts)
+            clusters = dict(zip(relevant, cluster_passages([texts[d] for d in relevant], tokens="words")))
+            subtopics[qid] = subtopic_qrels(judged, clusters, rel_level)
+            continue
+        pool = sorted(d for d in judged if d in texts)
+        if len(pool) > REFERENCE_MAX_JUDGED[0]:
+            pool = [d for d in pool if judged[d] > 0]
+        labels = cluster_passages([texts[d] for d in pool]) if len(pool) <= REFERENCE_MAX_JUDGED[1] else [0] * len(pool)
+        subtopics[qid] = subtopic_qrels(judged, dict(zip(pool, labels)), 1)
     return subtopics
 
 
@@ -189,14 +217,16 @@ def alpha_ndcg_means(runs: dict[str, Run], subtopics: dict[str, dict[str, set[in
 
 
 def format_alpha_ndcg(runs: dict[str, Run], subtopics: dict[str, dict[str, set[int]]], qrels: Qrels,
-                      topics: dict[str, str] | None = None) -> str:
+                      topics: dict[str, str] | None = None, protocol: str = "reference") -> str:
     """One line per run: α-nDCG@10 (α = 0.99) on cluster subtopics, and how it was measured."""
     means, n = alpha_ndcg_means(runs, subtopics, qrels, topics)
     width = max(len(name) for name in runs) + 2
+    how = ("all judged passages, NLTK tokens (the Set-Encoder reference's protocol); relevant = grade >= 1"
+           if protocol == "reference" else "each query's relevant passages, lower-cased words")
     return "\n".join([f"{'run'.ljust(width)}{'alpha-nDCG@10':>16}",
                       *(f"{name.ljust(width)}{value:>16.4f}" for name, value in means.items()),
-                      f"(α = 0.99; subtopics = Jaccard clusters (complete linkage, < 0.5) of each query's relevant "
-                      f"passages; {n} queries with a relevant passage that has text)"])
+                      f"(α = 0.99; subtopics = Jaccard clusters (complete linkage, < 0.5) of {how}; "
+                      f"{n} queries with a relevant passage that has text)"])
 
 
 def plot_difference(evaluation: Evaluation, baseline: Evaluation, path: str | os.PathLike,

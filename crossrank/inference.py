@@ -138,7 +138,8 @@ def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.de
             from crossrank.set_encoder import SetEncoder, load_set_tokenizer
 
             model_cfg = dataclasses.replace(model_cfg, truncation="per_field")  # the Set-Encoder's convention
-            set_model = SetEncoder.from_pretrained(path).to(device).eval()
+            set_model = SetEncoder.from_pretrained(path, sample_at_inference=model_cfg.sample_at_inference)
+            set_model = set_model.to(device).eval()
             return (torch.compile(set_model, dynamic=True) if compile else set_model), \
                 PairTokenizer(load_set_tokenizer(path), model_cfg)
         extra = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
@@ -484,10 +485,11 @@ def rerank_dataset(cfg, model: MonoEncoder, tokenizer: PairTokenizer, fingerprin
               f"{len(evaluation.judged_qids(qrels, topics))} judged queries; binary measures at rel >= "
               f"{dataset.rel_level})"]
     if e.novelty:
-        texts = load_corpus(dataset.source("corpus"), evaluation.relevant_docnos(qrels, topics, dataset.rel_level),
-                            missing_ok=True)
-        subtopics = evaluation.cluster_subtopics(qrels, texts, dataset.rel_level)
-        lines.append(evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics))
+        protocol = e.novelty_subtopics
+        texts = load_corpus(dataset.source("corpus"),
+                            evaluation.relevant_docnos(qrels, topics, dataset.rel_level, protocol), missing_ok=True)
+        subtopics = evaluation.cluster_subtopics(qrels, texts, dataset.rel_level, protocol)
+        lines.append(evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, protocol))
     return "\n".join(lines)
 
 

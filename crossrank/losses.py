@@ -47,7 +47,8 @@ def bce(scores: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     """Pointwise binary cross-entropy on logits (the monoBERT objective): each pair is classified on its own.
 
     loss = mean over unpadded (q, d) of  -[y log sigmoid(s) + (1 - y) log(1 - sigmoid(s))],  y = 1 if t > 0
-    else 0 (graded labels count as relevant from 1 up). Shapes: scores, targets, mask [Q, D] -> scalar.
+    else 0. Training feeds it `data.targets: relevant` (1 from the dataset's rel_level up, as sampling counts
+    positives), so a TREC grade 1 ("related") is a negative on graded qrels. Shapes: scores, targets, mask [Q, D] -> scalar.
     Nogueira, Cho: "Passage Re-ranking with BERT", arXiv:1901.04085, 2019.
     """
     labels = (targets > 0).float()
@@ -107,14 +108,16 @@ def adr_mse(scores: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
 def margin_mse(scores: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     """MarginMSE: the student's score margins regress onto the teacher's (targets = teacher scores).
 
-    loss = mean over unpadded pairs (q, i, j), i < j, of  ((s_i - s_j) - (t_i - t_j))^2.  With D = 2 (a positive
-    and a negative) this is the original triple form. Shapes: scores, targets, mask [Q, D] -> scalar.
+    loss = mean over unpadded pairs (q, i, j), i < j, with t_i != t_j of  ((s_i - s_j) - (t_i - t_j))^2: pairs
+    with equal targets are not used (as in lightning-ir's MarginMSE, which pairs t_i > t_j). With D = 2 (a
+    positive and a negative) this is the original triple form. Shapes: scores, targets, mask [Q, D] -> scalar.
     Hofstätter, Althammer, Schröder, Sertkan, Hanbury: "Improving Efficient Neural Ranking Models with
     Cross-Architecture Knowledge Distillation", arXiv:2010.02666, 2020.
     """
     upper = torch.triu(torch.ones(mask.shape[1], mask.shape[1], dtype=torch.bool, device=mask.device), 1)
-    pairs = mask[:, :, None] & mask[:, None, :] & upper  # [Q, D, D]: i < j, both unpadded
     s, t = scores.float(), targets.float()
+    differ = t[:, :, None] != t[:, None, :]  # [Q, D, D]
+    pairs = mask[:, :, None] & mask[:, None, :] & upper & differ  # [Q, D, D]: i < j, both unpadded, t_i != t_j
     student = s[:, :, None] - s[:, None, :]  # [Q, D, D]: s_i - s_j
     teacher = t[:, :, None] - t[:, None, :]  # [Q, D, D]
     return _mean((student - teacher)[pairs] ** 2, scores)

@@ -56,5 +56,18 @@ class MonoEncoder(nn.Module):
         self.encoder.save_pretrained(folder, safe_serialization=True)
 
 
+def freeze_position_embeddings(model: nn.Module) -> int:
+    """Stop training the learned position embeddings (`...embeddings.position_embeddings.weight` of BERT,
+    ELECTRA, RoBERTa), as the multi-stage seed does; AdamW then leaves them untouched (no gradient, no weight
+    decay). Returns the number of tensors frozen; 0 is an error, since the setting would silently do nothing."""
+    frozen = [p for name, p in model.named_parameters() if name.endswith("embeddings.position_embeddings.weight")]
+    if not frozen:
+        raise CrossrankError(f"model.freeze_position_embeddings: {type(model).__name__} has no learned position "
+                             f"embeddings (expected a BERT/ELECTRA/RoBERTa backbone; set it to false)")
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return len(frozen)
+
+
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(resolve_model_path(str(path)))

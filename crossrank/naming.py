@@ -1,19 +1,24 @@
 """Where checkpoints live: the naming convention shared by train.py (writes) and infer.py (finds).
 
-    models/<backbone>.<objectives>.f<stage>.lr<lr>.s<seed>/
+    models/<backbone>.<objectives>.f<stage>[.<dataset>][.from-<hash>].lr<lr>.s<seed>/
         model/        the selected checkpoint (best validation nDCG@10): a Hugging Face folder with
                       safetensors, tokenizer and crossrank.yaml (the resolved config) — what infer.py loads
         checkpoint/   the latest resumable training state (model, optimiser, scheduler, scaler, RNG, data cursor)
 
 `<objectives>` is the chain of stages: `CL` for a stage-1 CL run, `CL-KD` for stage 2 KD started from it.
-Examples: `models/bert.CL.f1.lr1e-05.s42`, `models/electra.CL-KD.f2.lr1e-05.s42`.
+`<dataset>` is the training dataset (`data.dataset`) when it is not the default (`demo`); a stage-2 folder adds
+`from-<hash>`, 8 hex digits of the starting checkpoint's weights (`checkpoint_hash`), so a stage 2 started from
+another stage-1 model never shares (or resumes) a folder with this one.
+Examples: `models/bert.CL.f1.lr1e-05.s42`, `models/electra.CL.f1.msmarco-train.lr1e-05.s42`,
+`models/electra.CL-KD.f2.msmarco-train.from-3fa2c91e.lr1e-05.s42`.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
-from crossrank.config import ROOT
+from crossrank.config import ROOT, DataConfig
 from crossrank.io import CrossrankError
 
 MODELS = ROOT / "models"
@@ -39,8 +44,30 @@ def model_label(name: str, novelty: bool = False) -> str:
     return f"{name}-novelty" if novelty else name
 
 
-def run_name(backbone: str, objectives: list[str], stage: int, lr: float, seed: int) -> str:
-    return f"{backbone_name(backbone)}.{'-'.join(objectives)}.f{stage}.lr{lr:g}.s{seed}"
+def run_name(backbone: str, objectives: list[str], stage: int, lr: float, seed: int, dataset: str = "",
+             start: str = "") -> str:
+    """The folder name; `dataset` appears unless it is the default, `start` (a `checkpoint_hash`) for stage 2."""
+    parts = [backbone_name(backbone), "-".join(objectives), f"f{stage}"]
+    if dataset and dataset != DataConfig().dataset:
+        parts.append(backbone_name(dataset[:-5] if dataset.endswith(".yaml") else dataset))
+    if start:
+        parts.append(f"from-{start}")
+    return ".".join(parts + [f"lr{lr:g}", f"s{seed}"])
+
+
+def checkpoint_hash(folder: str | Path) -> str:
+    """8 hex digits of SHA-256 over the weight files (`*.safetensors`, by name) of a model folder: equal for
+    the same weights wherever the folder lives, different when the stage-1 model was retrained."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise CrossrankError(f"{folder}: no *.safetensors weights (expected a crossrank or Hugging Face model folder)")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:8]
 
 
 def find_model(backbone: str, objectives: list[str], stage: int, lr: float | None = None,

@@ -19,6 +19,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -414,6 +415,41 @@ def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str |
     return counts
 
 
+def preprocess_teacher_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str | Path, evalperc: float,
+                           seed: int, depth: int | None = None, lenient: bool = False) -> dict[str, int]:
+    """A teacher's TREC run -> KD folder `out/{train,valid}.parquet`, each query in the teacher's order.
+
+    The order comes from the rank column (ties in rank keep file order), not from the scores: teacher files'
+    scores can be constant or stale. The scores are kept as they are (`data.targets=teacher_score` reads
+    them); a query whose scores are not non-increasing in rank order counts in `rank_score_disagreements`.
+    Teacher runs are small (a top-20 or top-100 per query), so this reads them whole with the validating
+    line reader (`crossrank.io.read_run`, which names a bad `path:line`)."""
+    rankings: dict[str, list[tuple[int, float, str]]] = {}
+    for qid, docno, rank, score in read_run(run, lenient):
+        rankings.setdefault(qid, []).append((rank, score, docno))
+    if not rankings:
+        raise CrossrankError(f"{run}: the run is empty (expected at least one line)")
+    counts = {"run_lines": sum(len(rows) for rows in rankings.values()), "kept_lines": 0, "train_queries": 0,
+              "valid_queries": 0, "queries_without_relevant": 0, "rank_score_disagreements": 0}
+    queries: dict[str, list[QueryCandidates]] = {"train": [], "valid": []}
+    for qid, rows in rankings.items():
+        rows.sort(key=lambda row: row[0])  # stable: equal ranks keep their file order
+        scores = [score for _, score, _ in rows]
+        counts["rank_score_disagreements"] += any(a < b for a, b in zip(scores, scores[1:]))
+        rows = rows[:depth] if depth is not None else rows
+        counts["kept_lines"] += len(rows)
+        judged = qrels.get(qid, {})
+        counts["queries_without_relevant"] += not any(r > 0 for r in judged.values())
+        split = "valid" if is_validation(qid, evalperc, seed) else "train"
+        queries[split].append(QueryCandidates(qid, [d for _, _, d in rows], [s for _, s, _ in rows], dict(judged)))
+    for split, rows in queries.items():
+        counts[f"{split}_queries"] = write_split(out, split, rows)
+    if counts["rank_score_disagreements"]:
+        print(f"note: {run}: in {counts['rank_score_disagreements']} of {len(rankings)} queries the scores do not "
+              f"follow the rank column; the teacher order is taken from the ranks", file=sys.stderr)
+    return counts
+
+
 @contextlib.contextmanager
 def _open_maybe_zipped(path: Path) -> "Iterator[IO[str]]":
     """A text file, or the single .jsonl member of a .zip (RankGPT ships `marco-train-100k.jsonl.zip`)."""
@@ -433,7 +469,7 @@ def _open_maybe_zipped(path: Path) -> "Iterator[IO[str]]":
 
 
 def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, evalperc: float, seed: int,
-                       topics: dict[str, str] | None = None) -> dict[str, int]:
+                       topics: dict[str, str] | None = None, repair: bool = False) -> dict[str, int]:
     """RankGPT's distillation files -> KD training folder.
 
     `data` is RankGPT's JSONL, or the zip holding it (one query per line: `query_id`, `query`,
@@ -441,6 +477,10 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     of the teacher's answers (`[3] > [1] > ...`), one per line of `data`, parsed as rank_gpt.py parses answers
     (`crossrank.teacher.parse_permutation`). The teacher order becomes scores `depth - rank + 1`; positives
     become judgements (rel 1).
+    An answer that is not a permutation of exactly the query's passages (all 20 ids, each once, nothing else) is
+    dropped with its query, as the multi-stage seed does (~90.7k of RankGPT-3.5's 100k survive); `repair`
+    keeps it with RankGPT's repair instead (missing ids appended in first-stage order). The counts hold both
+    figures: `well_formed_answers` and `malformed_answers` (dropped, or repaired).
     Query and passage texts are written once each (`topics.tsv`, `passages.tsv`, deduplicated) next to the
     splits, and qids are MS MARCO's when `topics` (qid -> text) knows the query text, else `rankgpt-<line>`.
     """
@@ -454,7 +494,8 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     queries: dict[str, list[QueryCandidates]] = {"train": [], "valid": []}
-    counts = {"queries": 0, "malformed_answers": 0, "train_queries": 0, "valid_queries": 0}
+    counts = {"queries": 0, "well_formed_answers": 0, "malformed_answers": 0, "malformed_repaired": int(repair),
+              "train_queries": 0, "valid_queries": 0}
     passages: dict[str, str] = {}
     query_texts: dict[str, str] = {}
     with _open_maybe_zipped(Path(data)) as f:
@@ -476,7 +517,9 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
                                      f"(expected one answer per line)")
             order, problems = parse_permutation(str(answer_list[counts["queries"]]), len(docs))
             counts["queries"] += 1
-            counts["malformed_answers"] += bool(problems)
+            counts["malformed_answers" if problems else "well_formed_answers"] += 1
+            if problems and not repair:
+                continue
             qid = str(item.get("qid") or item.get("query_id") or qid_of_text.get(text) or f"rankgpt-{number}")
             query_texts[qid] = text
             passages.update((d, t) for d, t in docs if t)
@@ -498,9 +541,10 @@ PRESETS = {"colbert": ("msmarco-train", "CL"), "rankgpt": ("msmarco-train", "KD"
 
 
 def prepare(dataset: str, objective: str = "", run: str = "", evalperc: float = 1.0, seed: int = 42,
-            depth: int | None = None, out: str = "", lenient: bool = False) -> Path:
+            depth: int | None = None, out: str = "", lenient: bool = False, repair: bool = False) -> Path:
     """Build `data/<dataset>/<objective>/` from a dataset config: CL from one of its runs (hard negatives,
-    judged by its qrels), KD from its teacher ranking. `dataset` is a preset (colbert, rankgpt), a key of
+    judged by its qrels), KD from its teacher ranking (RankGPT files: malformed answers dropped unless
+    `repair`; a TREC run: ordered by its rank column). `dataset` is a preset (colbert, rankgpt), a key of
     configs/datasets or a YAML path. Returns the folder."""
     from crossrank import config
     from crossrank.datasets import load_dataset
@@ -520,13 +564,15 @@ def prepare(dataset: str, objective: str = "", run: str = "", evalperc: float = 
     if objective == "KD" and ds.teacher.endswith((".jsonl", ".jsonl.zip", ".zip")):
         topics = read_topics(meta["topics"], lenient) if Path(meta["topics"]).is_file() else None
         meta["source"] = ds.source("teacher")
-        counts = preprocess_rankgpt(meta["source"], ds.source("teacher_answers"), folder, evalperc, seed, topics)
+        counts = preprocess_rankgpt(meta["source"], ds.source("teacher_answers"), folder, evalperc, seed, topics,
+                                    repair)
         # texts come with RankGPT's file: point training at the copies written next to the splits
         meta["topics"], meta["corpus"] = str(folder / "topics.tsv"), str(folder / "passages.tsv")
     else:
         meta["source"] = ds.source("teacher") if objective == "KD" else ds.run(run or next(iter(ds.runs), ""))
         qrels = read_qrels(meta["qrels"], lenient) if meta["qrels"] else {}
-        counts = preprocess_run(meta["source"], qrels, folder, evalperc, seed, depth, lenient)
+        build = preprocess_teacher_run if objective == "KD" else preprocess_run  # KD: the rank column decides
+        counts = build(meta["source"], qrels, folder, evalperc, seed, depth, lenient)
     meta["counts"] = counts
     write_meta(folder, meta)
     return folder

@@ -49,8 +49,9 @@ SELF_ATTENTION = {"bert": BertSelfAttention, "electra": ElectraSelfAttention, "r
 
 @dataclasses.dataclass
 class SetEncoderConfig:
-    depth: int = 100  # with sample_missing_docs, each query's [INT] set is padded to this many states
-    sample_missing_docs: bool = False  # training only: Gaussian pseudo-[INT] states for missing passages
+    depth: int = 100  # with sampling on, each query's [INT] set is padded to this many states
+    sample_missing_docs: bool = False  # training: Gaussian pseudo-[INT] states for missing passages
+    sample_at_inference: bool = False  # eval mode: the same (the reference's behaviour), from a fixed-seed generator
     interaction_token_id: int = -1  # id of [INT] in the tokenizer saved with the model
     format: int = 1
 
@@ -67,6 +68,7 @@ class ListLayout:
     list_width: int  # D
     num_slots: int  # M
     sample: bool  # fill the non-real slots with pseudo-states
+    generator: torch.Generator | None = None  # eval mode: a fresh fixed-seed one per forward (reproducible)
 
 
 class InterPassageAttention(nn.Module):
@@ -137,7 +139,9 @@ def pseudo_states(interaction: torch.Tensor, layout: ListLayout) -> torch.Tensor
     n = real.sum(1, keepdim=True)  # [Q, 1, 1]
     mean = (x * real).sum(1, keepdim=True) / n.clamp(min=1)  # [Q, 1, H]
     var = (((x - mean) * real) ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)  # [Q, 1, H]
-    return (mean + var.sqrt() * torch.randn_like(x)).to(interaction.dtype)  # [Q, M, H]
+    noise = torch.randn(x.shape, generator=layout.generator, device=x.device) if layout.generator is not None \
+        else torch.randn_like(x)  # [Q, M, H]
+    return (mean + var.sqrt() * noise).to(interaction.dtype)  # [Q, M, H]
 
 
 def replace_self_attention(backbone: nn.Module) -> int:
@@ -222,7 +226,7 @@ class SetEncoder(nn.Module):
     def layout(self, attention_mask: torch.Tensor, mask: torch.Tensor) -> ListLayout:
         """The packing of a [Q, D] batch (attention_mask [Q, D, L], mask [Q, D]) into its real passages."""
         Q, D, L = attention_mask.shape
-        sample = self.config.sample_missing_docs and self.training
+        sample = self.config.sample_missing_docs if self.training else self.config.sample_at_inference
         M = max(D, self.config.depth) if sample else D
         rows = mask.reshape(-1).nonzero().squeeze(1)  # [N]
         query_of, slot_of = rows // D, rows % D  # [N], [N]
@@ -235,8 +239,9 @@ class SetEncoder(nn.Module):
         additive = additive.masked_fill(~allowed, torch.finfo(torch.bfloat16).min)[:, None, None, :]
         ends = mask.sum(1).cumsum(0).tolist()  # [Q]
         spans = [(end - int(n), end) for end, n in zip(ends, mask.sum(1).tolist())]
+        generator = torch.Generator(mask.device).manual_seed(0) if sample and not self.training else None
         return ListLayout(rows=rows, spans=spans, real_slots=real_slots, additive_mask=additive,
-                          num_queries=Q, list_width=D, num_slots=M, sample=sample)
+                          num_queries=Q, list_width=D, num_slots=M, sample=sample, generator=generator)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None, duplicates: bool = False

@@ -48,7 +48,7 @@ from crossrank.distributed import Distributed, setup_distributed
 from crossrank.inference import plan_batches
 from crossrank.io import CrossrankError, atomic_write
 from crossrank.losses import LOSSES
-from crossrank.models import MonoEncoder, load_tokenizer
+from crossrank.models import MonoEncoder, freeze_position_embeddings, load_tokenizer
 from crossrank.novelty import duplicate_bce, novelty_targets
 from crossrank.preprocessing import QueryCandidates
 
@@ -68,18 +68,21 @@ class TrainState:
 
 
 def run_folder(cfg: RunConfig) -> Path:
-    """The output folder: `train.output_dir`, or `<models_dir>/<name>.<objectives>.f<stage>.lr<lr>.s<seed>`."""
+    """The output folder: `train.output_dir`, or `<models_dir>/<name>` by `crossrank.naming` (with the
+    training dataset when not the default and, for stage 2, the hash of the starting checkpoint)."""
     if cfg.train.output_dir:
         return _project_path(cfg.train.output_dir)
     chain = naming.objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
     label = naming.model_label(cfg.model.name or cfg.model.path, cfg.data.novelty)
-    name = naming.run_name(label, chain, cfg.train.stage, cfg.optim.lr, cfg.train.seed)
+    start = naming.checkpoint_hash(initial_weights(cfg)) if cfg.train.stage == 2 else ""
+    name = naming.run_name(label, chain, cfg.train.stage, cfg.optim.lr, cfg.train.seed, cfg.data.dataset, start)
     return _project_path(cfg.train.models_dir) / name
 
 
 def initial_weights(cfg: RunConfig) -> str:
     """Stage 1: the backbone. Stage 2: `train.init_from`, else the stage-1 `model/` of the previous objective
-    (same backbone and seed; `train.previous_lr` narrows when several stage-1 learning rates exist)."""
+    with the same backbone, whatever its seed (`train.previous_seed` and `train.previous_lr` narrow when
+    several stage-1 runs match)."""
     if cfg.train.init_from:
         return str(_project_path(cfg.train.init_from))
     if cfg.train.stage == 1:
@@ -87,8 +90,9 @@ def initial_weights(cfg: RunConfig) -> str:
             raise CrossrankError("config: model.path is empty (expected a backbone: -c bert|electra|roberta|<path>)")
         return cfg.model.path
     previous = naming.objective_chain(cfg.train.objective, 2, cfg.train.previous)[:-1]
+    seed = cfg.train.previous_seed if cfg.train.previous_seed >= 0 else None
     return str(naming.find_model(cfg.model.name or cfg.model.path, previous, 1, lr=cfg.train.previous_lr or None,
-                                 seed=cfg.train.seed, models=_project_path(cfg.train.models_dir)))
+                                 seed=seed, models=_project_path(cfg.train.models_dir)))
 
 
 def _project_path(value: str) -> Path:
@@ -114,14 +118,19 @@ def load_model(path: str, cfg: RunConfig) -> tuple[PreTrainedTokenizerBase, nn.M
         model = MonoEncoder.from_pretrained(path)
         if cfg.model.gradient_checkpointing:
             model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.freeze_position_embeddings:
+            freeze_position_embeddings(model)
         return load_tokenizer(path), model
     from crossrank.set_encoder import SetEncoder, load_set_tokenizer
 
     model = SetEncoder.from_pretrained(path, sample_missing_docs=cfg.model.sample_missing_docs,
-                                       depth=cfg.data.num_negatives + 1)  # pseudo-states fill lists up to this
+                                       sample_at_inference=cfg.model.sample_at_inference,
+                                       depth=cfg.model.depth)  # the [INT] set's size, whatever the list's
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.duplicate.requires_grad_(cfg.data.duplicate)
+    if cfg.model.freeze_position_embeddings:
+        freeze_position_embeddings(model)
     return load_set_tokenizer(path), model
 
 
@@ -169,20 +178,21 @@ def train(cfg: RunConfig) -> TrainState:
     micro_steps = cfg.train.accumulation // ddp.world  # per process
     global_queries = cfg.train.queries_per_batch * cfg.train.accumulation  # per optimiser step
     loss_fn = LOSSES[cfg.train.loss]
-    folder = run_folder(cfg)
     cuda = ddp.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16,
                               enabled=cuda and cfg.train.precision != "fp32")
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.train.precision == "fp16")
 
     data, valid = load_training_data(cfg)
+    # the start this command asks for (stage 2: looked up now), recorded in the config, so that resuming a
+    # checkpoint that started elsewhere is refused by the recipe check below before anything is loaded
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=initial_weights(cfg)))
+    folder = run_folder(cfg)
     total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * len(data) // global_queries)
     resume = _recover_folder(folder / "checkpoint")
-    start_from = _saved_init(folder) if resume else initial_weights(cfg)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=start_from))  # recorded
     if resume:
         _check_same_recipe(cfg, folder / "checkpoint" / "crossrank.yaml")
-    init = str(folder / "checkpoint") if resume else start_from
+    init = str(folder / "checkpoint") if resume else cfg.train.init_from
 
     torch.manual_seed(cfg.train.seed)  # the same fresh head on every process
     listwise = cfg.model.kind == "set-encoder"
@@ -419,13 +429,6 @@ def _recover_folder(folder: Path) -> bool:
     if not folder.exists() and old.exists():
         os.replace(old, folder)
     return (folder / "state.pt").is_file()
-
-
-def _saved_init(folder: Path) -> str:
-    import yaml
-
-    saved = yaml.safe_load((folder / "checkpoint" / "crossrank.yaml").read_text(encoding="utf-8"))
-    return saved["train"]["init_from"]
 
 
 def _check_same_recipe(cfg: RunConfig, saved_path: Path) -> None:

@@ -11,6 +11,7 @@ def test_defaults_are_the_seed_recipe():
     cfg = config.load_run_config()
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.train.seed) == (1e-5, 0.01, 10.0, 42)
     assert (cfg.model.truncation, cfg.model.max_length, cfg.data.num_negatives, cfg.data.depth) == ("pair", 256, 99, 200)
+    assert cfg.model.freeze_position_embeddings  # the seed's freeze_position_embeddings: true
 
 
 def test_merge_order_and_casting(tmp_path):
@@ -74,3 +75,28 @@ def test_dataset_configs_resolve_relative_paths_and_runs(tmp_path):
         demo.run("colbert")
     with pytest.raises(CrossrankError, match="no config 'nope' \\(expected one of .*demo-test"):
         datasets.load_dataset("nope")
+
+
+RECIPES = sorted((config.CONFIGS / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
+def test_every_recipe_loads_and_validates(recipe):
+    """configs/recipes/: each file is a whole recipe (train.py --config FILE), valid, on a configured dataset."""
+    cfg = config.load_run_config([recipe])
+    assert datasets.load_dataset(cfg.data.dataset).name == cfg.data.dataset
+    assert cfg.model.path and cfg.train.seed == 42 and cfg.train.precision == "bf16"
+    if recipe.stem.startswith("ms-"):  # the multi-stage seed: frozen positions, clipping 10, pair truncation
+        assert (cfg.model.freeze_position_embeddings, cfg.optim.grad_clip, cfg.model.truncation) == (True, 10.0, "pair")
+        assert cfg.optim.lr == (6e-12 if cfg.train.stage == 2 and not recipe.stem.endswith("-ours") else 1e-5)
+    else:  # the Set-Encoder reference: 100 [INT] slots with pseudo-states, global batch 32, no clipping
+        assert (cfg.model.kind, cfg.model.depth, cfg.model.sample_missing_docs) == ("set-encoder", 100, True)
+        assert cfg.train.queries_per_batch * cfg.train.accumulation == 32 and cfg.optim.grad_clip == 0.0
+
+
+def test_recipes_cover_both_papers_rows():
+    names = {path.stem for path in RECIPES}
+    for backbone in ("electra", "roberta"):
+        assert {f"ms-{backbone}-{row}" for row in ("CL", "KD", "CL-KD", "KD-CL", "CL-KD-ours", "KD-CL-ours")} <= names
+    assert {"se-electra-stage1", "se-electra-stage2", "se-electra-novelty", "se-electra-large-stage1",
+            "se-electra-large-stage2"} <= names

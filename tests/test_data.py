@@ -44,6 +44,12 @@ def test_relevant_level_makes_grade_1_a_negative():
         assert docnos[0] == "d3" and "d7" in docnos[1:]  # grade 1 is only "related" at level 2
 
 
+def test_relevant_targets_follow_relevant_level_like_sampling():
+    """BCE's 0/1 labels: at level 2 the grade-1 d7 is a negative, as it is for single_relevant sampling."""
+    assert targets_of(QUERY, [3, 7, 5, 0], DataConfig(targets="relevant", relevant_level=2)) == [1.0, 0.0, 0.0, 0.0]
+    assert targets_of(QUERY, [3, 7, 5, 0], DataConfig(targets="relevant", relevant_level=1)) == [1.0, 1.0, 0.0, 0.0]
+
+
 def test_top_with_teacher_rank_and_teacher_score_targets():
     data = DataConfig(sampling="top", num_negatives=3, depth=20, targets="teacher_rank")
     positions = sample_candidates(QUERY, data, random.Random(0))

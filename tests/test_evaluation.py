@@ -145,3 +145,32 @@ def test_dl19_bm25_matches_the_published_figures(shared_data):
                                  topics=dict.fromkeys(qrels, ""))
     assert len(result.per_query) == 43
     assert round(result.means["nDCG@10"], 4) == 0.5058
+
+
+def test_alpha_ndcg_with_the_reference_subtopics_by_hand():
+    """The Set-Encoder reference's protocol against a hand computation. Token sets (Jaccard distances):
+    A = w1..w10 (grade 2), C = A + w11 (grade 0, 1 - 10/11 = 0.09 from A), B = w1..w6 + w12 (grade 1: 0.45 from A,
+    0.5 from C), D = z1 z2 (grade 1, far from all). Reference: all judged passages are clustered, so A and C merge
+    first, and {A, C} - B = max(0.45, 0.5) is not below 0.5: A and B are two subtopics. Clustering only the
+    relevant passages (relevant_words, rel_level 1) merges A and B (0.45) into one."""
+    from crossrank.evaluation import alpha_ndcg_means, cluster_subtopics
+
+    words = [f"w{i}" for i in range(1, 13)]
+    texts = {"A": " ".join(words[:10]), "C": " ".join(words[:11]), "B": " ".join(words[:6] + ["w12"]),
+             "D": "z1 z2"}
+    qrels = {"q": {"A": 2, "B": 1, "C": 0, "D": 1}}
+    run = {"q": [("B", 4.0), ("C", 3.0), ("A", 2.0), ("D", 1.0)]}
+    reference = cluster_subtopics(qrels, texts, rel_level=2)  # rel_level does not matter: grade >= 1 covers
+    assert reference["q"]["A"] != reference["q"]["B"] and "C" not in reference["q"] and len(reference["q"]) == 3
+    ours = cluster_subtopics(qrels, texts, rel_level=1, protocol="relevant_words")
+    assert ours["q"]["A"] == ours["q"]["B"] != ours["q"]["D"]
+
+    def discount(rank):
+        return 1 / math.log2(rank + 1)
+
+    # reference: B, C, A, D cover three new subtopics at ranks 1, 3, 4 (C is not relevant); the ideal covers them at 1-3
+    expected = (1 + discount(3) + discount(4)) / (1 + discount(2) + discount(3))
+    assert alpha_ndcg_means({"r": run}, reference, qrels)[0]["r"] == pytest.approx(expected, abs=1e-12)
+    # relevant_words: A repeats B's subtopic (gain 1 - 0.99); the greedy ideal puts D second
+    expected = (1 + 0.01 * discount(3) + discount(4)) / (1 + discount(2) + 0.01 * discount(3))
+    assert alpha_ndcg_means({"r": run}, ours, qrels)[0]["r"] == pytest.approx(expected, abs=1e-12)

@@ -155,6 +155,37 @@ def test_rankgpt_files_become_a_kd_folder(tmp_path):
     assert dict(io.read_corpus(tmp_path / "kd" / "passages.tsv"))["p3"] == "bird text"
 
 
+def test_malformed_rankgpt_answers_are_dropped_by_default_and_repaired_on_request(tmp_path):
+    """The multi-stage seed keeps only answers that are a permutation of exactly the query's passages."""
+    passages = [{"docid": f"p{i}", "rank": i, "text": f"text {i}"} for i in (1, 2, 3)]
+    items = [{"query_id": qid, "query": f"query {qid}", "retrieved_passages": passages} for qid in ("1", "2", "3")]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(i) + "\n" for i in items))
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["[3] > [1] > [2]", "[3] > [3] > [1]", "[2] > [1]"]))  # only the first is whole
+    dropped = preprocessing.preprocess_rankgpt(data, answers, tmp_path / "drop", evalperc=0, seed=1)
+    assert (dropped["queries"], dropped["well_formed_answers"], dropped["malformed_answers"]) == (3, 1, 2)
+    assert [q.qid for q in load_split(tmp_path / "drop", "train")] == ["1"]
+    repaired = preprocessing.preprocess_rankgpt(data, answers, tmp_path / "repair", evalperc=0, seed=1, repair=True)
+    assert (repaired["well_formed_answers"], repaired["malformed_answers"], repaired["train_queries"]) == (1, 2, 3)
+    train = {q.qid: q.docnos for q in load_split(tmp_path / "repair", "train")}
+    assert train == {"1": ["p3", "p1", "p2"], "2": ["p3", "p1", "p2"], "3": ["p2", "p1", "p3"]}
+
+
+def test_teacher_run_order_comes_from_the_rank_column(tmp_path, capsys):
+    """Query 1's scores are stale (they disagree with the ranks), query 2's constant: the ranks decide both,
+    the scores are kept as they are, and the disagreement is counted and reported."""
+    run = tmp_path / "teacher.run"
+    run.write_text("1 Q0 a 2 9.0 t\n1 Q0 b 1 1.0 t\n1 Q0 c 3 5.0 t\n"
+                   "2 Q0 x 2 0.0 t\n2 Q0 y 1 0.0 t\n")
+    counts = preprocessing.preprocess_teacher_run(run, {"1": {"b": 1}}, tmp_path / "KD", evalperc=0, seed=1)
+    train = {q.qid: q for q in load_split(tmp_path / "KD", "train")}
+    assert train["1"] == QueryCandidates("1", ["b", "a", "c"], [1.0, 9.0, 5.0], {"b": 1})
+    assert train["2"].docnos == ["y", "x"]
+    assert counts["rank_score_disagreements"] == 1 and counts["kept_lines"] == 5
+    assert "in 1 of 2 queries the scores do not follow the rank column" in capsys.readouterr().err
+
+
 def test_preprocessing_cli_on_the_demo_collection(tmp_path):
     """End to end on generated data: demo collection -> BM25 (PISA) -> CL and KD folders."""
     from crossrank import bm25, demo

@@ -209,6 +209,26 @@ def test_pseudo_states_only_in_training(tiny_bert):
     assert (first - second).abs().max() > 1e-6  # and drawn anew
 
 
+def test_short_lists_at_inference_are_deterministic_and_sample_only_on_request(tiny_bert):
+    """Default: in eval mode a list shorter than depth attends to its own passages only (scores as without
+    pseudo-states). sample_at_inference (the reference's behaviour): the set is filled to depth with
+    pseudo-states, drawn from a fixed-seed generator, so the scores differ but repeat exactly."""
+    plain, _, _ = load(tiny_bert)
+    default, _, encode = load(tiny_bert, sample_missing_docs=True, depth=10)
+    sampled, _, _ = load(tiny_bert, sample_missing_docs=True, sample_at_inference=True, depth=10)
+    batch = encode(QUERIES, PASSAGES)
+    with torch.no_grad():
+        torch.testing.assert_close(default(**batch), plain(**batch), atol=0, rtol=0)
+        assert default.layout(batch["attention_mask"], batch["mask"]).num_slots == 4  # the list's own width
+        assert sampled.layout(batch["attention_mask"], batch["mask"]).num_slots == 10  # depth
+        torch.manual_seed(1)
+        first = sampled(**batch)
+        torch.manual_seed(2)
+        second = sampled(**batch)
+    assert torch.equal(first, second)  # reproducible whatever the global RNG
+    assert (first - plain(**batch)).abs().max() > 1e-5  # the pseudo-states are attended
+
+
 def test_gradient_checkpointing_gives_same_gradients(tiny_bert):
     grads = []
     for checkpointing in (False, True):

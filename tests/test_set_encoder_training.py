@@ -118,6 +118,44 @@ def test_stage1_lists_hold_eight_passages_and_one_copy_left_out_of_infonce(livel
         assert (batch.targets[row] * batch.ranked[row] > 0).sum() == 1  # exactly one positive
 
 
+def test_stage1_recipe_lists_attend_to_91_pseudo_states_like_a_top100(lively, collection):
+    """configs/set-encoder/CL.yaml: 8 passages + 1 duplicate, [INT] set of model.depth = 100 whatever
+    data.num_negatives: each passage attends to its 8 list mates and 91 pseudo-states, the 99 others it meets
+    when re-ranking a top-100."""
+    cfg = config_of(lively, collection["CL"], Path("unused"), "CL")
+    assert (cfg.model.depth, cfg.model.sample_missing_docs, cfg.data.num_negatives) == (100, True, 7)
+    data, _ = load_training_data(cfg)
+    _, model = load_model(str(lively), cfg)
+    batch = data.batch(0, 2, PairTokenizer(load_set_tokenizer(lively), cfg.model), listwise=True)
+    model.train()
+    layout = model.layout(batch.inputs["attention_mask"], batch.inputs["mask"])
+    assert layout.num_slots == 100 and layout.real_slots.sum(1).tolist() == [9, 9]  # 91 pseudo-states each
+    slots = layout.additive_mask[:, 0, 0, -100:] == 0  # [N, M]: the [INT] keys each passage may attend to
+    assert slots.sum(1).tolist() == [99] * 18  # 8 real others + 91 pseudo, its own slot masked
+    model.eval()  # validation and inference: deterministic, the list's own passages only
+    assert model.layout(batch.inputs["attention_mask"], batch.inputs["mask"]).num_slots == 9
+
+
+def test_positive_from_the_qrels_when_the_first_stage_missed_it():
+    """data.add_missing_relevant (the reference's add_docs_not_in_ranking): the judged-relevant passage that the
+    run does not hold becomes the positive instead of the query being dropped."""
+    import random as rnd
+
+    from crossrank.config import DataConfig
+    from crossrank.data import TrainingData
+    from crossrank.preprocessing import QueryCandidates
+
+    query = QueryCandidates("q1", ["a", "b", "c"], [3.0, 2.0, 1.0], {"z": 1, "b": 0})
+    texts = {d: d for d in "abcz"}
+    data = DataConfig(num_negatives=2, depth=3)
+    with pytest.raises(CrossrankError, match="none of the 1 queries has a usable example"):
+        TrainingData([query], {"q1": "q"}, texts, data, 42)
+    stream = TrainingData([query], {"q1": "q"}, texts, DataConfig(num_negatives=2, depth=3, add_missing_relevant=True), 42)
+    example = stream.example(0)
+    assert example.docnos[0] == "z" and sorted(example.docnos[1:]) in (["a", "b"], ["a", "c"], ["b", "c"])
+    assert example.targets[0] == 1.0 and example.targets[1:] == [0.0, 0.0]
+
+
 def test_stage2_starts_from_stage1_and_freezes_the_duplicate_head(stage1, lively, collection, tmp_path):
     run, _ = stage1
     out = run.parent
@@ -125,7 +163,9 @@ def test_stage2_starts_from_stage1_and_freezes_the_duplicate_head(stage1, lively
     assert kd.model.gradient_checkpointing and kd.data.depth == 8 and kd.train.loss == "rank_net"
     assert initial_weights(kd) == str(run / "model")
     train(kd)
-    stage2 = out / "tiny.CL-KD.f2.lr0.001.s42"
+    from crossrank.naming import checkpoint_hash
+
+    stage2 = out / f"tiny.CL-KD.f2.from-{checkpoint_hash(run / 'model')}.lr0.001.s42"
     before, after = weights(run / "model"), weights(stage2 / "checkpoint")
     assert torch.equal(before["duplicate.weight"], after["duplicate.weight"])
     assert not torch.equal(before["score.weight"], after["score.weight"])
@@ -158,7 +198,8 @@ def test_two_process_ddp_with_the_frozen_duplicate_head_matches_one_process(live
     args = [a for f in files for a in ("--config", str(ROOT / f))] + [
         f"model.path={lively}", "model.name=tiny", f"data.train={collection['KD']}", "data.depth=8",
         "data.num_negatives=7", "optim.lr=1e-3", "train.queries_per_batch=1", "train.accumulation=2",
-        "train.max_steps=2", "train.eval_every=2"]
+        "train.max_steps=2", "train.eval_every=2",
+        "model.sample_missing_docs=false"]  # pseudo-states are random, drawn per process like dropout
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(ROOT / "train.py"), *args, f"train.output_dir={tmp_path / 'ddp'}"],

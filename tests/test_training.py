@@ -62,13 +62,19 @@ def collection(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_overfits_tiny_set_and_saves_loadable_models(quiet_bert, collection, tmp_path):
+    # the untrained model (same seeded head, one step at a negligible lr) is the reference: what the random
+    # initialisation of a given transformers release scores is not what this test is about
+    untrained = train(config(quiet_bert, collection["CL"], tmp_path / "untrained", "CL", "optim.lr=1e-12",
+                             "train.max_steps=1", "model.freeze_position_embeddings=false")).best_metric
+    # the tiny model's position embeddings are random, not pretrained: let them learn here
     state = train(config(quiet_bert, collection["CL"], tmp_path, "CL", "optim.lr=4e-3", "train.max_steps=240",
-                         "train.eval_every=120"))
+                         "train.eval_every=120", "model.freeze_position_embeddings=false"))
     run = tmp_path / "tiny.CL.f1.lr0.004.s42"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert losses[0] > 2.0 and sum(losses[-20:]) / 20 < 0.3  # log(8) = 2.08 at chance
-    assert state.finished and state.best_metric >= 0.95  # validation = the training queries here
+    assert sum(losses[-20:]) / 20 < 0.2 * losses[0]  # the training loss falls to a fifth of where it started
+    # validation = the training queries here: at least half of the way from the untrained model to perfect
+    assert state.finished and untrained < 0.9 and state.best_metric >= untrained + 0.5 * (1 - untrained)
     assert (run / "curve.png").is_file()
     assert json.loads((run / "model" / "selected.json").read_text())["step"] == state.best_step in (120, 240)
 
@@ -91,7 +97,10 @@ def test_overfits_tiny_set_and_saves_loadable_models(quiet_bert, collection, tmp
                 "data.num_negatives=7", "data.depth=8", "train.queries_per_batch=2", "train.accumulation=1")
     assert initial_weights(kd) == str(run / "model")
     train(kd)
-    stage2 = tmp_path / "tiny.CL-KD.f2.lr0.003.s42"  # stage 2 has its own lr (here the default of config())
+    from crossrank.naming import checkpoint_hash
+
+    # stage 2 has its own lr (here the default of config()) and names the weights it started from
+    stage2 = tmp_path / f"tiny.CL-KD.f2.from-{checkpoint_hash(run / 'model')}.lr0.003.s42"
     assert str(run / "model") in (stage2 / "crossrank.yaml").read_text()
     assert not (stage2 / "checkpoint" / "state.pt").stat().st_size == 0
 
@@ -117,6 +126,21 @@ def test_resume_after_sigterm_gives_identical_weights(tiny_bert, collection, tmp
     changed = config(tiny_bert, collection["CL"], tmp_path / "b", "CL", *steps, "data.num_negatives=5")
     with pytest.raises(CrossrankError, match=r"checkpoint was trained with other settings \(data.num_negatives\)"):
         train(changed)
+
+
+def test_frozen_position_embeddings_stay_unchanged_after_a_step(tiny_bert, collection, tmp_path):
+    """model.freeze_position_embeddings (the multi-stage seed's recipe, on by default): one AdamW step with
+    weight decay moves the word embeddings but not the position embeddings; switched off, both move."""
+    before = weights(tiny_bert)
+    position = next(k for k in before if k.endswith("embeddings.position_embeddings.weight"))
+    word = next(k for k in before if k.endswith("embeddings.word_embeddings.weight"))
+    for frozen in (True, False):
+        out = tmp_path / str(frozen)
+        train(config(tiny_bert, collection["CL"], out, "CL", "train.max_steps=1", f"train.output_dir={out}",
+                     f"model.freeze_position_embeddings={frozen}"))
+        after = weights(out / "checkpoint")
+        assert torch.equal(before[position], after[position]) == frozen
+        assert not torch.equal(before[word], after[word])
 
 
 def test_two_process_ddp_matches_one_process(quiet_bert, collection, tmp_path):
@@ -148,19 +172,57 @@ def test_stage2_lookup_finds_the_right_folder_and_fails_clearly(tmp_path):
     def cfg(*overrides):
         return load_run_config([], ["model.name=tiny", f"train.models_dir={tmp_path}", "train.stage=2", *overrides])
 
-    assert initial_weights(cfg("train.objective=KD")) == str(tmp_path / "tiny.CL.f1.lr1e-05.s42" / "model")
     assert initial_weights(cfg("train.objective=CL")) == str(tmp_path / "tiny.KD.f1.lr1e-05.s42" / "model")
-    seven = initial_weights(cfg("train.objective=KD", "train.seed=7"))
-    assert seven == str(tmp_path / "tiny.CL.f1.lr2e-05.s7" / "model")
+    # the stage-2 seed does not pick the stage-1 run: a stage 2 with seed 7 still finds the only KD one (s42)
+    assert initial_weights(cfg("train.objective=CL", "train.seed=7")) == str(tmp_path / "tiny.KD.f1.lr1e-05.s42" / "model")
+    two_seeds = r"2 checkpoints \(tiny\.CL\.f1\.lr1e-05\.s42, tiny\.CL\.f1\.lr2e-05\.s7\)"
+    with pytest.raises(CrossrankError, match=two_seeds):
+        initial_weights(cfg("train.objective=KD", "train.seed=7"))
+    assert initial_weights(cfg("train.objective=KD", "train.previous_seed=7")) == \
+        str(tmp_path / "tiny.CL.f1.lr2e-05.s7" / "model")
+    assert initial_weights(cfg("train.objective=KD", "train.seed=7", "train.previous_seed=42")) == \
+        str(tmp_path / "tiny.CL.f1.lr1e-05.s42" / "model")
     with pytest.raises(CrossrankError, match=r"no checkpoint matching tiny\.CL\.f1\.\* seed=3 .*there: other\.CL"):
-        initial_weights(cfg("train.objective=KD", "train.seed=3"))
+        initial_weights(cfg("train.objective=KD", "train.previous_seed=3"))
     with pytest.raises(CrossrankError, match=r"no checkpoint matching tiny\.KD\.f1\."):
-        initial_weights(cfg("train.objective=CL", "train.previous=KD", "train.seed=7"))
+        initial_weights(cfg("train.objective=CL", "train.previous=KD", "train.previous_seed=7"))
     (tmp_path / "tiny.CL.f1.lr3e-05.s42" / "model").mkdir(parents=True)
     two = r"2 checkpoints \(tiny\.CL\.f1\.lr1e-05\.s42, tiny\.CL\.f1\.lr3e-05\.s42\)"
     with pytest.raises(CrossrankError, match=two):
-        initial_weights(cfg("train.objective=KD"))
+        initial_weights(cfg("train.objective=KD", "train.previous_seed=42"))
     assert initial_weights(cfg("train.objective=KD", "train.previous_lr=3e-5")).endswith("lr3e-05.s42/model")
+
+
+def test_resuming_into_a_folder_with_another_start_is_refused_before_loading(tiny_bert, collection, tmp_path):
+    """train.output_dir fixes the folder, so only the recipe check can tell: the requested start is compared
+    with the checkpoint's before any weights are loaded (the other start here is not even a model)."""
+    out = tmp_path / "run"
+    train(config(tiny_bert, collection["CL"], tmp_path, "CL", "train.max_steps=1", f"train.output_dir={out}"))
+    elsewhere = tmp_path / "not-a-model"
+    elsewhere.mkdir()
+    with pytest.raises(CrossrankError, match=r"checkpoint was trained with other settings \(train.stage, train.init_from\)"):
+        train(config(tiny_bert, collection["CL"], tmp_path, "CL", "train.max_steps=2", f"train.output_dir={out}",
+                     "train.stage=2", f"train.init_from={elsewhere}"))
+
+
+def test_run_folder_names_the_dataset_and_the_stage2_start(tmp_path):
+    """The dataset appears unless it is the default; a stage 2 names 8 hex digits of its start's weights."""
+    from crossrank.naming import checkpoint_hash
+    from crossrank.training import run_folder
+
+    for name, content in (("a", b"weights a"), ("b", b"weights b")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(content)
+
+    def cfg(*overrides):
+        return load_run_config([], ["model.name=tiny", f"train.models_dir={tmp_path}", *overrides])
+
+    assert run_folder(cfg()).name == "tiny.CL.f1.lr1e-05.s42"
+    assert run_folder(cfg("data.dataset=msmarco-train")).name == "tiny.CL.f1.msmarco-train.lr1e-05.s42"
+    a = run_folder(cfg("train.stage=2", "train.objective=KD", f"train.init_from={tmp_path / 'a'}"))
+    b = run_folder(cfg("train.stage=2", "train.objective=KD", f"train.init_from={tmp_path / 'b'}"))
+    assert a.name == f"tiny.CL-KD.f2.from-{checkpoint_hash(tmp_path / 'a')}.lr1e-05.s42" and a != b
+    assert len(checkpoint_hash(tmp_path / "a")) == 8 and checkpoint_hash(tmp_path / "a") != checkpoint_hash(tmp_path / "b")
 
 
 def test_nan_in_a_batch_stops_the_run(tiny_bert, tmp_path):

@@ -416,6 +416,17 @@ def rerank_model(name: str, folder: str, candidates, plan: Plan, device: torch.d
     report.add(section, f"{name} {ours_label} / best CrossEncoder.predict", f"{ratio:.2f}x",
                f">= {TARGET_RATIO}" if headline else "", ratio >= TARGET_RATIO if headline else None, speed_target=True)
 
+    efficiency_rows(name, folder, tokenizer, texts, plan, device, variant, ours_label, rate[ours_label], peer_best,
+                    report)
+    del model, peer, contenders
+    free(device)
+
+
+def efficiency_rows(name: str, folder: str, tokenizer, texts: list[tuple[str, str]], plan: Plan,
+                    device: torch.device, variant: str, ours_label: str, ours: float, peer: float,
+                    report: Report) -> None:
+    """Section 5 for a re-ranking step: the GEMM rate at the model's shapes (once per model) and both
+    throughputs as fractions of the full model's GEMM-bound ideal on these pairs."""
     config = AutoConfig.from_pretrained(folder)
     lengths = [len(ids) for ids, _ in tokenizer.encode([q for q, _ in texts], [p for _, p in texts])]
     rates = model_rates(config, plan.gemm_tokens, device)
@@ -424,9 +435,7 @@ def rerank_model(name: str, folder: str, candidates, plan: Plan, device: torch.d
         report.add("5 gemm", f"{name} GEMM rate at the model's shapes ({plan.gemm_tokens} tokens)",
                    ", ".join(f"{k} {v / 1e12:.1f}" for k, v in rates.items()) + " TFLOP/s")
     report.add("5 gemm", f"{name} re-ranking ideal (full model, {statistics.fmean(lengths):.0f} tokens/pair)",
-               f"{ideal:.0f} pairs/s; {ours_label} {rate[ours_label] / ideal:.2f}, peer {peer_best / ideal:.2f} of it")
-    del model, peer, contenders
-    free(device)
+               f"{ideal:.0f} pairs/s; {ours_label} {ours / ideal:.2f}, peer {peer / ideal:.2f} of it")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ def run_main(main: Callable[..., int | None], *args) -> int:
         if message is None:
             raise
         if os.environ.get("RANK", "0") == "0":  # under torchrun, every process would say the same
+            _close_progress_bars()
             print(f"error: {message}", file=sys.stderr)
         return 2
 
@@ -115,6 +116,13 @@ def describe_os_error(e: OSError) -> str:
             errno.EACCES: "check the permissions", errno.EPERM: "check the permissions",
             errno.EISDIR: "expected a file"}.get(e.errno)
     return f"{path}: {reason}" + (f" ({hint})" if hint else "")
+
+
+def _close_progress_bars() -> None:
+    """A bar left open by the failure would have the error appended to its line: end it first."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        bar.close()
 
 
 def _yaml_error_type():

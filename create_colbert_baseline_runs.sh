@@ -40,7 +40,8 @@ done
 [[ -n "$dataset" ]] || { echo "error: command line: -d DATASET is required (see $0 -h)" >&2; exit 2; }
 for flag in "-k $k" "-b $batch" "-s $shard"; do  # checked before the ColBERT environment may be created
   read -r name value <<<"$flag"
-  [[ $value =~ ^[1-9][0-9]*$ ]] || { echo "error: command line: $name $value is invalid (expected a positive integer)" >&2; exit 2; }
+  [[ $value =~ ^[1-9][0-9]*$ ]] ||
+    { echo "error: command line: $name $value is invalid (expected a positive integer)" >&2; exit 2; }
 done
 [[ -z $devices || $devices == cpu || $devices =~ ^[0-9]+(,[0-9]+)*$ ]] ||
   { echo "error: command line: -g $devices is invalid (expected GPU ids like 0 or 0,1, or cpu)" >&2; exit 2; }

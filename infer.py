@@ -14,7 +14,8 @@ def main() -> int:
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", default=[], help="YAML merged over configs/defaults.yaml")
     parser.add_argument("--model", help="checkpoint folder (default: found under models/ by naming.py)")
-    parser.add_argument("--lr", type=cli.float_in(0, lo_open=True), help="narrow the checkpoint search to this learning rate")
+    parser.add_argument("--lr", type=cli.float_in(0, lo_open=True),
+                        help="narrow the checkpoint search to this learning rate")
     parser.add_argument("--seed", type=cli.int_in(0), help="narrow the checkpoint search to this seed")
     parser.add_argument("--lenient", action="store_true", help="skip unknown qids/docnos and duplicates")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.depth=1000")

@@ -12,7 +12,8 @@ def main() -> int:
                         help=f"{' | '.join(PRESETS)} (the seeds' MS MARCO sets), a configs/datasets key, or a YAML path")
     parser.add_argument("--objective", choices=["CL", "KD"], help="CL: hard negatives from a run; KD: teacher ranking")
     parser.add_argument("--run", default="", help="CL: which of the dataset's runs (default: its first)")
-    parser.add_argument("--evalperc", type=cli.float_in(0, 100, hi_open=True), default=1.0, help="percentage of queries held out for validation")
+    parser.add_argument("--evalperc", type=cli.float_in(0, 100, hi_open=True), default=1.0,
+                        help="percentage of queries held out for validation, in [0, 100)")
     parser.add_argument("--seed", type=cli.int_in(0), default=42, help="seed of the validation split")
     parser.add_argument("--depth", type=cli.int_in(1), help="keep the top DEPTH candidates per query (default: all)")
     parser.add_argument("--out", default="", help="output folder (default: data/<dataset>/<objective>)")

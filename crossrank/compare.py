@@ -31,7 +31,8 @@ def _compare(argv: list[str] | None) -> int:
     parser.add_argument("-d", "--dataset", help="a configs/datasets key (qrels, topics and rel_level from it)")
     parser.add_argument("--qrels", help="qrels file or irds:<id> (overrides the dataset's)")
     parser.add_argument("--topics", help="topics restricting the judged queries (overrides the dataset's)")
-    parser.add_argument("--rel-level", type=cli.int_in(1), help="minimum grade of binary measures (default: dataset's, or 1)")
+    parser.add_argument("--rel-level", type=cli.int_in(1),
+                        help="minimum grade of binary measures (default: dataset's, or 1)")
     parser.add_argument("--metrics", default=",".join(evaluation.DEFAULT_METRICS), help="comma-separated")
     parser.add_argument("--depth", type=cli.int_in(1), help="evaluate only the top DEPTH of each run")
     parser.add_argument("--baseline", default="0", help="index or path of the baseline run (default 0)")

@@ -616,6 +616,7 @@ def rank(cfg: TeacherConfig) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TeacherConfig
+    positive, count, amount = cli.int_in(1), cli.int_in(0), cli.float_in(0)  # argparse types with ranges
     p = cli.ArgumentParser(
         description="Re-rank a run's top-k with an LLM (RankGPT sliding windows over an OpenAI-compatible "
                     "chat endpoint) and write the teacher's ranking as a TREC run.")
@@ -632,32 +633,34 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "http://localhost:8000/v1 for vLLM (default: %(default)s)")
     p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key "
                                                                 "(default: %(default)s; unset: no key is sent)")
-    p.add_argument("--k", type=cli.int_in(1), default=d.k, help="re-rank the top K of each query (default: %(default)s)")
-    p.add_argument("--window", type=cli.int_in(2), default=d.window, help="passages per prompt (default: %(default)s; "
-                                                                "--window K: one prompt per query)")
-    p.add_argument("--step", type=cli.int_in(1), default=d.step, help="window stride (default: %(default)s)")
+    p.add_argument("--k", type=positive, default=d.k, help="re-rank the top K of each query (default: %(default)s)")
+    p.add_argument("--window", type=cli.int_in(2), default=d.window,
+                   help="passages per prompt (default: %(default)s; --window K: one prompt per query)")
+    p.add_argument("--step", type=positive, default=d.step, help="window stride (default: %(default)s)")
     p.add_argument("--novelty-prompt", dest="novelty", action="store_true",
                    help="rank by relevance and novelty: near-duplicates of higher passages go to the bottom")
-    p.add_argument("--passage-words", type=cli.int_in(1), default=d.passage_words,
+    p.add_argument("--passage-words", type=positive, default=d.passage_words,
                    help="starting word budget per passage, shrunk until the prompt fits (default: %(default)s)")
-    p.add_argument("--context-size", type=cli.int_in(1), default=d.context_size,
+    p.add_argument("--context-size", type=positive, default=d.context_size,
                    help="model context in tokens (default: %(default)s)")
-    p.add_argument("--max-completion-tokens", type=cli.int_in(0), default=d.max_completion_tokens,
+    p.add_argument("--max-completion-tokens", type=count, default=d.max_completion_tokens,
                    help="answer budget, reserved in the context (default: 6 per passage + 32)")
     p.add_argument("--tokenizer", default=d.tokenizer, help="local tokenizer folder or cached hub id for token "
                                                             "counts (default: --model if local; 'none': estimate)")
-    p.add_argument("--concurrency", type=cli.int_in(1), default=d.concurrency, help="queries in flight (default: %(default)s)")
-    p.add_argument("--timeout", type=cli.float_in(0, lo_open=True), default=d.timeout, help="seconds per request (default: %(default)s)")
-    p.add_argument("--retries", type=cli.int_in(0), default=d.retries, help="retries per request (default: %(default)s)")
-    p.add_argument("--backoff", type=cli.float_in(0), default=d.backoff, help="first retry delay in seconds, doubling "
-                                                                    "(default: %(default)s)")
-    p.add_argument("--max-backoff", type=cli.float_in(0), default=d.max_backoff, help="cap of the delay (default: %(default)s)")
-    p.add_argument("--limit", type=cli.int_in(0), default=d.limit, help="only the first N queries in qid order (0: all)")
+    p.add_argument("--concurrency", type=positive, default=d.concurrency,
+                   help="queries in flight (default: %(default)s)")
+    p.add_argument("--timeout", type=cli.float_in(0, lo_open=True), default=d.timeout,
+                   help="seconds per request (default: %(default)s)")
+    p.add_argument("--retries", type=count, default=d.retries, help="retries per request (default: %(default)s)")
+    p.add_argument("--backoff", type=amount, default=d.backoff,
+                   help="first retry delay in seconds, doubling (default: %(default)s)")
+    p.add_argument("--max-backoff", type=amount, default=d.max_backoff, help="cap of the delay (default: %(default)s)")
+    p.add_argument("--limit", type=count, default=d.limit, help="only the first N queries in qid order (0: all)")
     p.add_argument("--tag", default=d.tag, help="run tag (default: %(default)s)")
     p.add_argument("--no-log-prompts", dest="log_prompts", action="store_false",
                    help="log answers and usage but not the prompts (the log is ~40 KB per request with them)")
-    p.add_argument("--price-prompt", type=cli.float_in(0), default=0.0, help="price per million prompt tokens (summary)")
-    p.add_argument("--price-completion", type=cli.float_in(0), default=0.0, help="price per million completion tokens")
+    p.add_argument("--price-prompt", type=amount, default=0.0, help="price per million prompt tokens (summary)")
+    p.add_argument("--price-completion", type=amount, default=0.0, help="price per million completion tokens")
     p.add_argument("--dry-run", action="store_true", help="count the requests and prompt tokens the remaining "
                                                           "queries need (cost estimate); send and write nothing")
     p.add_argument("--overwrite", action="store_true", help="start again, deleting OUT, its partial, log and summary")

@@ -5,9 +5,11 @@
     torchrun --nproc_per_node 2 infer.py ...      # queries sharded over ranks, merged into one run
 """
 import sys
+from pathlib import Path
 
 from crossrank import cli
 from crossrank.config import load_run_config
+from crossrank.io import CrossrankError
 
 
 def main() -> int:
@@ -21,6 +23,8 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.depth=1000")
     args = parser.parse_args()
     cfg = load_run_config(args.config, args.overrides + (["eval.lenient=true"] if args.lenient else []))
+    if args.model and args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().exists():
+        raise CrossrankError(f"{args.model}: no such model folder (expected a checkpoint folder or a hub id)")
     from crossrank.inference import run_inference  # torch and transformers: only once the config is valid
 
     run_inference(cfg, args.model, args.lr, args.seed)

@@ -49,7 +49,9 @@ def load(cls: type[T], files: list[str | os.PathLike] = (), overrides: list[str]
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
         for depth in range(1, len(parts) + 1):  # an unknown section is reported at the override too
             origins[".".join(parts[:depth])] = f"command line ({item})"
-    return _build(cls, values, "", origins)
+    config = _build(cls, values, "", origins)
+    config._origins = origins  # so that validate() can name the YAML line (or override) a bad value came from
+    return config
 
 
 def resolve_config_file(name: str, folder: str) -> Path:
@@ -328,9 +330,11 @@ class RunConfig:
             value = getattr(getattr(self, section), field)
             ok = math.isfinite(value) and (value > low if excluded else value >= low)
             checks.append((ok, key, f"a number > {low}" if excluded else f"{low} or more", value))
+        origins = getattr(self, "_origins", {})
         for ok, key, expected, got in checks:
             if not ok:
-                raise CrossrankError(f"config: {key} is invalid (expected {expected}, got {got!r})")
+                raise CrossrankError(f"{origins.get(key, 'config')}: {key} is invalid (expected {expected}, "
+                                     f"got {got!r})")
         return self
 
 

@@ -97,6 +97,8 @@ CASES = [
     Case("config-not-key-value", f"{TRAIN} optim.lr", "optim.lr"),
     Case("config-yaml-wrong-type", f"{TRAIN} --config {{c}}/bad.yaml", "{c}/bad.yaml:2",
          write("bad.yaml", "train:\n  max_steps: many\n")),
+    Case("config-yaml-out-of-range", f"{TRAIN} --config {{c}}/bad.yaml", "{c}/bad.yaml:2: train.log_every",
+         write("bad.yaml", "train:\n  log_every: 0\n")),
     Case("config-yaml-invalid", f"{TRAIN} --config {{c}}/bad.yaml", "{c}/bad.yaml:",
          write("bad.yaml", "train:\n  max_steps: [1\n")),
     # --- item 2: CLI flags of the Python entry points ---

@@ -12,7 +12,7 @@ Usage: $0 -d DATASET [-k DEPTH] [-t THREADS] [-o RUN] [-l]
 USAGE
 }
 dataset="" k=1000 threads=1 out="" lenient=()
-while getopts "d:k:t:o:lh" opt; do
+while getopts ":d:k:t:o:lh" opt; do
   case "$opt" in
     d) dataset="$OPTARG" ;;
     k) k="$OPTARG" ;;
@@ -20,9 +20,10 @@ while getopts "d:k:t:o:lh" opt; do
     o) out="$OPTARG" ;;
     l) lenient=(--lenient) ;;
     h) usage; exit 0 ;;
-    *) usage >&2; exit 2 ;;
+    :) echo "error: command line: -$OPTARG needs a value (see $0 -h)" >&2; exit 2 ;;
+    *) echo "error: command line: -$OPTARG is not an option (see $0 -h)" >&2; exit 2 ;;
   esac
 done
-[[ -n "$dataset" ]] || { usage >&2; exit 2; }
+[[ -n "$dataset" ]] || { echo "error: command line: -d DATASET is required (see $0 -h)" >&2; exit 2; }
 cd "$(dirname "$0")"
 exec python -m crossrank.bm25 --dataset "$dataset" --k "$k" --threads "$threads" ${out:+--out "$out"} "${lenient[@]}"

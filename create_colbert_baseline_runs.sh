@@ -20,7 +20,7 @@ TORCH_INDEX_URL picks the torch 2.11 build when it is created (e.g. https://down
 USAGE
 }
 dataset="" k=500 model="colbert-ir/colbertv2.0" devices="" batch=32 out="" indexes="" shard=100000 extra=()
-while getopts "d:k:m:g:b:o:i:s:rlh" opt; do
+while getopts ":d:k:m:g:b:o:i:s:rlh" opt; do
   case "$opt" in
     d) dataset="$OPTARG" ;;
     k) k="$OPTARG" ;;
@@ -33,10 +33,18 @@ while getopts "d:k:m:g:b:o:i:s:rlh" opt; do
     r) extra+=(--rebuild) ;;
     l) extra+=(--lenient) ;;
     h) usage; exit 0 ;;
-    *) usage >&2; exit 2 ;;
+    :) echo "error: command line: -$OPTARG needs a value (see $0 -h)" >&2; exit 2 ;;
+    *) echo "error: command line: -$OPTARG is not an option (see $0 -h)" >&2; exit 2 ;;
   esac
 done
-[[ -n "$dataset" ]] || { usage >&2; exit 2; }
+[[ -n "$dataset" ]] || { echo "error: command line: -d DATASET is required (see $0 -h)" >&2; exit 2; }
+for flag in "-k $k" "-b $batch" "-s $shard"; do  # checked before the ColBERT environment may be created
+  read -r name value <<<"$flag"
+  [[ $value =~ ^[1-9][0-9]*$ ]] ||
+    { echo "error: command line: $name $value is invalid (expected a positive integer)" >&2; exit 2; }
+done
+[[ -z $devices || $devices == cpu || $devices =~ ^[0-9]+(,[0-9]+)*$ ]] ||
+  { echo "error: command line: -g $devices is invalid (expected GPU ids like 0 or 0,1, or cpu)" >&2; exit 2; }
 cd "$(dirname "$0")"
 env="${CROSSRANK_COLBERT_ENV:-.venv-colbert}"
 if [[ ! -f "$env/.crossrank-ready" ]]; then  # the marker is written only after a complete install

@@ -10,7 +10,7 @@ usage: ./ft-monoencoder.sh [-f 1|2] [-c backbone] [-m CL|KD|BCE] [-l lr] [-b que
       set-encoder[:electra|roberta|<id or folder>]: the Set-Encoder (MiniLM by default) + configs/set-encoder/<m>
   -m  objective: CL contrastive (LCE), KD distillation (RankNet), BCE pointwise (default CL)
   -l  learning rate (default 1e-5)            -b  queries per batch and micro-step (default: CL 4, KD 16)
-  -g  GPU ids, e.g. 0 or 0,1,2,3: one process per GPU via torchrun (default: first visible GPU, else CPU)
+  -g  GPU ids, e.g. 0 or 0,1,2,3: one process per GPU via torchrun, or cpu (default: first visible GPU, else CPU)
   -p  stage 2: objective of the stage-1 model to start from (default: the other one, CL->KD, KD->CL)
   -s  seed (default 42)                       -d  dataset key, configs/datasets/ (default demo)
   -n  Set-Encoder novelty variant: Novelty-Aware RankNet on Jaccard clusters (data.novelty=true)
@@ -18,7 +18,7 @@ usage: ./ft-monoencoder.sh [-f 1|2] [-c backbone] [-m CL|KD|BCE] [-l lr] [-b que
 TXT
 }
 stage=1 backbone=bert objective=CL gpus="" overrides=()
-while getopts "f:c:m:l:b:g:p:s:d:nh" opt; do
+while getopts ":f:c:m:l:b:g:p:s:d:nh" opt; do
   case $opt in
     f) stage=$OPTARG ;;
     c) backbone=$OPTARG ;;
@@ -31,7 +31,8 @@ while getopts "f:c:m:l:b:g:p:s:d:nh" opt; do
     d) overrides+=("data.dataset=$OPTARG") ;;
     n) overrides+=("data.novelty=true") ;;
     h) usage; exit 0 ;;
-    *) usage >&2; exit 2 ;;
+    :) echo "error: command line: -$OPTARG needs a value (see $0 -h)" >&2; exit 2 ;;
+    *) echo "error: command line: -$OPTARG is not an option (see $0 -h)" >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -52,9 +53,14 @@ elif [[ -n $backbone ]]; then  # a hub id or a folder: its last path part names 
 fi
 [[ -n $prefix ]] && configs=(--config "$here/configs/backbones/set-encoder.yaml" "${configs[@]}")
 launch=(python)
-if [[ -n $gpus ]]; then
-  export CUDA_VISIBLE_DEVICES=$gpus
-  n=$(tr ',' '\n' <<<"$gpus" | grep -c .)
-  if (( n > 1 )); then launch=(torchrun --standalone --nproc_per_node "$n"); fi
-fi
+case $gpus in  # numbers are range-checked in Python (config.py); only -g is the wrapper's own
+  "") ;;
+  cpu) export CUDA_VISIBLE_DEVICES="" ;;
+  *) if [[ ! $gpus =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+       echo "error: command line: -g $gpus is invalid (expected GPU ids like 0 or 0,1, or cpu)" >&2; exit 2
+     fi
+     export CUDA_VISIBLE_DEVICES=$gpus
+     n=$(tr ',' '\n' <<<"$gpus" | grep -c .)
+     if (( n > 1 )); then launch=(torchrun --standalone --nproc_per_node "$n"); fi ;;
+esac
 exec "${launch[@]}" "$here/train.py" "${configs[@]}" "train.stage=$stage" "${overrides[@]}" "$@"

@@ -10,19 +10,15 @@ A killed run resumes where it stopped when started again with the same arguments
 """
 import sys
 
-from crossrank.io import CrossrankError
+from crossrank import cli
 from crossrank.teacher import format_summary, main as rank_main
 
 
 def main() -> int:
-    try:
-        summary = rank_main(sys.argv[1:])
-    except CrossrankError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = rank_main(sys.argv[1:])
     print(format_summary(summary))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

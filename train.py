@@ -4,29 +4,22 @@ configs/defaults.yaml is read first, then every --config in order, then the over
 same command runs one process per GPU. Exit status: 0 done, 2 bad input or configuration, 3 interrupted by
 SIGTERM/SIGUSR1 after saving a checkpoint (rerun the same command to resume).
 """
-import argparse
-import os
 import sys
 
+from crossrank import cli
 from crossrank.config import load_run_config
-from crossrank.io import CrossrankError
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="YAML file (repeatable, later wins)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-5 train.max_steps=100")
     args = parser.parse_args()
-    try:
-        from crossrank.training import train
+    cfg = load_run_config(args.config, args.overrides)
+    from crossrank.training import train  # torch and transformers: only once the config is valid
 
-        state = train(load_run_config(args.config, args.overrides))
-    except CrossrankError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, every process would say the same
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0 if state.finished else 3
+    return 0 if train(cfg).finished else 3
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -7,16 +7,15 @@ Parameters follow Anserini's MS MARCO passage defaults (k1 0.9, b 0.4, Porter2 s
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from crossrank import config
+from crossrank import cli, config
 from crossrank.datasets import load_dataset
-from crossrank.io import CrossrankError, Run, read_corpus, read_topics, write_run
+from crossrank.io import Run, read_corpus, read_topics, write_run
 
 if TYPE_CHECKING:
     from pyterrier_pisa import PisaIndex
@@ -61,26 +60,22 @@ def bm25_run(corpus: str, topics: dict[str, str], k: int = 1000, threads: int = 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="BM25 run for a dataset's topics over its corpus (PISA).")
+    parser = cli.ArgumentParser(description="BM25 run for a dataset's topics over its corpus (PISA).")
     parser.add_argument("--dataset", required=True, help="a configs/datasets key or a YAML path")
-    parser.add_argument("--k", type=int, default=1000, help="results per query (default 1000)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--k", type=cli.int_in(1), default=1000, help="results per query (default 1000)")
+    parser.add_argument("--threads", type=cli.int_in(1), default=1)
     parser.add_argument("--out", default="", help="run file (default: runs/<dataset>.bm25.run)")
     parser.add_argument("--lenient", action="store_true", help="skip malformed corpus/topic lines")
     args = parser.parse_args()
-    try:
-        dataset = load_dataset(args.dataset)
-        topics = read_topics(dataset.source("topics"), args.lenient)
-        run = bm25_run(dataset.source("corpus"), topics, args.k, args.threads, args.lenient)
-        out = Path(args.out) if args.out else config.ROOT / "runs" / f"{dataset.name}.bm25.run"
-        write_run(out, run, tag="bm25")
-    except CrossrankError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    dataset = load_dataset(args.dataset)
+    topics = read_topics(dataset.source("topics"), args.lenient)
+    run = bm25_run(dataset.source("corpus"), topics, args.k, args.threads, args.lenient)
+    out = Path(args.out) if args.out else config.ROOT / "runs" / f"{dataset.name}.bm25.run"
+    write_run(out, run, tag="bm25")
     empty = sum(1 for ranking in run.values() if not ranking)
     print(f"wrote {out}: {len(run)} queries, top {args.k}" + (f" ({empty} with no result)" if empty else ""))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -18,7 +18,6 @@ multi-process pool, one process per GPU.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -29,7 +28,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from crossrank import bm25, config
+from crossrank import bm25, cli, config
 from crossrank.datasets import load_dataset
 from crossrank.io import CrossrankError, atomic_write, format_run_lines, read_corpus, read_topics, sort_ranking
 
@@ -191,54 +190,47 @@ def retrieve(folder: Path, model, topics: dict[str, str], k: int, devices: list[
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="ColBERT run for a dataset's topics over its corpus (PyLate PLAID).")
+    parser = cli.ArgumentParser(description="ColBERT run for a dataset's topics over its corpus (PyLate PLAID).")
     parser.add_argument("--dataset", required=True, help="a configs/datasets key or a YAML path")
-    parser.add_argument("--k", type=int, default=500, help="results per query (default 500)")
+    parser.add_argument("--k", type=cli.int_in(1), default=500, help="results per query (default 500)")
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                         help=f"hub id or local folder: a ColBERT checkpoint, or any BERT-like encoder (PyLate adds "
                              f"a projection) (default {DEFAULT_CHECKPOINT})")
     parser.add_argument("--devices", default="", help="GPU numbers (0 or 0,1) or cpu (default: GPU 0 if any)")
-    parser.add_argument("--batch-size", type=int, default=32, help="encoding batch size (default 32)")
-    parser.add_argument("--shard-docs", type=int, default=100_000,
+    parser.add_argument("--batch-size", type=cli.int_in(1), default=32, help="encoding batch size (default 32)")
+    parser.add_argument("--shard-docs", type=cli.int_in(1), default=100_000,
                         help="passages per resumable indexing step (default 100000)")
-    parser.add_argument("--max-shards", type=int, help="stop after this many new shards (resume later)")
+    parser.add_argument("--max-shards", type=cli.int_in(1), help="stop after this many new shards (resume later)")
     parser.add_argument("--indexes", default=str(bm25.INDEXES), help="index cache root (default data/indexes)")
     parser.add_argument("--rebuild", action="store_true", help="delete the cached index and build it again")
     parser.add_argument("--out", default="", help="run file (default: runs/<dataset>.colbert.run)")
     parser.add_argument("--lenient", action="store_true", help="skip malformed corpus/topic lines")
     args = parser.parse_args()
     logging.getLogger("pylate.indexes.fast_plaid").setLevel(logging.ERROR)  # "adding to an existing index": by design
+    devices = parse_devices(args.devices)  # a bad -g is reported before the missing engine
     try:
         import pylate  # noqa: F401
     except ImportError:
-        print(f"error: PyLate is not installed for {sys.executable}; run ./create_colbert_baseline_runs.sh, which "
-              f"creates the ColBERT environment (README, 'ColBERTv2 first stage')", file=sys.stderr)
-        return 2
-    try:
-        if args.k < 1 or args.batch_size < 1 or args.shard_docs < 1:
-            raise CrossrankError(f"--k, --batch-size and --shard-docs must be at least 1 "
-                                 f"(got {args.k}, {args.batch_size}, {args.shard_docs})")
-        dataset = load_dataset(args.dataset)
-        corpus, devices = dataset.source("corpus"), parse_devices(args.devices)
-        folder = index_folder(corpus, args.checkpoint, Path(args.indexes))
-        if args.rebuild:
-            shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        model = load_model(args.checkpoint, folder, devices[0])
-        if not build_index(corpus, model, folder, devices, args.batch_size, args.shard_docs, args.max_shards,
-                           args.lenient):
-            print(f"stopped after {args.max_shards} shard(s): {_read_progress(folder)['documents']:,} passages "
-                  f"indexed in {folder}; run the same command again to continue")
-            return 0
-        topics = read_topics(dataset.source("topics"), args.lenient)
-        out = Path(args.out) if args.out else config.ROOT / "runs" / f"{dataset.name}.colbert.run"
-        short = retrieve(folder, model, topics, args.k, devices, args.batch_size, out)
-    except CrossrankError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CrossrankError(f"{sys.executable}: PyLate is not installed; run ./create_colbert_baseline_runs.sh, "
+                             f"which creates the ColBERT environment (README, 'ColBERTv2 first stage')") from None
+    dataset = load_dataset(args.dataset)
+    corpus = dataset.source("corpus")
+    folder = index_folder(corpus, args.checkpoint, Path(args.indexes))
+    if args.rebuild:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.checkpoint, folder, devices[0])
+    if not build_index(corpus, model, folder, devices, args.batch_size, args.shard_docs, args.max_shards,
+                       args.lenient):
+        print(f"stopped after {args.max_shards} shard(s): {_read_progress(folder)['documents']:,} passages "
+              f"indexed in {folder}; run the same command again to continue")
+        return 0
+    topics = read_topics(dataset.source("topics"), args.lenient)
+    out = Path(args.out) if args.out else config.ROOT / "runs" / f"{dataset.name}.colbert.run"
+    short = retrieve(folder, model, topics, args.k, devices, args.batch_size, out)
     print(f"wrote {out}: {len(topics)} queries, top {args.k}" + (f" ({short} with fewer results)" if short else ""))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

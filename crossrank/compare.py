@@ -9,11 +9,10 @@ the baseline as `<run>.ndcg10-diff.png`.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from crossrank import evaluation
+from crossrank import cli, evaluation
 from crossrank.io import CrossrankError, load_run, read_qrels, read_topics
 
 
@@ -23,14 +22,19 @@ def run_label(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    return cli.run_main(_compare, argv)
+
+
+def _compare(argv: list[str] | None) -> int:
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="TREC run files; the first is the baseline by default")
     parser.add_argument("-d", "--dataset", help="a configs/datasets key (qrels, topics and rel_level from it)")
     parser.add_argument("--qrels", help="qrels file or irds:<id> (overrides the dataset's)")
     parser.add_argument("--topics", help="topics restricting the judged queries (overrides the dataset's)")
-    parser.add_argument("--rel-level", type=int, help="minimum grade of binary measures (default: dataset's, or 1)")
+    parser.add_argument("--rel-level", type=cli.int_in(1),
+                        help="minimum grade of binary measures (default: dataset's, or 1)")
     parser.add_argument("--metrics", default=",".join(evaluation.DEFAULT_METRICS), help="comma-separated")
-    parser.add_argument("--depth", type=int, help="evaluate only the top DEPTH of each run")
+    parser.add_argument("--depth", type=cli.int_in(1), help="evaluate only the top DEPTH of each run")
     parser.add_argument("--baseline", default="0", help="index or path of the baseline run (default 0)")
     parser.add_argument("--holm", action="store_true", help="Holm-correct the p-values over the compared runs")
     parser.add_argument("--per-query", action="store_true", help="write <run>.perquery.csv next to each run")
@@ -42,54 +46,50 @@ def main(argv: list[str] | None = None) -> int:
                         "tokens, grade >= 1 relevant) or relevant_words (grade >= rel-level passages, lower-cased words)")
     parser.add_argument("--corpus", help="corpus for --novelty (overrides the dataset's)")
     args = parser.parse_args(argv)
-    try:
-        qrels_source, topics_source, rel_level, corpus = args.qrels, args.topics, args.rel_level, args.corpus
-        if args.dataset:
-            from crossrank.datasets import load_dataset
+    qrels_source, topics_source, rel_level, corpus = args.qrels, args.topics, args.rel_level, args.corpus
+    if args.dataset:
+        from crossrank.datasets import load_dataset
 
-            dataset = load_dataset(args.dataset)
-            qrels_source = qrels_source or dataset.source("qrels")
-            topics_source = topics_source or (dataset.source("topics") if dataset.topics else None)
-            rel_level = dataset.rel_level if rel_level is None else rel_level
-            corpus = corpus or (dataset.source("corpus") if args.novelty else None)
-        if not qrels_source:
-            raise CrossrankError("command line: no qrels (expected -d DATASET or --qrels PATH)")
-        qrels = read_qrels(qrels_source)
-        topics = read_topics(topics_source) if topics_source else None
-        metrics = evaluation.parse_metrics([m for m in args.metrics.split(",") if m], rel_level or 1)
-        runs = {run_label(p): load_run(p, depth=args.depth) for p in args.runs}
-        if len(runs) < len(args.runs):
-            raise CrossrankError("command line: two runs have the same file name (expected distinct names)")
-        paths = dict(zip(runs, args.runs))
-        base = int(args.baseline) if args.baseline.isdigit() else list(paths.values()).index(args.baseline) \
-            if args.baseline in args.runs else None
-        if base is None or not 0 <= base < len(runs):
-            raise CrossrankError(f"command line: --baseline {args.baseline} is not one of the runs "
-                                 f"(expected 0..{len(runs) - 1} or one of the paths)")
-        novelty = ""
-        if args.novelty:
-            if not corpus:
-                raise CrossrankError("command line: --novelty needs passage texts (expected -d DATASET or --corpus)")
-            from crossrank.io import load_corpus
+        dataset = load_dataset(args.dataset)
+        qrels_source = qrels_source or dataset.source("qrels")
+        topics_source = topics_source or (dataset.source("topics") if dataset.topics else None)
+        rel_level = dataset.rel_level if rel_level is None else rel_level
+        corpus = corpus or (dataset.source("corpus") if args.novelty else None)
+    if not qrels_source:
+        raise CrossrankError("command line: no qrels (expected -d DATASET or --qrels PATH)")
+    qrels = read_qrels(qrels_source)
+    topics = read_topics(topics_source) if topics_source else None
+    metrics = evaluation.parse_metrics([m for m in args.metrics.split(",") if m], rel_level or 1)
+    runs = {run_label(p): load_run(p, depth=args.depth) for p in args.runs}
+    if len(runs) < len(args.runs):
+        raise CrossrankError("command line: two runs have the same file name (expected distinct names)")
+    paths = dict(zip(runs, args.runs))
+    base = int(args.baseline) if args.baseline.isdigit() else list(paths.values()).index(args.baseline) \
+        if args.baseline in args.runs else None
+    if base is None or not 0 <= base < len(runs):
+        raise CrossrankError(f"command line: --baseline {args.baseline} is not one of the runs "
+                             f"(expected 0..{len(runs) - 1} or one of the paths)")
+    novelty = ""
+    if args.novelty:
+        if not corpus:
+            raise CrossrankError("command line: --novelty needs passage texts (expected -d DATASET or --corpus)")
+        from crossrank.io import load_corpus
 
-            needed = evaluation.relevant_docnos(qrels, topics, rel_level or 1, args.subtopics)
-            texts = load_corpus(corpus, needed, missing_ok=True)
-            subtopics = evaluation.cluster_subtopics(qrels, texts, rel_level or 1, args.subtopics)
-            novelty = evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, args.subtopics)
-        table, notes = evaluation.compare(runs, qrels, metrics, topics, base, "holm" if args.holm else None)
-        if args.per_query or args.plot:
-            evals = {n: evaluation.evaluate(r, qrels, metrics, topics, n) for n, r in runs.items()}
-            baseline_name = list(runs)[base]
-            for name, result in evals.items():
-                stem = Path(paths[name]).with_suffix("")
-                if args.per_query:
-                    evaluation.write_per_query(result, f"{stem}.perquery.csv")
-                if args.plot and name != baseline_name:
-                    evaluation.plot_difference(result, evals[baseline_name], f"{stem}.ndcg10-diff.png",
-                                               title=f"{name} vs {baseline_name}")
-    except CrossrankError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        needed = evaluation.relevant_docnos(qrels, topics, rel_level or 1, args.subtopics)
+        texts = load_corpus(corpus, needed, missing_ok=True)
+        subtopics = evaluation.cluster_subtopics(qrels, texts, rel_level or 1, args.subtopics)
+        novelty = evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, args.subtopics)
+    table, notes = evaluation.compare(runs, qrels, metrics, topics, base, "holm" if args.holm else None)
+    if args.per_query or args.plot:
+        evals = {n: evaluation.evaluate(r, qrels, metrics, topics, n) for n, r in runs.items()}
+        baseline_name = list(runs)[base]
+        for name, result in evals.items():
+            stem = Path(paths[name]).with_suffix("")
+            if args.per_query:
+                evaluation.write_per_query(result, f"{stem}.perquery.csv")
+            if args.plot and name != baseline_name:
+                evaluation.plot_difference(result, evals[baseline_name], f"{stem}.ndcg10-diff.png",
+                                           title=f"{name} vs {baseline_name}")
     for note in dict.fromkeys(notes):
         print(f"note: {note}", file=sys.stderr)
     print(evaluation.format_table(table, metrics))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -48,7 +49,9 @@ def load(cls: type[T], files: list[str | os.PathLike] = (), overrides: list[str]
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
         for depth in range(1, len(parts) + 1):  # an unknown section is reported at the override too
             origins[".".join(parts[:depth])] = f"command line ({item})"
-    return _build(cls, values, "", origins)
+    config = _build(cls, values, "", origins)
+    config._origins = origins  # so that validate() can name the YAML line (or override) a bad value came from
+    return config
 
 
 def resolve_config_file(name: str, folder: str) -> Path:
@@ -315,10 +318,6 @@ class RunConfig:
             (self.train.stage in (1, 2), "train.stage", "1 or 2", self.train.stage),
             (self.train.objective in ("CL", "KD", "BCE"), "train.objective", "CL, KD or BCE",
              self.train.objective),
-            (self.optim.lr > 0, "optim.lr", "a positive number", self.optim.lr),
-            (self.train.queries_per_batch > 0, "train.queries_per_batch", "a positive integer",
-             self.train.queries_per_batch),
-            (self.train.accumulation > 0, "train.accumulation", "a positive integer", self.train.accumulation),
             (self.train.precision in ("bf16", "fp16", "fp32"), "train.precision", "bf16, fp16 or fp32",
              self.train.precision),
             (self.eval.precision in ("auto", "bf16", "fp16", "fp32"), "eval.precision", "auto, bf16, fp16 or fp32",
@@ -346,10 +345,47 @@ class RunConfig:
              "false unless model.kind=set-encoder", self.model.sample_at_inference),
             (self.model.depth > 0, "model.depth", "a positive integer", self.model.depth),
         ]
+        for key, (low, excluded) in NUMBER_RANGES.items():
+            section, field = key.split(".")
+            value = getattr(getattr(self, section), field)
+            ok = math.isfinite(value) and (value > low if excluded else value >= low)
+            checks.append((ok, key, f"a number > {low}" if excluded else f"{low} or more", value))
+        origins = getattr(self, "_origins", {})
         for ok, key, expected, got in checks:
             if not ok:
-                raise CrossrankError(f"config: {key} is invalid (expected {expected}, got {got!r})")
+                raise CrossrankError(f"{origins.get(key, 'config')}: {key} is invalid (expected {expected}, "
+                                     f"got {got!r})")
         return self
+
+
+# Every number of a RunConfig and its lower bound: (bound, bound excluded). Every value must be
+# finite. Checked where the config enters (RunConfig.validate), so a bad value never reaches the loop
+# (e.g. train.eval_every=0 would divide by zero after the first step).
+NUMBER_RANGES: dict[str, tuple[float, bool]] = {
+    "model.max_length": (8, False),  # room for the special tokens and some text
+    "model.query_length": (1, False),
+    "model.passage_length": (1, False),
+    "data.num_negatives": (1, False),
+    "data.depth": (1, False),
+    "data.relevant_level": (0, False),  # 0 = the dataset's rel_level
+    "optim.lr": (0, True),
+    "optim.weight_decay": (0, False),
+    "optim.warmup_steps": (0, False),
+    "optim.grad_clip": (0, False),  # 0 = no clipping
+    "train.queries_per_batch": (1, False),
+    "train.accumulation": (1, False),
+    "train.epochs": (1, False),
+    "train.max_steps": (0, False),  # 0 = train.epochs decide
+    "train.seed": (0, False),
+    "train.eval_every": (1, False),
+    "train.save_every": (1, False),
+    "train.log_every": (1, False),
+    "train.previous_lr": (0, False),  # 0 = any
+    "train.duplicate_weight": (0, False),
+    "eval.depth": (1, False),
+    "eval.batch_tokens": (1, False),
+    "eval.block_queries": (1, False),
+}
 
 
 def load_run_config(files: list[str | os.PathLike] = (), overrides: list[str] = ()) -> RunConfig:

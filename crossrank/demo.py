@@ -26,10 +26,11 @@ an LLM's ranking is good but imperfect. Files written to `data/demo/` (`python -
 """
 from __future__ import annotations
 
-import argparse
 import random
+import sys
 from pathlib import Path
 
+from crossrank import cli
 from crossrank.config import ROOT
 from crossrank.io import atomic_write, format_run_lines, sort_ranking
 
@@ -164,14 +165,15 @@ def generate(out: Path, seed: int = 13) -> dict[str, int]:
     return {"docs": len(docs), "train_queries": len(train), "test_queries": len(test), "qrels": n_qrels}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Generate the synthetic demo collection.")
+def main() -> int:
+    parser = cli.ArgumentParser(description="Generate the synthetic demo collection.")
     parser.add_argument("--out", default=str(ROOT / "data" / "demo"), help="output folder (default: data/demo)")
-    parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument("--seed", type=cli.int_in(0), default=13)
     args = parser.parse_args()
     counts = generate(Path(args.out), args.seed)
     print(f"demo collection in {args.out}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_main(main))

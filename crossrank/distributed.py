@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from crossrank.io import CrossrankError
+
 
 @dataclasses.dataclass
 class Distributed:
@@ -29,6 +31,10 @@ def setup_distributed(timeout: datetime.timedelta | None = None) -> Distributed:
     """This process's rank, world size and device; joins the process group when torchrun started several.
     `timeout` bounds how long a collective waits for the slowest rank (re-ranking shards may be unbalanced)."""
     cuda = torch.cuda.is_available()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible not in ("", "-1") and not cuda:  # -g 0 on a machine without a GPU must not quietly use the CPU
+        raise CrossrankError(f"CUDA_VISIBLE_DEVICES={visible} (-g): no CUDA GPU is usable here "
+                             f"(expected GPUs {visible}; use -g cpu to run on the CPU)")
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Distributed(device=torch.device("cuda" if cuda else "cpu"))
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))

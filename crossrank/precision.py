@@ -1,0 +1,119 @@
+"""Which numeric precision re-ranking runs in, from what the processor does natively.
+
+`eval.precision` is auto | fp32 | bf16 | fp16 | int8. `auto` resolves once, here, to a concrete precision, and only
+the resolved name keys the score cache and the resume parts, so a run never mixes scores of two precisions.
+
+On CUDA, auto is bf16 (autocast). On a CPU the choice depends on its instruction set (`/proc/cpuinfo` flags):
+- `amx_bf16` (Intel Sapphire Rapids and later): bf16, the AMX tiles multiply bf16 many times faster than anything
+  else on the chip;
+- `avx512_vnni` / `avx_vnni` (Cascade Lake, Ice Lake, Zen 4/5, Alder Lake, ...): int8, dynamic quantisation of the
+  Linear layers; VNNI's int8 dot products do 4 multiply-adds per 32-bit lane, bf16's `vdpbf16ps` 2;
+- `avx512_bf16` without VNNI (no such CPU is known; for completeness): bf16;
+- `avx2` only (older Xeons, Zen 1-3): int8 as well, fbgemm's AVX2 int8 kernels still beat fp32 FMA, while bf16
+  there is emulated in software and several times slower than fp32;
+- otherwise fp32.
+The Set-Encoder stays fp32 under auto on a CPU (its lower-precision rankings are not measured). int8 and bf16 change scores slightly (rankings agree with fp32 at a per-query Kendall tau above 0.98 on real text,
+`bench/inference.py`); eval.precision=fp32 keeps exact scores everywhere.
+
+An explicit choice that this CPU cannot run natively is kept but reported (`slow_precision_note`), and int8 on a
+GPU is an error (dynamically quantised Linear layers run on the CPU only).
+"""
+from __future__ import annotations
+
+import functools
+import platform
+from collections.abc import Iterable
+
+from crossrank.io import CrossrankError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+FP16_FLAGS = frozenset({"amx_fp16", "avx512_fp16"})
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+INT8_FLAGS = VNNI_FLAGS | {"avx2"}  # fbgemm has int8 kernels for AVX2 and up (and qnnpack on ARM NEON)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The flags of the first processor in /proc/cpuinfo (Linux x86); elsewhere what torch's dispatcher says it
+    uses (AVX512 / AVX2 / DEFAULT), which cannot tell bf16 or VNNI apart."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):  # x86: flags; ARM: Features
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX512", "AVX2", "DEFAULT"
+    return frozenset({"avx512f", "avx2"} if capability.startswith("AVX512") else
+                     {"avx2"} if capability == "AVX2" else set())
+
+
+@functools.cache
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def relevant_flags(flags: Iterable[str]) -> list[str]:
+    """The flags that decide precision, for reports (the bench prints them with the CPU model)."""
+    return sorted(set(flags) & (BF16_FLAGS | FP16_FLAGS | INT8_FLAGS | {"avx512f", "amx_tile", "neon", "asimd"}))
+
+
+def cpu_auto_precision(flags: Iterable[str]) -> str:
+    """The fastest precision of a CPU with these flags whose rankings stay close to fp32's (see module doc)."""
+    flags = set(flags)
+    if "amx_bf16" in flags:
+        return "bf16"
+    if flags & VNNI_FLAGS:
+        return "int8"
+    if "avx512_bf16" in flags:
+        return "bf16"
+    if flags & {"avx2", "asimd", "neon"}:  # AVX2 (fbgemm) or ARM (qnnpack)
+        return "int8"
+    return "fp32"
+
+
+def resolve_precision(requested: str, device_type: str, flags: Iterable[str] = (), kind: str = "mono") -> str:
+    """`eval.precision` made concrete for `device_type` ("cpu", "cuda", ...): never "auto". Pure: `flags` are
+    the CPU's (`cpu_flags()`), passed in so that tests can fake a processor. The listwise Set-Encoder
+    (`kind="set-encoder"`) stays fp32 under auto on a CPU: its rankings at lower precision are not measured."""
+    if requested not in PRECISIONS:
+        raise CrossrankError(f"config: eval.precision is invalid (expected {', '.join(PRECISIONS)}, "
+                             f"got {requested!r})")
+    if device_type != "cpu":
+        if requested == "int8":
+            raise CrossrankError(f"config: eval.precision=int8 runs on the CPU only (expected auto, bf16, fp16 "
+                                 f"or fp32 on {device_type}, got int8)")
+        return "bf16" if requested == "auto" else requested
+    if requested != "auto":
+        return requested
+    return cpu_auto_precision(flags) if kind == "mono" else "fp32"
+
+
+def slow_precision_note(precision: str, device_type: str, flags: Iterable[str], model: str = "") -> str | None:
+    """One line when `precision` (resolved) has no native support on this CPU, else None."""
+    if device_type != "cpu":
+        return None
+    flags = set(flags)
+    needs = {"bf16": BF16_FLAGS, "fp16": FP16_FLAGS, "int8": INT8_FLAGS | {"asimd", "neon"}}.get(precision)
+    if needs is None or flags & needs:
+        return None
+    return (f"warning: eval.precision={precision} on this CPU ({model or 'unknown model'}) has no native support "
+            f"(none of the flags {', '.join(sorted(needs))}): it is emulated and can be several times slower "
+            f"than fp32 (expected eval.precision=auto or fp32 here)")
+
+
+def autocast_dtype(precision: str):
+    """torch.autocast's dtype for a resolved precision; None for fp32 and int8 (no autocast)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -30,6 +30,7 @@ import shutil
 import sqlite3
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -282,8 +283,7 @@ def prepare_block(pairs: list[tuple[str, str]], candidates: Candidates, tokenize
 
 def quantize_int8(model: nn.Module) -> nn.Module:
     """A copy of `model` with every Linear layer dynamically quantised to int8 (weights per tensor, activations
-    per batch), for CPU re-ranking at eval.precision=int8. Built per scoring call, never cached: weights that
-    change between calls (validation during training) are never served stale."""
+    per batch), for CPU re-ranking at eval.precision=int8. The model itself is left as it is."""
     import copy
     import warnings
 
@@ -293,6 +293,20 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     with warnings.catch_warnings():  # torch 2.13 marks torch.ao.quantization deprecated (moving to torchao)
         warnings.simplefilter("ignore")
         return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+
+
+_INT8_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (weights' versions, int8 copy)
+
+
+def int8_model(model: nn.Module) -> nn.Module:
+    """`quantize_int8(model)`, built once per model and state of its weights (quantising MiniLM takes ~1-2 s).
+    Every in-place change of a parameter (an optimiser step, load_state_dict) bumps its version counter, so
+    validation during training never scores with stale weights."""
+    versions = tuple(p._version for p in model.parameters())
+    cached = _INT8_COPIES.get(model)
+    if cached is None or cached[0] != versions:
+        cached = _INT8_COPIES[model] = (versions, quantize_int8(model))
+    return cached[1]
 
 
 @torch.inference_mode()
@@ -355,7 +369,7 @@ def score_blocks(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candi
 
     precision = resolve_precision(eval_cfg.precision, device.type, cpu_flags(), kind)
     if precision == "int8":
-        model = quantize_int8(model)
+        model = int8_model(model)
     # On CUDA the next block is prepared in a thread while the GPU works; on CPU the model already uses every
     # core, and a competing thread slows it down (measured), so the work is done inline there.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:

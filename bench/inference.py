@@ -170,10 +170,14 @@ def onnx_peers(folder: str, pairs: list[tuple[str, str]]) -> dict:
     try:
         import openvino as ov
 
-        compiled = ov.Core().compile_model(path, "CPU")
-        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
-        peers[f"ST openvino ({hint})"] = predictor(lambda b, c=compiled: c(b)[0])
-        print(f"openvino {ov.__version__}: inference precision {hint}")
+        core = ov.Core()
+        default = core.compile_model(path, "CPU")  # what backend="openvino" gets: bf16 where the CPU has it
+        hint = default.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        exact = core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        peers[f"ST openvino ({hint})"] = predictor(lambda b, c=default: c(b)[0])
+        if hint != "f32":
+            peers["ST openvino f32"] = predictor(lambda b, c=exact: c(b)[0])
+        print(f"openvino {ov.__version__.split('-')[0]}: default inference precision on this CPU {hint}")
     except ImportError:
         print("openvino not installed (pip install -r requirements-bench.txt): OpenVINO contender skipped")
     return peers

@@ -218,7 +218,7 @@ def ndcg_report(model, tokenizer, eval_cfg: EvalConfig) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="crossrank CPU inference vs sentence-transformers' backends")
-    parser.add_argument("--model", default="", help="a trained mono cross-encoder folder (default: MiniLM, random head)")
+    parser.add_argument("--model", default="", help="a trained mono cross-encoder (default: MiniLM, random head)")
     parser.add_argument("--queries", type=int, default=10)
     parser.add_argument("--docs", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)

@@ -12,8 +12,9 @@ On CUDA, auto is bf16 (autocast). On a CPU the choice depends on its instruction
 - `avx2` only (older Xeons, Zen 1-3): int8 as well, fbgemm's AVX2 int8 kernels still beat fp32 FMA, while bf16
   there is emulated in software and several times slower than fp32;
 - otherwise fp32.
-The Set-Encoder stays fp32 under auto on a CPU (its lower-precision rankings are not measured). int8 and bf16 change scores slightly (rankings agree with fp32 at a per-query Kendall tau above 0.98 on real text,
-`bench/inference.py`); eval.precision=fp32 keeps exact scores everywhere.
+The Set-Encoder stays fp32 under auto on a CPU (its lower-precision rankings are not measured). int8 and bf16
+change scores slightly (`bench/inference.py` prints the rankings' agreement with fp32); eval.precision=fp32 keeps
+exact scores everywhere.
 
 An explicit choice that this CPU cannot run natively is kept but reported (`slow_precision_note`), and int8 on a
 GPU is an error (dynamically quantised Linear layers run on the CPU only).

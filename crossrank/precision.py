@@ -9,8 +9,9 @@ On CUDA, auto is bf16 (autocast). On a CPU the choice depends on its instruction
 - `avx512_vnni` / `avx_vnni` (Cascade Lake, Ice Lake, Zen 4/5, Alder Lake, ...): int8, dynamic quantisation of the
   Linear layers; VNNI's int8 dot products do 4 multiply-adds per 32-bit lane, bf16's `vdpbf16ps` 2;
 - `avx512_bf16` without VNNI (no such CPU is known; for completeness): bf16;
-- `avx2` only (older Xeons, Zen 1-3): int8 as well, fbgemm's AVX2 int8 kernels still beat fp32 FMA, while bf16
-  there is emulated in software and several times slower than fp32;
+- `avx2` only (older Xeons, Zen 1-3) or ARM (`asimd`): int8 as well, since bf16 there is emulated and several
+  times slower than fp32 (issue 16 measured 0.19x) while fbgemm's AVX2 (qnnpack's NEON) int8 kernels do more
+  multiply-adds per instruction than fp32 FMA (an expectation: no such CPU was at hand to measure);
 - otherwise fp32.
 The Set-Encoder stays fp32 under auto on a CPU (its lower-precision rankings are not measured). int8 and bf16
 change scores slightly (`bench/inference.py` prints the rankings' agreement with fp32); eval.precision=fp32 keeps

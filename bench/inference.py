@@ -125,7 +125,8 @@ def onnx_export(folder: str) -> str:
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     example = AutoTokenizer.from_pretrained(folder)(["a query"] * 2, ["a passage", "b"], return_tensors="pt",
                                                     padding=True)
-    names = list(example.keys())
+    # positional order of the model's forward (the tokenizer's dict has another: token_type_ids before the mask)
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in example]
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     path = f"{folder}/model.onnx"
     with warnings.catch_warnings():

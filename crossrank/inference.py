@@ -282,17 +282,18 @@ def prepare_block(pairs: list[tuple[str, str]], candidates: Candidates, tokenize
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every Linear layer dynamically quantised to int8 (weights per tensor, activations
-    per batch), for CPU re-ranking at eval.precision=int8. The model itself is left as it is."""
+    """A copy of `model` with every Linear layer dynamically quantised to int8 (weights per output channel,
+    activations per batch), for CPU re-ranking at eval.precision=int8. The model itself is left as it is."""
     import copy
     import warnings
 
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: quantise the module it wraps
     with warnings.catch_warnings():  # torch 2.13 marks torch.ao.quantization deprecated (moving to torchao)
         warnings.simplefilter("ignore")
-        return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        # one scale per output row: per-tensor scales lose the small rows next to the large ones
+        return quantize_dynamic(copy.deepcopy(model), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
 _INT8_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (weights' versions, int8 copy)

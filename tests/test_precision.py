@@ -21,9 +21,8 @@ EPYC_AVX2 = {"sse4_2", "avx", "avx2", "fma"}  # issue 16's CPU: no AVX-512, no n
 OLD = {"sse4_2", "avx"}
 
 
-@pytest.mark.parametrize("flags, expected", [(SAPPHIRE_RAPIDS, "bf16"), (ZEN4, "int8"), (EPYC_AVX2, "int8"),
-                                             ({"avx512_bf16", "avx2"} - {"avx2"}, "bf16"), (OLD, "fp32"),
-                                             (set(), "fp32")])
+@pytest.mark.parametrize("flags, expected", [(SAPPHIRE_RAPIDS, "bf16"), (ZEN4, "bf16"), (EPYC_AVX2, "fp32"),
+                                             ({"amx_bf16"}, "bf16"), (OLD, "fp32"), (set(), "fp32")])
 def test_auto_picks_by_cpu_flags(flags, expected):
     assert precision.resolve_precision("auto", "cpu", flags) == expected
 
@@ -117,10 +116,11 @@ def test_cache_key_has_resolved_precision_and_passage_text(tiny_bert, collection
     inference.rerank(counting, tok, cands, tmp_path / "b.run", _eval_cfg(score_cache=cache, precision="auto"),
                      "fp")
     assert counting.pairs == 0  # auto resolved to fp32: fp32's scores are served
-    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset(EPYC_AVX2))  # now auto means int8
+    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset(ZEN4))  # now auto means bf16
     inference.rerank(model, tok, cands, tmp_path / "c.run", _eval_cfg(score_cache=cache, precision="auto"), "fp")
+    inference.rerank(model, tok, cands, tmp_path / "e.run", _eval_cfg(score_cache=cache, precision="int8"), "fp")
     keys = {row[0] for row in sqlite3.connect(cache).execute("SELECT DISTINCT model FROM pair_scores")}
-    assert keys == {"fp/fp32", "fp/int8"}  # never "auto"
+    assert keys == {"fp/fp32", "fp/bf16", "fp/int8"}  # never "auto"
     # edit one passage: exactly its pairs are scored again, every other pair comes from the cache
     edited = dataclasses.replace(cands, texts={**cands.texts, "d0": cands.texts["d0"] + " river"})
     counting = _Counting(model)
@@ -134,11 +134,11 @@ def test_cache_key_has_resolved_precision_and_passage_text(tiny_bert, collection
 def test_resume_key_has_the_resolved_precision(tiny_bert, collection, tmp_path, monkeypatch):
     model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
     cands, out = _candidates(collection), tmp_path / "r.run"
-    fp32, int8 = _eval_cfg(precision="fp32"), _eval_cfg(precision="int8")
-    assert inference.parts_folder(out, "fp", cands, fp32) != inference.parts_folder(out, "fp", cands, int8)
-    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset(EPYC_AVX2))  # auto = int8 here
+    fp32, bf16 = _eval_cfg(precision="fp32"), _eval_cfg(precision="bf16")
+    assert inference.parts_folder(out, "fp", cands, fp32) != inference.parts_folder(out, "fp", cands, bf16)
+    monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset(ZEN4))  # auto = bf16 here
     with pytest.raises(KeyboardInterrupt):
         inference.rerank(_Interrupting(model, fail_at=3), tok, cands, out, _eval_cfg(precision="auto"), "fp")
-    assert [p.name for p in tmp_path.glob(".r.run.parts-*")] == [inference.parts_folder(out, "fp", cands, int8).name]
+    assert [p.name for p in tmp_path.glob(".r.run.parts-*")] == [inference.parts_folder(out, "fp", cands, bf16).name]
     edited = dataclasses.replace(cands, texts={**cands.texts, "d0": "another text"})
-    assert inference.parts_folder(out, "fp", edited, int8) != inference.parts_folder(out, "fp", cands, int8)
+    assert inference.parts_folder(out, "fp", edited, bf16) != inference.parts_folder(out, "fp", cands, bf16)

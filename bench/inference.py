@@ -206,8 +206,8 @@ def ndcg_report(model, tokenizer, eval_cfg: EvalConfig) -> None:
     for precision in ("fp32", "int8", "bf16"):
         run = score_candidates(model, tokenizer, candidates, dataclasses.replace(eval_cfg, precision=precision))
         scores = {(q, d): s for q, r in run.items() for d, s in r}
-        results[precision] = (evaluate(run, qrels, metric, topics).mean["nDCG@10"], [scores[p] for p in pairs_q])
-    bm25 = evaluate({q: r for q, r in candidates.run.items()}, qrels, metric, topics).mean["nDCG@10"]
+        results[precision] = (evaluate(run, qrels, metric, topics).means["nDCG@10"], [scores[p] for p in pairs_q])
+    bm25 = evaluate({q: r for q, r in candidates.run.items()}, qrels, metric, topics).means["nDCG@10"]
     base, reference = results["fp32"]
     print(f"DL19 BM25 top-100, 43 queries, {len(pairs_q)} pairs: nDCG@10 BM25 {bm25:.4f}, fp32 {base:.4f}")
     for precision in ("int8", "bf16"):

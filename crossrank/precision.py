@@ -5,11 +5,11 @@ the resolved name keys the score cache and the resume parts, so a run never mixe
 
 On CUDA, auto is bf16 (autocast). On a CPU the choice depends on its instruction set (`/proc/cpuinfo` flags):
 - `amx_bf16` (Intel Sapphire Rapids and later) or `avx512_bf16` (Cooper Lake, Zen 4/5): bf16 autocast, which
-  agrees with fp32 rankings (per-query Kendall tau 0.996 on DL19 text, `bench/inference.py`) at ~1.8x its speed;
+  agrees with fp32 rankings (per-query Kendall tau 0.996 on DL19 text, `bench/inference.py`) at 2.5x its speed;
 - otherwise (AVX2-only CPUs such as issue 16's EPYC, ARM): fp32, since bf16 there is emulated in software and
   several times slower than fp32 (issue 16 measured 0.19x).
 int8 (dynamic quantisation of the Linear layers, fast wherever fbgemm has VNNI or AVX2 kernels) is never picked
-by auto: on a briefly fine-tuned MiniLM its rankings agreed with fp32 at tau 0.81 only, below the 0.98 we call
+by auto: on a briefly fine-tuned MiniLM its rankings agreed with fp32 at tau 0.87 only, below the 0.98 we call
 exact enough; choose it explicitly (eval.precision=int8) where speed matters more. The Set-Encoder stays fp32
 under auto on a CPU (its lower-precision rankings are not measured).
 

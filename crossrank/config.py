@@ -294,7 +294,7 @@ class EvalConfig:
     correction: str = ""  # p-value correction over compared runs: "" or holm
     lenient: bool = False  # skip (and report) run lines whose qid/docno is unknown instead of failing
     compile: bool = False  # torch.compile the model: ~1 min to compile, then faster (worth it for big runs)
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32: autocast while scoring
+    precision: str = "auto"  # auto (CUDA: bf16; CPU: by its flags, crossrank/precision.py) | bf16 | fp16 | fp32 | int8
     novelty: bool = False  # also report α-nDCG@10 (α = 0.99) with Jaccard clusters of judged passages as subtopics
     # how those subtopics are made: reference (the Set-Encoder's code: all judged passages, NLTK tokens, grade >= 1
     # relevant) | relevant_words (crossrank's earlier one: grade >= rel_level passages, lower-cased words)
@@ -320,8 +320,8 @@ class RunConfig:
              self.train.objective),
             (self.train.precision in ("bf16", "fp16", "fp32"), "train.precision", "bf16, fp16 or fp32",
              self.train.precision),
-            (self.eval.precision in ("auto", "bf16", "fp16", "fp32"), "eval.precision", "auto, bf16, fp16 or fp32",
-             self.eval.precision),
+            (self.eval.precision in ("auto", "bf16", "fp16", "fp32", "int8"), "eval.precision",
+             "auto, bf16, fp16, fp32 or int8", self.eval.precision),
             (self.data.sampling in ("single_relevant", "top", "random", "log_random"), "data.sampling",
              "single_relevant, top, random or log_random", self.data.sampling),
             (self.data.targets in ("relevance", "relevant", "teacher_rank", "teacher_score"), "data.targets",

@@ -31,6 +31,7 @@ import shutil
 import sqlite3
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from crossrank.distributed import Distributed, setup_distributed
 from crossrank.io import (CrossrankError, Run, atomic_write, load_corpus, load_run, qid_order, read_topics,
                           sort_ranking, write_run)
 from crossrank.models import MonoEncoder, load_tokenizer, resolve_model_path
+from crossrank.precision import autocast_dtype, cpu_flags, cpu_model, resolve_precision, slow_precision_note
 
 SCORE_DECIMALS = 6  # scores are rounded so that runs from different batchings and shards are identical
 ScoredPair = tuple[str, str, float]  # (qid, docno, score)
@@ -215,31 +217,40 @@ def check_score_cache(path: str | os.PathLike) -> None:
                              f"one") from None
 
 
+def text_digest(text: str) -> str:
+    """sha256 of a passage's text: the cache keys scores by text, so an edited corpus never gets old scores."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 class ScoreCache:
-    """Scores by (model fingerprint, query text, docno) in SQLite; safe for several processes."""
+    """Scores by (model key, query text, sha256 of the passage text) in SQLite; safe for several processes. The
+    model key is the fingerprint plus the resolved precision (`<fingerprint>/int8`), never `auto`, so scores of
+    another precision or device are never reused. (Caches of older versions, keyed by docno in a table `scores`,
+    are left unread: their scores may belong to another text.)"""
 
     def __init__(self, path: str | os.PathLike, fingerprint: str):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         # used from the tokenising thread (get) and the main thread (put): one connection behind a lock
         self.db = sqlite3.connect(str(path), timeout=120, check_same_thread=False)
         self.lock = threading.Lock()
-        self.db.execute("CREATE TABLE IF NOT EXISTS scores (model TEXT, query TEXT, docno TEXT, score REAL, "
-                        "PRIMARY KEY (model, query, docno))")
+        self.db.execute("CREATE TABLE IF NOT EXISTS pair_scores (model TEXT, query TEXT, passage TEXT, "
+                        "score REAL, PRIMARY KEY (model, query, passage))")
         self.fingerprint = fingerprint
 
     def get(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """Cached scores of (query text, passage digest) pairs."""
         found = {}
         with self.lock:
             for query in {q for q, _ in pairs}:
-                rows = self.db.execute("SELECT docno, score FROM scores WHERE model = ? AND query = ?",
+                rows = self.db.execute("SELECT passage, score FROM pair_scores WHERE model = ? AND query = ?",
                                        (self.fingerprint, query)).fetchall()
-                found.update({(query, docno): score for docno, score in rows})
+                found.update({(query, passage): score for passage, score in rows})
         return {pair: found[pair] for pair in pairs if pair in found}
 
     def put(self, scores: dict[tuple[str, str], float]) -> None:
         with self.lock, self.db:
-            self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)",
-                                [(self.fingerprint, q, d, s) for (q, d), s in scores.items()])
+            self.db.executemany("INSERT OR REPLACE INTO pair_scores VALUES (?, ?, ?, ?)",
+                                [(self.fingerprint, q, p, s) for (q, p), s in scores.items()])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,12 +295,33 @@ def prepare_block(pairs: list[tuple[str, str]], candidates: Candidates, tokenize
     return [(batch, tokenizer.pad([encoded[i] for i in batch])) for batch in batches]
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """`eval.precision`: auto = bf16 on CUDA and fp32 on CPU; bf16 also on a CPU (fast where it has
-    AVX512-BF16 or AMX, ~2.5x here, with slightly different scores); fp32 = no autocast."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every Linear layer dynamically quantised to int8 (weights per output channel,
+    activations per batch), for CPU re-ranking at eval.precision=int8. The model itself is left as it is."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: quantise the module it wraps
+    with warnings.catch_warnings():  # torch 2.13 marks torch.ao.quantization deprecated (moving to torchao)
+        warnings.simplefilter("ignore")
+        # one scale per output row: per-tensor scales lose the small rows next to the large ones
+        return quantize_dynamic(copy.deepcopy(model), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+_INT8_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (weights' versions, int8 copy)
+
+
+def int8_model(model: nn.Module) -> nn.Module:
+    """`quantize_int8(model)`, built once per model and state of its weights (quantising MiniLM takes ~1-2 s).
+    Every in-place change of a parameter (an optimiser step, load_state_dict) bumps its version counter, so
+    validation during training never scores with stale weights."""
+    versions = tuple(p._version for p in model.parameters())
+    cached = _INT8_COPIES.get(model)
+    if cached is None or cached[0] != versions:
+        cached = _INT8_COPIES[model] = (versions, quantize_int8(model))
+    return cached[1]
 
 
 @torch.inference_mode()
@@ -320,11 +352,14 @@ def blocks_of(candidates: Candidates, block_queries: int) -> list[list[str]]:
 
 
 def parts_folder(out: Path, fingerprint: str, candidates: Candidates, eval_cfg: EvalConfig) -> Path:
-    """Where finished blocks go; the name changes with the model, the candidates and the block layout."""
+    """Where finished blocks go; the name changes with the model, the candidates (and their texts), the block
+    layout and the precision (`rerank` passes it resolved, so auto on two machines with other CPUs differs)."""
     digest = hashlib.sha256(fingerprint.encode())
     digest.update(json.dumps([eval_cfg.block_queries, eval_cfg.batch_tokens, eval_cfg.precision,
                               candidates.queries, {q: [d for d, _ in r] for q, r in candidates.run.items()}],
                              sort_keys=True).encode())
+    for docno in sorted({d for r in candidates.run.values() for d, _ in r}):
+        digest.update(text_digest(candidates.texts[docno]).encode())
     return out.parent / f".{out.name}.parts-{digest.hexdigest()[:12]}"
 
 
@@ -337,13 +372,19 @@ def score_blocks(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candi
     def pairs_of(b: int) -> list[tuple[str, str]]:  # built per block: a top-1000 run has millions of pairs
         return [(q, d) for q in blocks[b] for d, _ in candidates.run[q]]
 
+    def key(q: str, d: str) -> tuple[str, str]:  # what a mono score depends on: the two texts
+        return candidates.queries[q], (text_digest(candidates.texts[d]) if cache else d)
+
     def prepare(b: int) -> tuple[list, dict, list, list]:
         pairs = pairs_of(b)
-        keys = [(candidates.queries[q], d) for q, d in pairs]
+        keys = [key(q, d) for q, d in pairs]
         cached = cache.get(keys) if cache else {}
         uncached = [p for p, k in zip(pairs, keys) if k not in cached]
         return pairs, cached, uncached, prepare_block(uncached, candidates, tokenizer, eval_cfg.batch_tokens, kind)
 
+    precision = resolve_precision(eval_cfg.precision, device.type, cpu_flags(), kind)
+    if precision == "int8":
+        model = int8_model(model)
     # On CUDA the next block is prepared in a thread while the GPU works; on CPU the model already uses every
     # core, and a competing thread slows it down (measured), so the work is done inline there.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -355,13 +396,12 @@ def score_blocks(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candi
                 future = pool.submit(prepare, todo[position + 1])
             if progress is not None:
                 progress.update(len(pairs) - len(uncached))
-            scores = score_batches(model, batches, len(uncached), device, progress,
-                                   autocast_dtype(eval_cfg.precision, device))
-            new = {(candidates.queries[q], d): s for (q, d), s in zip(uncached, scores)}
+            scores = score_batches(model, batches, len(uncached), device, progress, autocast_dtype(precision))
+            new = {key(q, d): s for (q, d), s in zip(uncached, scores)}
             if cache:
                 cache.put(new)
             merged = {**cached, **new}
-            yield b, [(q, d, merged[(candidates.queries[q], d)]) for q, d in pairs]
+            yield b, [(q, d, merged[key(q, d)]) for q, d in pairs]
 
 
 def score_candidates(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates, eval_cfg: EvalConfig,
@@ -383,6 +423,9 @@ def rerank(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates,
     """Re-rank `candidates` into the run file `out` (atomically). With several ranks each scores its blocks and
     rank 0 merges; returns the run on rank 0 and None elsewhere. Interrupted runs resume from the parts."""
     dist = dist or Distributed(device=next(model.parameters()).device)
+    # from here on the precision is concrete (never auto): it keys the parts (resume) and the score cache
+    eval_cfg = dataclasses.replace(eval_cfg, precision=resolve_precision(eval_cfg.precision, dist.device.type,
+                                                                         cpu_flags(), kind))
     out = Path(out)
     parts = parts_folder(out, fingerprint, candidates, eval_cfg)
     parts.mkdir(parents=True, exist_ok=True)
@@ -395,7 +438,7 @@ def rerank(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates,
     if eval_cfg.score_cache and kind == "set-encoder":
         raise CrossrankError("eval.score_cache cannot be used with model.kind set-encoder (a passage's score "
                              "depends on the whole list; expected eval.score_cache empty)")
-    # scores depend on the precision too: it is part of the cache key
+    # scores depend on the (resolved) precision too: it is part of the cache key
     cache = ScoreCache(eval_cfg.score_cache, f"{fingerprint}/{eval_cfg.precision}") if eval_cfg.score_cache else None
     total = sum(len(candidates.run[q]) for b in todo for q in blocks[b])
     with tqdm(total=total, unit="pair", desc=f"re-rank {out.name}", disable=not dist.is_main, file=sys.stderr,
@@ -520,9 +563,13 @@ def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: in
         model_path = str(find_model(label, chain, cfg.train.stage, lr, seed))
     model, tokenizer = load_model(model_path, cfg.model, dist.device, cfg.eval.compile)
     fingerprint = model_fingerprint(model_path, cfg.model)
+    precision = resolve_precision(cfg.eval.precision, dist.device.type, cpu_flags(), cfg.model.kind)
     if dist.is_main:
-        print(f"model: {model_path} (fingerprint {fingerprint[:12]}) on {dist.device} x {dist.world}",
-              file=sys.stderr)
+        print(f"model: {model_path} (fingerprint {fingerprint[:12]}) on {dist.device} x {dist.world}, "
+              f"eval.precision={cfg.eval.precision} -> {precision}", file=sys.stderr)
+        note = slow_precision_note(precision, dist.device.type, cpu_flags(), cpu_model())
+        if note:
+            print(note, file=sys.stderr)
     for key in keys:
         report = rerank_dataset(cfg, model, tokenizer, fingerprint, model_run_name(model_path), key, dist)
         if report:

@@ -50,7 +50,8 @@ def _candidates(c, **kwargs):
 
 
 def _eval_cfg(**kwargs) -> EvalConfig:
-    return dataclasses.replace(EvalConfig(), block_queries=2, batch_tokens=600, **kwargs)
+    # fp32 unless a test says otherwise: these tests compare with the model called directly, in fp32
+    return dataclasses.replace(EvalConfig(), block_queries=2, batch_tokens=600, **{"precision": "fp32", **kwargs})
 
 
 def test_plan_batches_respects_the_token_budget():

@@ -42,7 +42,7 @@ from crossrank.config import EvalConfig, ModelConfig
 from crossrank.data import PairTokenizer
 from crossrank.distributed import Distributed, setup_distributed
 from crossrank.io import (CrossrankError, Run, atomic_write, load_corpus, load_run, qid_order, read_topics,
-                          sort_ranking, write_run)
+                          run_problems, sort_ranking, write_run)
 from crossrank.models import MonoEncoder, load_tokenizer, resolve_model_path
 
 SCORE_DECIMALS = 6  # scores are rounded so that runs from different batchings and shards are identical
@@ -75,7 +75,7 @@ def load_candidates(run_path: str, topics: str, corpus: str, depth: int, lenient
         run = load_run(run_path, depth=depth, lenient=lenient)
     except CrossrankError as e:
         if "appears twice" in str(e):  # say how many, not only where the first one is
-            raise CrossrankError(f"{e}; {_count_duplicates(run_path)} duplicate (qid, docno) lines in all "
+            raise CrossrankError(f"{e}; {run_problems(run_path).get('duplicate', 0)} duplicate (qid, docno) lines in all "
                                  f"(--lenient skips them)") from None
         raise
     all_topics = read_topics(topics)
@@ -102,18 +102,6 @@ def load_candidates(run_path: str, topics: str, corpus: str, depth: int, lenient
     if not run:
         raise CrossrankError(f"{run_path}: nothing left to re-rank (expected queries with candidates)")
     return Candidates(run, {q: all_topics[q] for q in run}, texts, notes)
-
-
-def _count_duplicates(path: str) -> int:
-    seen, duplicates = set(), 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) == 6:
-                key = (parts[0], parts[2])
-                duplicates += key in seen
-                seen.add(key)
-    return duplicates
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import IO, TYPE_CHECKING
 
 import yaml
 
-from crossrank.io import CrossrankError, read_run
+from crossrank.io import GZIP_ERRORS, CrossrankError, read_run, text_lines
 
 if TYPE_CHECKING:
     import numpy as np
@@ -161,11 +161,11 @@ def read_run_blocks(path: str | Path, lenient: bool = False) -> "Iterator[pa.Tab
                 yield _check_and_sort(table.slice(0, cut), starts[:-1], path, seen)
         if carry is not None:
             yield _check_and_sort(carry, _group_starts(carry), path, seen)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, _BadRun) as error:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, _BadRun, *GZIP_ERRORS) as error:
         failure = error
     else:
         return
-    for _ in read_run(path):  # names the first bad line, if it is a line-level problem
+    for _ in read_run(path):  # names the first bad line (or the damaged .gz), if it is a line-level problem
         pass
     raise CrossrankError(str(failure) if isinstance(failure, _BadRun) else
                          f"{path}: cannot parse the run ({failure})")
@@ -181,8 +181,11 @@ def _needs_line_reader(path: Path) -> bool:
         return True
     if path.suffix == ".parquet":
         return False
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8", errors="replace") as f:
-        head = [line.rstrip("\r\n") for line in (f.readline() for _ in range(5)) if line.strip()]
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+            head = [line.rstrip("\r\n") for line in (f.readline() for _ in range(5)) if line.strip()]
+    except (OSError, *GZIP_ERRORS):  # the line reader names the problem (missing, damaged .gz, ...)
+        return True
     return not head or any(len(line.split(_delimiter(head[0]))) != 6 for line in head)
 
 
@@ -209,7 +212,8 @@ def _raw_blocks(path: Path) -> "Iterator[pa.Table]":
             parse_options=pcsv.ParseOptions(delimiter=delimiter, quote_char=False),
             convert_options=pcsv.ConvertOptions(
                 column_types={"qid": pa.string(), "docno": pa.string(), "rank": pa.int64(), "score": pa.float64()},
-                include_columns=["qid", "docno", "score"]))
+                # rank is parsed (and so checked, as the line reader does) even though the score decides
+                include_columns=["qid", "docno", "rank", "score"]))
         def chunks() -> Iterator[bytes]:
             rest = b""
             while data := f.read(BLOCK_BYTES):
@@ -222,7 +226,8 @@ def _raw_blocks(path: Path) -> "Iterator[pa.Table]":
         # Parse the next chunk in a thread while the caller works on this one (Arrow releases the GIL):
         # two chunks in memory at most.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            parse = lambda chunk: pcsv.read_csv(pa.py_buffer(chunk), **options) if chunk.strip() else None
+            parse = lambda chunk: (pcsv.read_csv(pa.py_buffer(chunk), **options).drop_columns(["rank"])
+                                   if chunk.strip() else None)
             pending = None
             for chunk in chunks():
                 following = pool.submit(parse, chunk)
@@ -349,15 +354,14 @@ def _has_repeated_docno(group: "np.ndarray", docno: "pa.ChunkedArray") -> bool:
 def _line_of_reappearance(path: Path, qid: str) -> int:
     """The line where `qid` starts again after other queries (computed only for the error message)."""
     started = left = False
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            current = line.split(maxsplit=1)[0] if line.strip() else None
-            if current == qid:
-                if left:
-                    return number
-                started = True
-            elif started and current is not None:
-                left = True
+    for number, line, _ in text_lines(path):
+        current = line.split(maxsplit=1)[0] if line.strip() else None
+        if current == qid:
+            if left:
+                return number
+            started = True
+        elif started and current is not None:
+            left = True
     return 0
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable
 
 from crossrank.io import (IRDS_PREFIX, CrossrankError, qid_order, atomic_write, load_corpus, load_run, read_topics,
-                          write_run)
+                          read_run_queries, write_run)
 
 SYSTEM = "You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to the query."
 NOVELTY_SYSTEM = ("You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to "
@@ -463,18 +463,11 @@ def read_partial(path: Path, candidates: dict[str, list[str]]) -> dict[str, list
 
     Only the last query can be torn (each query is one fsynced write); it is dropped. Anything else that
     disagrees with the input (another run, --k or --dataset) is an error."""
-    blocks: list[tuple[int, str, list[str]]] = []  # (first line, qid, docnos)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            parts = line.split()
-            if not line.endswith("\n"):
-                break  # the torn last line of a killed write
-            if len(parts) != 6:
-                raise CrossrankError(f"{path}:{number}: run line has {len(parts)} columns (expected 6; the partial "
-                                     f"file is damaged: delete it or pass --overwrite)")
-            if not blocks or blocks[-1][1] != parts[0]:
-                blocks.append((number, parts[0], []))
-            blocks[-1][2].append(parts[2])
+    try:
+        blocks = [(number, qid, [docno for docno, _, _ in rows])
+                  for number, qid, rows in read_run_queries(path, torn_ok=True)]
+    except CrossrankError as e:
+        raise CrossrankError(f"{e}; the file is damaged: delete it or pass --overwrite") from None
     done: dict[str, list[str]] = {}
     for i, (number, qid, docnos) in enumerate(blocks):
         complete = qid in candidates and sorted(docnos) == sorted(candidates[qid]) and qid not in done

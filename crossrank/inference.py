@@ -358,8 +358,7 @@ def rerank(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates,
     rank 0 merges; returns the run on rank 0 and None elsewhere. Interrupted runs resume from the parts."""
     dist = dist or Distributed(device=next(model.parameters()).device)
     out = Path(out)
-    parts = parts_folder(out, fingerprint, candidates, eval_cfg)
-    parts.mkdir(parents=True, exist_ok=True)
+    parts = parts_folder(out, fingerprint, candidates, eval_cfg)  # made by the first finished block's write
     blocks = blocks_of(candidates, eval_cfg.block_queries)
     mine = list(range(dist.rank, len(blocks), dist.world))
     todo = [b for b in mine if not (parts / f"{b:06d}.tsv").is_file()]

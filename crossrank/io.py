@@ -13,11 +13,13 @@ Writers write to a temporary name in the target folder and `os.replace` it, so a
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import json
 import math
 import os
 import re
+import socket
 import sys
 import tempfile
 import zlib
@@ -279,6 +281,8 @@ def format_run_lines(qid: str, ranking: Iterable[tuple[str, float]], tag: str) -
 def write_run(path: str | os.PathLike, run: Run, tag: str = "crossrank", depth: int | None = None) -> Path:
     """Write a run atomically, each query sorted by score with deterministic ties, queries in qid order."""
     tag = "".join(tag.split()) or "crossrank"  # a tag with spaces would add columns
+    if Path(path).parent.is_dir():
+        remove_stale_temporaries(path)  # a killed earlier attempt's half-written run
     with atomic_write(path) as f:
         for qid in sorted(run, key=qid_order):
             f.writelines(format_run_lines(qid, sort_ranking(run[qid])[:depth], tag))
@@ -566,7 +570,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # host and pid in the name tell a killed writer's leftovers from a live one's (remove_stale_temporaries)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{socket.gethostname()}-{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
     try:
         os.fchmod(fd, _FILE_MODE)  # mkstemp makes owner-only files; runs are shared like any other file
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -578,3 +584,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> int:
+    """Delete the temporary files that writers of `path` killed on this host (kill -9, OOM) left behind;
+    those of live processes stay. Returns how many were removed."""
+    path = Path(path)
+    own = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(socket.gethostname())}-(\d+)\.[^.]+\.tmp")
+    removed = 0
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = own.fullmatch(leftover.name)
+        if match and not _is_alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+                removed += 1
+    return removed
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True

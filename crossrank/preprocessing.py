@@ -97,12 +97,13 @@ def split_writers(folder: str | Path) -> "Iterator[dict[str, pq.ParquetWriter]]"
     when the block exits without an error (so a half-written split never replaces a good one)."""
     import pyarrow.parquet as pq
 
-    from crossrank.io import atomic_write
+    from crossrank.io import atomic_write, remove_stale_temporaries
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         writers = {}
         for split in SPLITS:
+            remove_stale_temporaries(Path(folder) / f"{split}.parquet")  # left by a killed earlier attempt
             f = stack.enter_context(atomic_write(Path(folder) / f"{split}.parquet", "wb"))
             writers[split] = stack.enter_context(pq.ParquetWriter(f, _schema()))
         yield writers
@@ -112,10 +113,11 @@ def write_split(folder: str | Path, split: str, queries: Iterable[QueryCandidate
     """Write queries to `<folder>/<split>.parquet` atomically (small data: tests, RankGPT files)."""
     import pyarrow.parquet as pq
 
-    from crossrank.io import atomic_write
+    from crossrank.io import atomic_write, remove_stale_temporaries
 
     queries = list(queries)
     Path(folder).mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(Path(folder) / f"{split}.parquet")
     with atomic_write(Path(folder) / f"{split}.parquet", "wb") as f:
         pq.write_table(_queries_table(queries), f)
     return len(queries)

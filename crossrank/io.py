@@ -594,14 +594,14 @@ def remove_stale_temporaries(path: str | os.PathLike) -> int:
     removed = 0
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         match = own.fullmatch(leftover.name)
-        if match and not _is_alive(int(match.group(1))):
+        if match and not pid_is_alive(int(match.group(1))):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
                 removed += 1
     return removed
 
 
-def _is_alive(pid: int) -> bool:
+def pid_is_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: only checks that the process exists
     except ProcessLookupError:

@@ -99,6 +99,7 @@ def test_preprocess_run_writes_disjoint_deterministic_splits(tmp_path):
     ("1 Q0 a 1 2.0 r\n1 Q0 b 2 1.0 r\n1 Q0 a 3 0.5 r\n", ":3: docno a appears twice for query 1"),
     ("1 Q0 7 1 2.0 r\n1 Q0 8 2 1.0 r\n1 Q0 7 3 0.5 r\n", ":3: docno 7 appears twice for query 1"),
     ("1 Q0 a 1 2.0 r\n1 Q0 b 2 1.0\n", ":2: run line has 5 columns"),
+    ("1 Q0 a 1 2.0 r\n1 Q0 b x 1.0 r\n", ":2: rank is not an integer (expected e.g. 1, got 'x')"),  # Arrow path
 ])
 def test_bad_runs_are_reported_with_their_line(tmp_path, text, message):
     path = tmp_path / "bad.run"
@@ -190,3 +191,50 @@ def test_preprocessing_cli_reports_errors_in_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == f"error: {bad_run}:2: score is not a number (expected e.g. 12.5, got 'oops')"
     assert not (tmp_path / "o" / "train.parquet").exists()  # nothing half-written
+
+
+def test_damaged_bytes_on_the_arrow_path_name_the_file(tmp_path):
+    import gzip
+
+    latin1 = tmp_path / "latin1.run"
+    latin1.write_bytes(b"1 Q0 a 1 2.0 r\n1 Q0 caf\xe9 2 1.0 r\n")
+    with pytest.raises(CrossrankError, match=r"latin1\.run:2: invalid UTF-8"):
+        list(preprocessing.read_run_blocks(latin1))
+    data = gzip.compress(make_run(tmp_path / "run.txt", queries=50).read_bytes())
+    truncated = tmp_path / "run.txt.gz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CrossrankError, match=r"run\.txt\.gz:\d+: the gzip file is truncated or corrupt"):
+        list(preprocessing.read_run_blocks(truncated))
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from crossrank import preprocessing
+blocks = preprocessing.read_run_blocks
+
+def killed_after_one_block(path, lenient=False):  # kill -9 while both splits are half-written
+    for i, table in enumerate(blocks(path, lenient)):
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield table
+
+preprocessing.read_run_blocks = killed_after_one_block
+preprocessing.BLOCK_BYTES = 4096
+preprocessing.preprocess_run(sys.argv[1], {}, sys.argv[2], evalperc=20, seed=1, progress=False)
+"""
+
+
+def test_rerun_after_kill_9_is_clean_and_identical(tmp_path):
+    import pyarrow.parquet as pq
+
+    run = make_run(tmp_path / "run.txt", queries=60)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(run), str(tmp_path / "out")], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert len(list((tmp_path / "out").glob(".*.parquet.*.tmp"))) == 2  # what the kill left
+    preprocess_run(run, {}, tmp_path / "out", evalperc=20, seed=1, progress=False)
+    preprocess_run(run, {}, tmp_path / "clean", evalperc=20, seed=1, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.parquet", "valid.parquet"]
+    for split in ("train", "valid"):
+        assert pq.read_table(tmp_path / "out" / f"{split}.parquet").equals(
+            pq.read_table(tmp_path / "clean" / f"{split}.parquet"))

@@ -559,7 +559,7 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-_FILE_MODE = _file_mode()
+FILE_MODE = _file_mode()
 
 
 @contextlib.contextmanager
@@ -574,7 +574,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{socket.gethostname()}-{os.getpid()}.", suffix=".tmp",
                                dir=path.parent)
     try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes owner-only files; runs are shared like any other file
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes owner-only files; runs are shared like any other file
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()

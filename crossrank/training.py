@@ -46,7 +46,7 @@ from crossrank.config import ROOT, OptimConfig, RunConfig
 from crossrank.data import Batch, PairTokenizer, TrainingData, load_training_data
 from crossrank.distributed import Distributed, setup_distributed
 from crossrank.inference import plan_batches
-from crossrank.io import CrossrankError, atomic_write
+from crossrank.io import FILE_MODE, CrossrankError, atomic_write
 from crossrank.losses import LOSSES
 from crossrank.models import MonoEncoder, load_tokenizer
 from crossrank.novelty import duplicate_bce, novelty_targets
@@ -402,10 +402,15 @@ def _replace_folder(folder: Path, write) -> None:
     tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        write(tmp)
+        for file in tmp.iterdir():
+            os.chmod(file, FILE_MODE)  # safetensors writes owner-only files; checkpoints are shared like all outputs
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:  # e.g. a full disk: the old folder stays as it was, and no half-written copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)

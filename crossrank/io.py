@@ -81,7 +81,8 @@ def _open_binary(path: str | os.PathLike) -> IO[bytes]:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _decode(path: str | os.PathLike, number: int, raw: bytes) -> str:
+def decode_line(path: str | os.PathLike, number: int, raw: bytes) -> str:
+    """One line's bytes as text; invalid UTF-8 is a CrossrankError naming `path:number`."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -100,7 +101,7 @@ def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, bool]]:
     try:
         with _open_binary(path) as f:
             for number, raw in enumerate(f, 1):  # binary files split on b"\n" only
-                line = _decode(path, number, raw)
+                line = decode_line(path, number, raw)
                 ended = line.endswith("\n")
                 yield number, (line[:-1].removesuffix("\r") if ended else line), ended
     except GZIP_ERRORS as e:

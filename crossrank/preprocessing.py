@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -420,22 +420,40 @@ def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str |
     return counts
 
 
-@contextlib.contextmanager
-def _open_maybe_zipped(path: Path) -> "Iterator[IO[str]]":
-    """A text file, or the single .jsonl member of a .zip (RankGPT ships `marco-train-100k.jsonl.zip`)."""
-    import io
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a JSONL file, or of the single .jsonl member of a .zip (RankGPT ships
+    `marco-train-100k.jsonl.zip`); invalid UTF-8 and a damaged file are CrossrankErrors."""
     import zipfile
 
+    from crossrank.io import decode_line
+
     if path.suffix != ".zip":
-        with open(path, encoding="utf-8") as f:
-            yield f
+        yield from ((number, line) for number, line, _ in text_lines(path))
         return
-    with zipfile.ZipFile(path) as archive:
-        members = [n for n in archive.namelist() if n.endswith(".jsonl")]
-        if len(members) != 1:
-            raise CrossrankError(f"{path}: expected one .jsonl file in the zip, found {len(members)}")
-        with archive.open(members[0]) as raw:
-            yield io.TextIOWrapper(raw, encoding="utf-8")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [n for n in archive.namelist() if n.endswith(".jsonl")]
+            if len(members) != 1:
+                raise CrossrankError(f"{path}: expected one .jsonl file in the zip, found {len(members)}")
+            with archive.open(members[0]) as raw:
+                for number, line in enumerate(raw, 1):
+                    yield number, decode_line(f"{path}/{members[0]}", number, line)
+    except (zipfile.BadZipFile, *GZIP_ERRORS) as e:
+        raise CrossrankError(f"{path}: the zip file is truncated or corrupt ({e}; expected a complete .zip)") \
+            from None
+
+
+def _read_answers(path: Path) -> list:
+    from crossrank.io import read_text
+
+    try:
+        answers = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise CrossrankError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}; expected a JSON "
+                             f"list of answers)") from None
+    if not isinstance(answers, list):
+        raise CrossrankError(f"{path}: expected a JSON list of answers (got {type(answers).__name__})")
+    return answers
 
 
 def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, evalperc: float, seed: int,
@@ -453,9 +471,7 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     from crossrank.io import atomic_write
     from crossrank.teacher import parse_permutation  # one parser for the teacher's answers, ours or RankGPT's
 
-    answer_list = json.loads(Path(answers).read_text(encoding="utf-8"))
-    if not isinstance(answer_list, list):
-        raise CrossrankError(f"{answers}: expected a JSON list of answers, one per line of {data}")
+    answer_list = _read_answers(Path(answers))
     qid_of_text = {text: qid for qid, text in (topics or {}).items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -463,33 +479,34 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     counts = {"queries": 0, "malformed_answers": 0, "train_queries": 0, "valid_queries": 0}
     passages: dict[str, str] = {}
     query_texts: dict[str, str] = {}
-    with _open_maybe_zipped(Path(data)) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                text, retrieved = item["query"], item["retrieved_passages"]
-                positives = {str(p["docid"]) for p in item.get("positive_passages", [])}
-                # the answer's [i] is the passage of first-stage rank i (RankGPT numbers them so)
-                retrieved = sorted(retrieved, key=lambda p: p.get("rank", 0))
-                docs = [(str(p["docid"]), p.get("text", "")) for p in retrieved]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CrossrankError(f"{data}:{number}: not a RankGPT training line ({type(e).__name__}: {e}; "
-                                     f"expected query, retrieved_passages[docid, text])") from None
-            if counts["queries"] >= len(answer_list):
-                raise CrossrankError(f"{answers}: has {len(answer_list)} answers but {data} has more lines "
-                                     f"(expected one answer per line)")
-            order, problems = parse_permutation(str(answer_list[counts["queries"]]), len(docs))
-            counts["queries"] += 1
-            counts["malformed_answers"] += bool(problems)
-            qid = str(item.get("qid") or item.get("query_id") or qid_of_text.get(text) or f"rankgpt-{number}")
-            query_texts[qid] = text
-            passages.update((d, t) for d, t in docs if t)
-            ranked = [docs[i][0] for i in order]
-            split = "valid" if is_validation(qid, evalperc, seed) else "train"
-            queries[split].append(QueryCandidates(qid, ranked, [float(len(ranked) - r) for r in range(len(ranked))],
-                                                  {d: 1 for d in positives}))
+    for number, line in _jsonl_lines(Path(data)):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            text, retrieved = item["query"], item["retrieved_passages"]
+            positives = {str(p["docid"]) for p in item.get("positive_passages", [])}
+            # the answer's [i] is the passage of first-stage rank i (RankGPT numbers them so)
+            retrieved = sorted(retrieved, key=lambda p: p.get("rank", 0))
+            docs = [(str(p["docid"]), p.get("text", "")) for p in retrieved]
+            if not isinstance(text, str) or not all(isinstance(t, str) for _, t in docs):
+                raise TypeError("query and passage texts must be strings")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CrossrankError(f"{data}:{number}: not a RankGPT training line ({type(e).__name__}: {e}; "
+                                 f"expected query, retrieved_passages[docid, text])") from None
+        if counts["queries"] >= len(answer_list):
+            raise CrossrankError(f"{answers}: has {len(answer_list)} answers but {data} has more lines "
+                                 f"(expected one answer per line)")
+        order, problems = parse_permutation(str(answer_list[counts["queries"]]), len(docs))
+        counts["queries"] += 1
+        counts["malformed_answers"] += bool(problems)
+        qid = str(item.get("qid") or item.get("query_id") or qid_of_text.get(text) or f"rankgpt-{number}")
+        query_texts[qid] = text
+        passages.update((d, t) for d, t in docs if t)
+        ranked = [docs[i][0] for i in order]
+        split = "valid" if is_validation(qid, evalperc, seed) else "train"
+        queries[split].append(QueryCandidates(qid, ranked, [float(len(ranked) - r) for r in range(len(ranked))],
+                                              {d: 1 for d in positives}))
     for split, rows in queries.items():
         counts[f"{split}_queries"] = write_split(out, split, rows)
     with atomic_write(out / "topics.tsv") as f:

@@ -238,3 +238,29 @@ def test_rerun_after_kill_9_is_clean_and_identical(tmp_path):
     for split in ("train", "valid"):
         assert pq.read_table(tmp_path / "out" / f"{split}.parquet").equals(
             pq.read_table(tmp_path / "clean" / f"{split}.parquet"))
+
+
+def test_damaged_rankgpt_files_are_one_line_errors(tmp_path):
+    import zipfile
+
+    good = json.dumps({"query": "cats", "retrieved_passages": [{"docid": "p1", "rank": 1, "text": "cat"}]}) + "\n"
+    answers = tmp_path / "answers.json"
+    answers.write_text('["[1]",\n "[1]"\n')  # the closing bracket is missing
+    data = tmp_path / "train.jsonl"
+    data.write_text(good)
+    with pytest.raises(CrossrankError, match=r"answers\.json:2: invalid JSON"):
+        preprocessing.preprocess_rankgpt(data, answers, tmp_path / "kd", evalperc=0, seed=1)
+    answers.write_text('["[1]", "[1]"]')
+    data.write_bytes(good.encode() + b'{"query": "caf\xe9"}\n')
+    with pytest.raises(CrossrankError, match=r"train\.jsonl:2: invalid UTF-8"):
+        preprocessing.preprocess_rankgpt(data, answers, tmp_path / "kd", evalperc=0, seed=1)
+    data.write_text(good + json.dumps({"query": ["cats"], "retrieved_passages": []}) + "\n")
+    with pytest.raises(CrossrankError, match=r"train\.jsonl:2: not a RankGPT training line \(TypeError"):
+        preprocessing.preprocess_rankgpt(data, answers, tmp_path / "kd", evalperc=0, seed=1)
+    zipped = tmp_path / "train.jsonl.zip"
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("train.jsonl", "".join(good.replace("p1", f"p{i * 7919}") for i in range(2000)))
+    zipped.write_bytes(zipped.read_bytes()[: zipped.stat().st_size // 2])
+    with pytest.raises(CrossrankError, match=r"train\.jsonl\.zip: the zip file is truncated or corrupt"):
+        preprocessing.preprocess_rankgpt(zipped, answers, tmp_path / "kd", evalperc=0, seed=1)
+    assert not (tmp_path / "kd" / "train.parquet").exists()

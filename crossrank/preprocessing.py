@@ -259,6 +259,9 @@ def _parquet_blocks(path: Path) -> "Iterator[pa.Table]":
                                  f"{', '.join(options[ours])}; it has {', '.join(names)})")
     if found["score"] is None and found["rank"] is None:
         raise CrossrankError(f"{path}: parquet run has neither a score nor a rank column")
+    rank_type = file.schema_arrow.field(found["rank"]).type if found["rank"] else None
+    if rank_type is not None and not pa.types.is_integer(rank_type):  # as the text paths check it
+        raise CrossrankError(f"{path}: parquet run's rank column is {rank_type} (expected integers)")
     for batch in file.iter_batches(batch_size=1 << 20):
         if found["score"] is not None:  # as trec_eval does with TREC runs, the score decides the order
             score = batch[found["score"]].cast(pa.float64())

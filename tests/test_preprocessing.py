@@ -205,6 +205,11 @@ def test_damaged_bytes_on_the_arrow_path_name_the_file(tmp_path):
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(CrossrankError, match=r"run\.txt\.gz:\d+: the gzip file is truncated or corrupt"):
         list(preprocessing.read_run_blocks(truncated))
+    import pandas as pd
+
+    pd.DataFrame({"qid": ["1"], "docno": ["a"], "rank": ["x"], "score": [1.0]}).to_parquet(tmp_path / "r.parquet")
+    with pytest.raises(CrossrankError, match=r"r\.parquet: parquet run's rank column is \w*string \(expected integers"):
+        list(preprocessing.read_run_blocks(tmp_path / "r.parquet"))
 
 
 KILLED_WRITER = """

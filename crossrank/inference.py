@@ -75,8 +75,9 @@ def load_candidates(run_path: str, topics: str, corpus: str, depth: int, lenient
         run = load_run(run_path, depth=depth, lenient=lenient)
     except CrossrankError as e:
         if "appears twice" in str(e):  # say how many, not only where the first one is
-            raise CrossrankError(f"{e}; {run_problems(run_path).get('duplicate', 0)} duplicate (qid, docno) lines in all "
-                                 f"(--lenient skips them)") from None
+            duplicates = run_problems(run_path).get("duplicate", 0)
+            raise CrossrankError(f"{e}; {duplicates} duplicate (qid, docno) lines in all (--lenient skips them)") \
+                from None
         raise
     all_topics = read_topics(topics)
     missing_q = [q for q in run if q not in all_topics]

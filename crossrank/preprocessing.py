@@ -141,7 +141,8 @@ def read_run_blocks(path: str | Path, lenient: bool = False) -> "Iterator[pa.Tab
     The fast path parses single-space or tab separated text with Arrow's multi-threaded CSV reader in 16 MiB
     blocks and never turns lines into Python objects, so memory stays bounded whatever the file size. A
     query's lines must be contiguous (as retrieval engines write them): a query that reappears later is an
-    error, since bounded memory cannot regroup it. Whatever the fast path rejects is re-read by
+    error, since bounded memory cannot regroup it. The rank column is parsed as an integer (and so checked) as
+    the line reader does, though the score decides the order. Whatever the fast path rejects is re-read by
     `crossrank.io.read_run`, which names the offending `path:line`. `lenient` uses that validating reader
     throughout and skips bad lines.
     """

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Callable
 
 from crossrank.io import (IRDS_PREFIX, CrossrankError, qid_order, atomic_write, load_corpus, load_run, read_topics,
-                          read_run_queries, write_run)
+                          read_run_queries, remove_stale_temporaries, write_run)
 
 SYSTEM = "You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to the query."
 NOVELTY_SYSTEM = ("You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to "
@@ -559,6 +559,9 @@ def rank(cfg: TeacherConfig) -> dict:
     tag = "".join(cfg.tag.split()) or "rankgpt"
     files = paths(cfg.output)
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    if not cfg.dry_run and files["run"].parent.is_dir():
+        for path in files.values():
+            remove_stale_temporaries(path)  # a killed session's half-written partial, summary or run
     if cfg.overwrite and not cfg.dry_run:
         for path in files.values():
             path.unlink(missing_ok=True)

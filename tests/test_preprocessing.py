@@ -205,6 +205,10 @@ def test_damaged_bytes_on_the_arrow_path_name_the_file(tmp_path):
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(CrossrankError, match=r"run\.txt\.gz:\d+: the gzip file is truncated or corrupt"):
         list(preprocessing.read_run_blocks(truncated))
+    carriage = tmp_path / "cr.run"  # Arrow ends a line at a bare \r; the line reader (and so we) does not
+    carriage.write_bytes(b"1 Q0 a 1 2.0 r\r\n1 Q0 b 2 1.0 r\r1 Q0 c 3 0.5 r\n1 Q0 d x 0.1 r\n")
+    with pytest.raises(CrossrankError, match=r"cr\.run:2: run line has 12 columns"):
+        list(preprocessing.read_run_blocks(carriage))
     import pandas as pd
 
     pd.DataFrame({"qid": ["1"], "docno": ["a"], "rank": ["x"], "score": [1.0]}).to_parquet(tmp_path / "r.parquet")

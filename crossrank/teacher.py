@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import email.utils
 import http.client
+import ipaddress
 import json
 import os
 import random
@@ -37,7 +38,6 @@ import re
 import socket
 import threading
 import time
-import ipaddress
 import urllib.error
 import urllib.parse
 import urllib.request

@@ -222,7 +222,8 @@ def _raw_blocks(path: Path) -> "Iterator[pa.Table]":
             while data := f.read(BLOCK_BYTES):
                 chunk = rest + data
                 cut = chunk.rfind(b"\n") + 1
-                if chunk.count(b"\r", 0, cut) != chunk.count(b"\r\n", 0, cut):  # Arrow would end a line there
+                # Arrow would end a line at a bare \r (memchr first: counting is ~50x slower than finding)
+                if b"\r" in chunk and chunk.count(b"\r", 0, cut) != chunk.count(b"\r\n", 0, cut):
                     raise _BadRun(f"{path}: a bare carriage return (\\r) inside a line (expected \\n or \\r\\n "
                                   f"line ends)")
                 yield chunk[:cut]

@@ -7,15 +7,19 @@ Parameters follow Anserini's MS MARCO passage defaults (k1 0.9, b 0.4, Porter2 s
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import os
+import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from crossrank import cli, config
 from crossrank.datasets import load_dataset
-from crossrank.io import Run, read_corpus, read_topics, write_run
+from crossrank.io import CrossrankError, Run, pid_is_alive, read_corpus, read_topics, write_run
 
 if TYPE_CHECKING:
     from pyterrier_pisa import PisaIndex
@@ -23,27 +27,83 @@ if TYPE_CHECKING:
 INDEXES = config.ROOT / "data" / "indexes"
 
 
-def index_folder(corpus: str) -> Path:
+def index_folder(corpus: str, lenient: bool = False) -> Path:
     """A cache folder per corpus source: its name plus a hash of its path, size and mtime (so a changed
-    file gets a new index, and datasets sharing a corpus share one)."""
+    file gets a new index, and datasets sharing a corpus share one). A lenient build, which may lack
+    skipped lines, has a folder of its own that strict runs never use."""
     stat = os.stat(corpus) if os.path.exists(corpus) else None
     key = f"{corpus}|{stat.st_size if stat else ''}|{stat.st_mtime_ns if stat else ''}"
+    key += "|lenient" if lenient else ""
     name = Path(corpus.replace(":", "_")).name.split(".")[0]
     return INDEXES / f"{name}-{hashlib.blake2b(key.encode(), digest_size=6).hexdigest()}" / "pisa"
 
 
 def build_index(corpus: str, threads: int = 1, lenient: bool = False) -> "PisaIndex":
-    """Open the cached PISA index of `corpus`, building it first if needed (a half-built one is rebuilt)."""
+    """Open the cached PISA index of `corpus` (lenient runs may use a strict one), building it first if
+    needed: in a temporary folder that is renamed into place only when the whole corpus was read and
+    indexed, so a failed build never leaves an index that a later run would trust."""
     from pyterrier_pisa import PisaIndex
 
-    folder = index_folder(corpus)
-    index = PisaIndex(str(folder), stemmer="porter2", stops="terrier", threads=threads)
-    if not index.built():
-        print(f"indexing {corpus} into {folder}", file=sys.stderr)
-        index = PisaIndex(str(folder), text_field="text", stemmer="porter2", stops="terrier", threads=threads,
-                          overwrite=True)
-        index.index({"docno": docno, "text": text} for docno, text in read_corpus(corpus, lenient))
-    return index
+    folders = [index_folder(corpus)] + ([index_folder(corpus, lenient=True)] if lenient else [])
+    for folder in folders:
+        index = PisaIndex(str(folder), stemmer="porter2", stops="terrier", threads=threads)
+        if index.built():
+            return index
+    folder = folders[-1]
+    print(f"indexing {corpus} into {folder}", file=sys.stderr)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_builds(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    try:
+        feed = _CorpusFeed(corpus, lenient)
+        documents = iter(feed)
+        first = next(documents, None)  # PISA peeks at the first document in this thread: check it here
+        feed.raise_error()
+        PisaIndex(str(tmp), text_field="text", stemmer="porter2", stops="terrier", threads=threads,
+                  overwrite=True).index(itertools.chain([first], documents))
+        feed.raise_error()
+        shutil.rmtree(folder, ignore_errors=True)  # a half-built index of an older version
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()  # only when empty: nothing of this failed build stays
+        raise
+    return PisaIndex(str(folder), stemmer="porter2", stops="terrier", threads=threads)
+
+
+class _CorpusFeed:
+    """The corpus as documents for PISA, which reads them in a thread of its own: an error there would only
+    end the document stream (and PISA would index the part before it), so it is kept for the caller."""
+
+    def __init__(self, corpus: str, lenient: bool):
+        self.corpus, self.lenient, self.error, self.documents = corpus, lenient, None, 0
+
+    def __iter__(self):
+        try:
+            for docno, text in read_corpus(self.corpus, self.lenient):
+                if len(docno.split()) != 1:  # PISA's input is `docno text`: a space would move words into it
+                    raise CrossrankError(f"{self.corpus}: docno {docno!r} contains whitespace "
+                                         f"(expected one token per docno)")
+                self.documents += 1
+                yield {"docno": docno, "text": text}
+        except Exception as e:  # noqa: BLE001 - re-raised by raise_error in the caller's thread
+            self.error = e
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if not self.documents:
+            raise CrossrankError(f"{self.corpus}: no documents to index (expected at least one)")
+
+
+def _remove_dead_builds(folder: Path) -> None:
+    """Temporary index folders of builds killed on this host (their process is gone)."""
+    prefix = f".{folder.name}.tmp-{socket.gethostname()}-"
+    for leftover in folder.parent.glob(f".{folder.name}.tmp-*"):
+        pid = leftover.name[len(prefix):]
+        if leftover.name.startswith(prefix) and pid.isdigit() and not pid_is_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def bm25_run(corpus: str, topics: dict[str, str], k: int = 1000, threads: int = 1, lenient: bool = False) -> Run:

@@ -44,7 +44,7 @@ from crossrank.config import EvalConfig, ModelConfig
 from crossrank.data import PairTokenizer
 from crossrank.distributed import Distributed, setup_distributed
 from crossrank.io import (CrossrankError, Run, atomic_write, load_corpus, load_run, qid_order, read_topics,
-                          sort_ranking, write_run)
+                          run_problems, sort_ranking, write_run)
 from crossrank.models import MonoEncoder, load_tokenizer, resolve_model_path
 from crossrank.precision import autocast_dtype, cpu_flags, cpu_model, resolve_precision, slow_precision_note
 
@@ -78,8 +78,9 @@ def load_candidates(run_path: str, topics: str, corpus: str, depth: int, lenient
         run = load_run(run_path, depth=depth, lenient=lenient)
     except CrossrankError as e:
         if "appears twice" in str(e):  # say how many, not only where the first one is
-            raise CrossrankError(f"{e}; {_count_duplicates(run_path)} duplicate (qid, docno) lines in all "
-                                 f"(--lenient skips them)") from None
+            duplicates = run_problems(run_path).get("duplicate", 0)
+            raise CrossrankError(f"{e}; {duplicates} duplicate (qid, docno) lines in all (--lenient skips them)") \
+                from None
         raise
     all_topics = read_topics(topics)
     missing_q = [q for q in run if q not in all_topics]
@@ -105,18 +106,6 @@ def load_candidates(run_path: str, topics: str, corpus: str, depth: int, lenient
     if not run:
         raise CrossrankError(f"{run_path}: nothing left to re-rank (expected queries with candidates)")
     return Candidates(run, {q: all_topics[q] for q in run}, texts, notes)
-
-
-def _count_duplicates(path: str) -> int:
-    seen, duplicates = set(), 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) == 6:
-                key = (parts[0], parts[2])
-                duplicates += key in seen
-                seen.add(key)
-    return duplicates
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -427,8 +416,7 @@ def rerank(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates,
     eval_cfg = dataclasses.replace(eval_cfg, precision=resolve_precision(eval_cfg.precision, dist.device.type,
                                                                          cpu_flags(), kind))
     out = Path(out)
-    parts = parts_folder(out, fingerprint, candidates, eval_cfg)
-    parts.mkdir(parents=True, exist_ok=True)
+    parts = parts_folder(out, fingerprint, candidates, eval_cfg)  # made by the first finished block's write
     blocks = blocks_of(candidates, eval_cfg.block_queries)
     mine = list(range(dist.rank, len(blocks), dist.world))
     todo = [b for b in mine if not (parts / f"{b:06d}.tsv").is_file()]

@@ -13,13 +13,16 @@ Writers write to a temporary name in the target folder and `os.replace` it, so a
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import json
 import math
 import os
 import re
+import socket
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
@@ -42,20 +45,22 @@ def where(path: str | os.PathLike, line: int | None = None) -> str:
 
 
 class _BadLines:
-    """Raises on the first bad line, or (lenient) counts bad lines and reports the count when closed."""
+    """Raises on the first bad line, or (lenient) counts bad lines by problem and reports the count when closed."""
 
-    def __init__(self, path: str | os.PathLike, kind: str, lenient: bool):
-        self.path, self.kind, self.lenient, self.count, self.first = path, kind, lenient, 0, ""
+    def __init__(self, path: str | os.PathLike, kind: str, lenient: bool, quiet: bool = False):
+        self.path, self.kind, self.lenient, self.quiet, self.count, self.first = path, kind, lenient, quiet, 0, ""
+        self.problems: dict[str, int] = {}
 
-    def __call__(self, line: int, message: str) -> None:
+    def __call__(self, line: int, message: str, problem: str = "malformed") -> None:
         text = f"{where(self.path, line)}: {message}"
         if not self.lenient:
             raise CrossrankError(text)
         self.count += 1
+        self.problems[problem] = self.problems.get(problem, 0) + 1
         self.first = self.first or text
 
     def close(self) -> None:
-        if self.count:
+        if self.count and not self.quiet:
             print(f"warning: skipped {self.count} malformed {self.kind} line(s) in {self.path} "
                   f"(--lenient); first: {self.first}", file=sys.stderr)
 
@@ -64,23 +69,56 @@ class _BadLines:
 # Opening files
 
 
-def open_text(path: str | os.PathLike) -> IO[str]:
-    """Open a text file for reading, transparently gunzipping `.gz`; a missing file is a CrossrankError."""
+# Decompression failures of a truncated or damaged .gz (BadGzipFile is an OSError, so it is listed first).
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+def _open_binary(path: str | os.PathLike) -> IO[bytes]:
+    """Open a file for reading bytes, transparently gunzipping `.gz`; a missing file is a CrossrankError."""
     path = Path(path)
     if not path.is_file():
         raise CrossrankError(f"{path}: no such file")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline=None)
-    return open(path, encoding="utf-8", newline=None)
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def decode_line(path: str | os.PathLike, number: int, raw: bytes) -> str:
+    """One line's bytes as text; invalid UTF-8 is a CrossrankError naming `path:number`."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CrossrankError(f"{where(path, number)}: invalid UTF-8 at byte {e.start + 1} of the line "
+                             f"(expected UTF-8 text, got {raw[e.start:e.start + 4]!r})") from None
+
+
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, bool]]:
+    """Yield (1-based line number, line without its line break, whether it ended with a line break).
+
+    Only `\n` ends a line (a `\r\n` ending loses its `\r`), so a bare `\r` inside a text neither splits it
+    nor shifts the line numbers of what follows. Invalid UTF-8 and a truncated or corrupt `.gz` are
+    CrossrankErrors naming the line.
+    """
+    number = 0
+    try:
+        with _open_binary(path) as f:
+            for number, raw in enumerate(f, 1):  # binary files split on b"\n" only
+                line = decode_line(path, number, raw)
+                ended = line.endswith("\n")
+                yield number, (line[:-1].removesuffix("\r") if ended else line), ended
+    except GZIP_ERRORS as e:
+        raise CrossrankError(f"{where(path, number + 1)}: the gzip file is truncated or corrupt ({e}; "
+                             f"expected a complete .gz file)") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A whole (small) text file, with the errors of `text_lines`."""
+    return "\n".join(line for _, line, _ in text_lines(path))
 
 
 def _numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, line without the line break); blank lines are skipped."""
-    with open_text(path) as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield number, line
+    for number, line, _ in text_lines(path):
+        if line.strip():
+            yield number, line
 
 
 def _irds(source: str):
@@ -126,8 +164,48 @@ def read_run(path: str | os.PathLike, lenient: bool = False) -> Iterator[tuple[s
         yield from _read_irds_run(str(path))
         return
     bad = _BadLines(path, "run", lenient)
+    for _, qid, docno, rank, score in _run_rows(path, bad):
+        yield qid, docno, rank, score
+    bad.close()
+
+
+def read_run_queries(path: str | os.PathLike, lenient: bool = False,
+                     torn_ok: bool = False) -> Iterator[tuple[int, str, list[tuple[str, int, float]]]]:
+    """Stream a TREC run as blocks of consecutive lines of one query: (first line, qid, [(docno, rank, score)])
+    in file order, validated as `read_run` does (a query whose lines are not together gives several blocks).
+
+    `torn_ok` ignores a last line without a line break (the torn write of a killed process) instead of
+    checking it.
+    """
+    bad = _BadLines(path, "run", lenient)
+    block: tuple[int, str, list[tuple[str, int, float]]] | None = None
+    for number, qid, docno, rank, score in _run_rows(path, bad, torn_ok):
+        if block is None or block[1] != qid:
+            if block is not None:
+                yield block
+            block = (number, qid, [])
+        block[2].append((docno, rank, score))
+    if block is not None:
+        yield block
+    bad.close()
+
+
+def run_problems(path: str | os.PathLike) -> dict[str, int]:
+    """How many lines of a run have each problem ("malformed", "duplicate"), for messages that give counts."""
+    bad = _BadLines(path, "run", lenient=True, quiet=True)
+    for _ in _run_rows(path, bad):
+        pass
+    return bad.problems
+
+
+def _run_rows(path: str | os.PathLike, bad: _BadLines,
+              torn_ok: bool = False) -> Iterator[tuple[int, str, str, int, float]]:
+    """The one run-line validator: (line number, qid, docno, rank, score) of every good line; `bad` decides
+    whether a bad line raises or is counted."""
     seen: dict[str, set[str]] = {}
-    for number, line in _numbered_lines(path):
+    for number, line, ended in text_lines(path):
+        if not line.strip() or (torn_ok and not ended):
+            continue
         parts = line.split()
         if len(parts) != 6:
             bad(number, f"run line has {len(parts)} columns (expected 6: qid Q0 docno rank score tag, "
@@ -149,11 +227,11 @@ def read_run(path: str | os.PathLike, lenient: bool = False) -> Iterator[tuple[s
             continue
         docnos = seen.setdefault(qid, set())
         if docno in docnos:
-            bad(number, f"docno {docno} appears twice for query {qid} (expected each docno once per query)")
+            bad(number, f"docno {docno} appears twice for query {qid} (expected each docno once per query)",
+                "duplicate")
             continue
         docnos.add(docno)
-        yield qid, docno, rank_value, score_value
-    bad.close()
+        yield number, qid, docno, rank_value, score_value
 
 
 def _read_irds_run(source: str) -> Iterator[tuple[str, str, int, float]]:
@@ -204,6 +282,8 @@ def format_run_lines(qid: str, ranking: Iterable[tuple[str, float]], tag: str) -
 def write_run(path: str | os.PathLike, run: Run, tag: str = "crossrank", depth: int | None = None) -> Path:
     """Write a run atomically, each query sorted by score with deterministic ties, queries in qid order."""
     tag = "".join(tag.split()) or "crossrank"  # a tag with spaces would add columns
+    if Path(path).parent.is_dir():
+        remove_stale_temporaries(path)  # a killed earlier attempt's half-written run
     with atomic_write(path) as f:
         for qid in sorted(run, key=qid_order):
             f.writelines(format_run_lines(qid, sort_ranking(run[qid])[:depth], tag))
@@ -299,8 +379,7 @@ _FIELD = re.compile(r"<(num|title)>(.*?)(?=<[a-z/]|\Z)", re.DOTALL | re.IGNORECA
 def _read_trec_topics(path: Path) -> dict[str, str]:
     """The `<title>` of every `<top>` of a classic TREC topic file (`<num> Number: 301`, `<title> ...`, then
     `<desc>`, `<narr>` or nothing; closing tags optional). ir_datasets' reader insists on every field."""
-    with open_text(path) as f:
-        text = f.read()
+    text = read_text(path)
     topics: dict[str, str] = {}
     for block in _TOP.finditer(text):
         fields = {tag.lower(): " ".join(value.split()) for tag, value in _FIELD.findall(block.group(1))}
@@ -418,13 +497,33 @@ def _read_jsonl_texts(path: Path, kind: str, id_fields: tuple[str, ...],
             raise _BadLine(f"invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
             raise _BadLine(f"JSON line is not an object (expected {{\"{id_fields[0]}\": ..., \"text\": ...}})")
-        identifier = next((str(record[f]).strip() for f in id_fields if f in record), None)
-        if identifier is None:
+        field = next((f for f in id_fields if f in record), None)
+        if field is None:
             raise _BadLine(f"no id field (expected one of {', '.join(id_fields)})")
-        title, text = str(record.get("title") or "").strip(), str(record.get("text") or "").strip()
-        return identifier, (f"{title} {text}".strip() if title else text)
+        identifier = record[field]
+        # an int id is common (BEIR dumps); null, a float, a list or an object is not an id
+        if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
+            raise _BadLine(f"\"{field}\" is {_json_type(identifier)} (expected a string or an integer id)")
+        title, text = _json_text(record, "title"), _json_text(record, "text")
+        return str(identifier).strip(), (f"{title} {text}".strip() if title else text)
 
     return _read_texts(path, kind, id_fields[0], parse, lenient)
+
+
+def _json_type(value: object) -> str:
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _json_text(record: dict, field: str) -> str:
+    """A text field of a JSONL record: a string, or missing/null (empty); anything else is a _BadLine."""
+    value = record.get(field)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _BadLine(f"\"{field}\" is {_json_type(value)} (expected a string)")
+    return value.strip()
 
 
 def _beir_member(path: str | os.PathLike, names: tuple[str, ...]) -> Path:
@@ -461,7 +560,7 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-_FILE_MODE = _file_mode()
+FILE_MODE = _file_mode()
 
 
 @contextlib.contextmanager
@@ -472,9 +571,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # host and pid in the name tell a killed writer's leftovers from a live one's (remove_stale_temporaries)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{socket.gethostname()}-{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
     try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes owner-only files; runs are shared like any other file
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes owner-only files; runs are shared like any other file
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
@@ -486,3 +587,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         if isinstance(e, OSError) and e.filename is None:  # write/fsync errors (disk full) carry no file name
             e.filename = str(path)
         raise
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> int:
+    """Delete the temporary files that writers of `path` killed on this host (kill -9, OOM) left behind;
+    those of live processes stay. Returns how many were removed."""
+    path = Path(path)
+    own = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(socket.gethostname())}-(\d+)\.[^.]+\.tmp")
+    removed = 0
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = own.fullmatch(leftover.name)
+        if match and not pid_is_alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+                removed += 1
+    return removed
+
+
+def pid_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True

@@ -22,11 +22,11 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import yaml
 
-from crossrank.io import CrossrankError, read_run
+from crossrank.io import GZIP_ERRORS, CrossrankError, read_run, text_lines
 
 if TYPE_CHECKING:
     import numpy as np
@@ -98,12 +98,13 @@ def split_writers(folder: str | Path) -> "Iterator[dict[str, pq.ParquetWriter]]"
     when the block exits without an error (so a half-written split never replaces a good one)."""
     import pyarrow.parquet as pq
 
-    from crossrank.io import atomic_write
+    from crossrank.io import atomic_write, remove_stale_temporaries
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         writers = {}
         for split in SPLITS:
+            remove_stale_temporaries(Path(folder) / f"{split}.parquet")  # left by a killed earlier attempt
             f = stack.enter_context(atomic_write(Path(folder) / f"{split}.parquet", "wb"))
             writers[split] = stack.enter_context(pq.ParquetWriter(f, _schema()))
         yield writers
@@ -113,10 +114,11 @@ def write_split(folder: str | Path, split: str, queries: Iterable[QueryCandidate
     """Write queries to `<folder>/<split>.parquet` atomically (small data: tests, RankGPT files)."""
     import pyarrow.parquet as pq
 
-    from crossrank.io import atomic_write
+    from crossrank.io import atomic_write, remove_stale_temporaries
 
     queries = list(queries)
     Path(folder).mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(Path(folder) / f"{split}.parquet")
     with atomic_write(Path(folder) / f"{split}.parquet", "wb") as f:
         pq.write_table(_queries_table(queries), f)
     return len(queries)
@@ -140,7 +142,8 @@ def read_run_blocks(path: str | Path, lenient: bool = False) -> "Iterator[pa.Tab
     The fast path parses single-space or tab separated text with Arrow's multi-threaded CSV reader in 16 MiB
     blocks and never turns lines into Python objects, so memory stays bounded whatever the file size. A
     query's lines must be contiguous (as retrieval engines write them): a query that reappears later is an
-    error, since bounded memory cannot regroup it. Whatever the fast path rejects is re-read by
+    error, since bounded memory cannot regroup it. The rank column is parsed as an integer (and so checked) as
+    the line reader does, though the score decides the order. Whatever the fast path rejects is re-read by
     `crossrank.io.read_run`, which names the offending `path:line`. `lenient` uses that validating reader
     throughout and skips bad lines.
     """
@@ -162,11 +165,11 @@ def read_run_blocks(path: str | Path, lenient: bool = False) -> "Iterator[pa.Tab
                 yield _check_and_sort(table.slice(0, cut), starts[:-1], path, seen)
         if carry is not None:
             yield _check_and_sort(carry, _group_starts(carry), path, seen)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, _BadRun) as error:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, _BadRun, *GZIP_ERRORS) as error:
         failure = error
     else:
         return
-    for _ in read_run(path):  # names the first bad line, if it is a line-level problem
+    for _ in read_run(path):  # names the first bad line (or the damaged .gz), if it is a line-level problem
         pass
     raise CrossrankError(str(failure) if isinstance(failure, _BadRun) else
                          f"{path}: cannot parse the run ({failure})")
@@ -182,8 +185,11 @@ def _needs_line_reader(path: Path) -> bool:
         return True
     if path.suffix == ".parquet":
         return False
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8", errors="replace") as f:
-        head = [line.rstrip("\r\n") for line in (f.readline() for _ in range(5)) if line.strip()]
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+            head = [line.rstrip("\r\n") for line in (f.readline() for _ in range(5)) if line.strip()]
+    except (OSError, *GZIP_ERRORS):  # the line reader names the problem (missing, damaged .gz, ...)
+        return True
     return not head or any(len(line.split(_delimiter(head[0]))) != 6 for line in head)
 
 
@@ -210,12 +216,17 @@ def _raw_blocks(path: Path) -> "Iterator[pa.Table]":
             parse_options=pcsv.ParseOptions(delimiter=delimiter, quote_char=False),
             convert_options=pcsv.ConvertOptions(
                 column_types={"qid": pa.string(), "docno": pa.string(), "rank": pa.int64(), "score": pa.float64()},
-                include_columns=["qid", "docno", "score"]))
+                # rank is parsed (and so checked, as the line reader does) even though the score decides
+                include_columns=["qid", "docno", "rank", "score"]))
         def chunks() -> Iterator[bytes]:
             rest = b""
             while data := f.read(BLOCK_BYTES):
                 chunk = rest + data
                 cut = chunk.rfind(b"\n") + 1
+                # Arrow would end a line at a bare \r (memchr first: counting is ~50x slower than finding)
+                if b"\r" in chunk and chunk.count(b"\r", 0, cut) != chunk.count(b"\r\n", 0, cut):
+                    raise _BadRun(f"{path}: a bare carriage return (\\r) inside a line (expected \\n or \\r\\n "
+                                  f"line ends)")
                 yield chunk[:cut]
                 rest = chunk[cut:]
             yield rest
@@ -223,7 +234,8 @@ def _raw_blocks(path: Path) -> "Iterator[pa.Table]":
         # Parse the next chunk in a thread while the caller works on this one (Arrow releases the GIL):
         # two chunks in memory at most.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            parse = lambda chunk: pcsv.read_csv(pa.py_buffer(chunk), **options) if chunk.strip() else None
+            parse = lambda chunk: (pcsv.read_csv(pa.py_buffer(chunk), **options).drop_columns(["rank"])
+                                   if chunk.strip() else None)
             pending = None
             for chunk in chunks():
                 following = pool.submit(parse, chunk)
@@ -253,6 +265,9 @@ def _parquet_blocks(path: Path) -> "Iterator[pa.Table]":
                                  f"{', '.join(options[ours])}; it has {', '.join(names)})")
     if found["score"] is None and found["rank"] is None:
         raise CrossrankError(f"{path}: parquet run has neither a score nor a rank column")
+    rank_type = file.schema_arrow.field(found["rank"]).type if found["rank"] else None
+    if rank_type is not None and not pa.types.is_integer(rank_type):  # as the text paths check it
+        raise CrossrankError(f"{path}: parquet run's rank column is {rank_type} (expected integers)")
     for batch in file.iter_batches(batch_size=1 << 20):
         if found["score"] is not None:  # as trec_eval does with TREC runs, the score decides the order
             score = batch[found["score"]].cast(pa.float64())
@@ -350,15 +365,14 @@ def _has_repeated_docno(group: "np.ndarray", docno: "pa.ChunkedArray") -> bool:
 def _line_of_reappearance(path: Path, qid: str) -> int:
     """The line where `qid` starts again after other queries (computed only for the error message)."""
     started = left = False
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            current = line.split(maxsplit=1)[0] if line.strip() else None
-            if current == qid:
-                if left:
-                    return number
-                started = True
-            elif started and current is not None:
-                left = True
+    for number, line, _ in text_lines(path):
+        current = line.split(maxsplit=1)[0] if line.strip() else None
+        if current == qid:
+            if left:
+                return number
+            started = True
+        elif started and current is not None:
+            left = True
     return 0
 
 
@@ -450,22 +464,40 @@ def preprocess_teacher_run(run: str | Path, qrels: dict[str, dict[str, int]], ou
     return counts
 
 
-@contextlib.contextmanager
-def _open_maybe_zipped(path: Path) -> "Iterator[IO[str]]":
-    """A text file, or the single .jsonl member of a .zip (RankGPT ships `marco-train-100k.jsonl.zip`)."""
-    import io
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a JSONL file, or of the single .jsonl member of a .zip (RankGPT ships
+    `marco-train-100k.jsonl.zip`); invalid UTF-8 and a damaged file are CrossrankErrors."""
     import zipfile
 
+    from crossrank.io import decode_line
+
     if path.suffix != ".zip":
-        with open(path, encoding="utf-8") as f:
-            yield f
+        yield from ((number, line) for number, line, _ in text_lines(path))
         return
-    with zipfile.ZipFile(path) as archive:
-        members = [n for n in archive.namelist() if n.endswith(".jsonl")]
-        if len(members) != 1:
-            raise CrossrankError(f"{path}: expected one .jsonl file in the zip, found {len(members)}")
-        with archive.open(members[0]) as raw:
-            yield io.TextIOWrapper(raw, encoding="utf-8")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [n for n in archive.namelist() if n.endswith(".jsonl")]
+            if len(members) != 1:
+                raise CrossrankError(f"{path}: expected one .jsonl file in the zip, found {len(members)}")
+            with archive.open(members[0]) as raw:
+                for number, line in enumerate(raw, 1):
+                    yield number, decode_line(f"{path}/{members[0]}", number, line)
+    except (zipfile.BadZipFile, *GZIP_ERRORS) as e:
+        raise CrossrankError(f"{path}: the zip file is truncated or corrupt ({e}; expected a complete .zip)") \
+            from None
+
+
+def _read_answers(path: Path) -> list:
+    from crossrank.io import read_text
+
+    try:
+        answers = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise CrossrankError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}; expected a JSON "
+                             f"list of answers)") from None
+    if not isinstance(answers, list):
+        raise CrossrankError(f"{path}: expected a JSON list of answers (got {type(answers).__name__})")
+    return answers
 
 
 def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, evalperc: float, seed: int,
@@ -487,9 +519,7 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     from crossrank.io import atomic_write
     from crossrank.teacher import parse_permutation  # one parser for the teacher's answers, ours or RankGPT's
 
-    answer_list = json.loads(Path(answers).read_text(encoding="utf-8"))
-    if not isinstance(answer_list, list):
-        raise CrossrankError(f"{answers}: expected a JSON list of answers, one per line of {data}")
+    answer_list = _read_answers(Path(answers))
     qid_of_text = {text: qid for qid, text in (topics or {}).items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -498,35 +528,36 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
               "train_queries": 0, "valid_queries": 0}
     passages: dict[str, str] = {}
     query_texts: dict[str, str] = {}
-    with _open_maybe_zipped(Path(data)) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                text, retrieved = item["query"], item["retrieved_passages"]
-                positives = {str(p["docid"]) for p in item.get("positive_passages", [])}
-                # the answer's [i] is the passage of first-stage rank i (RankGPT numbers them so)
-                retrieved = sorted(retrieved, key=lambda p: p.get("rank", 0))
-                docs = [(str(p["docid"]), p.get("text", "")) for p in retrieved]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CrossrankError(f"{data}:{number}: not a RankGPT training line ({type(e).__name__}: {e}; "
-                                     f"expected query, retrieved_passages[docid, text])") from None
-            if counts["queries"] >= len(answer_list):
-                raise CrossrankError(f"{answers}: has {len(answer_list)} answers but {data} has more lines "
-                                     f"(expected one answer per line)")
-            order, problems = parse_permutation(str(answer_list[counts["queries"]]), len(docs))
-            counts["queries"] += 1
-            counts["malformed_answers" if problems else "well_formed_answers"] += 1
-            if problems and not repair:
-                continue
-            qid = str(item.get("qid") or item.get("query_id") or qid_of_text.get(text) or f"rankgpt-{number}")
-            query_texts[qid] = text
-            passages.update((d, t) for d, t in docs if t)
-            ranked = [docs[i][0] for i in order]
-            split = "valid" if is_validation(qid, evalperc, seed) else "train"
-            queries[split].append(QueryCandidates(qid, ranked, [float(len(ranked) - r) for r in range(len(ranked))],
-                                                  {d: 1 for d in positives}))
+    for number, line in _jsonl_lines(Path(data)):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            text, retrieved = item["query"], item["retrieved_passages"]
+            positives = {str(p["docid"]) for p in item.get("positive_passages", [])}
+            # the answer's [i] is the passage of first-stage rank i (RankGPT numbers them so)
+            retrieved = sorted(retrieved, key=lambda p: p.get("rank", 0))
+            docs = [(str(p["docid"]), p.get("text", "")) for p in retrieved]
+            if not isinstance(text, str) or not all(isinstance(t, str) for _, t in docs):
+                raise TypeError("query and passage texts must be strings")
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CrossrankError(f"{data}:{number}: not a RankGPT training line ({type(e).__name__}: {e}; "
+                                 f"expected query, retrieved_passages[docid, text])") from None
+        if counts["queries"] >= len(answer_list):
+            raise CrossrankError(f"{answers}: has {len(answer_list)} answers but {data} has more lines "
+                                 f"(expected one answer per line)")
+        order, problems = parse_permutation(str(answer_list[counts["queries"]]), len(docs))
+        counts["queries"] += 1
+        counts["malformed_answers" if problems else "well_formed_answers"] += 1
+        if problems and not repair:
+            continue
+        qid = str(item.get("qid") or item.get("query_id") or qid_of_text.get(text) or f"rankgpt-{number}")
+        query_texts[qid] = text
+        passages.update((d, t) for d, t in docs if t)
+        ranked = [docs[i][0] for i in order]
+        split = "valid" if is_validation(qid, evalperc, seed) else "train"
+        queries[split].append(QueryCandidates(qid, ranked, [float(len(ranked) - r) for r in range(len(ranked))],
+                                              {d: 1 for d in positives}))
     for split, rows in queries.items():
         counts[f"{split}_queries"] = write_split(out, split, rows)
     with atomic_write(out / "topics.tsv") as f:

@@ -21,6 +21,8 @@ Outputs, for `--output OUT`:
     OUT.summary.json     settings and cost-relevant counts (requests, tokens, retries, malformed answers),
                          cumulative over resumed sessions; rewritten after every request
 The API key is read from an environment variable only, sent in the Authorization header, and never written.
+By default $OPENAI_API_KEY goes to the OpenAI API over https only; another host gets a key only from a
+variable named with --api-key-env, and never over plain http unless the host is loopback (`api_key_for`).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import argparse
 import dataclasses
 import email.utils
 import http.client
+import ipaddress
 import json
 import os
 import random
@@ -36,6 +39,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -43,7 +47,7 @@ from typing import Callable
 
 from crossrank import cli
 from crossrank.io import (IRDS_PREFIX, CrossrankError, qid_order, atomic_write, load_corpus, load_run, read_topics,
-                          write_run)
+                          read_run_queries, remove_stale_temporaries, write_run)
 
 SYSTEM = "You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to the query."
 NOVELTY_SYSTEM = ("You are RankGPT, an intelligent assistant that can rank passages based on their relevancy to "
@@ -62,7 +66,7 @@ class TeacherConfig:
     output: str
     model: str
     base_url: str = "https://api.openai.com/v1"
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str = ""  # "": $OPENAI_API_KEY, sent to api.openai.com (https) only; see api_key_for
     k: int = 100
     window: int = 20
     step: int = 10
@@ -300,6 +304,35 @@ class Stats:
         return out
 
 
+OPENAI_KEY_ENV, OPENAI_HOST = "OPENAI_API_KEY", "api.openai.com"
+
+
+def api_key_for(base_url: str, api_key_env: str) -> tuple[str, str]:
+    """(variable, key) to send to `base_url`, ("", "") for none.
+
+    The default variable ($OPENAI_API_KEY, exported for OpenAI) goes to the OpenAI API over https only, so a
+    vLLM or proxy URL does not receive it by accident; a variable the user names goes to any host, but a set
+    key never travels in clear text (plain http) to a host that is not loopback.
+    """
+    url = urllib.parse.urlsplit(base_url)
+    if not api_key_env:
+        if url.scheme == "https" and url.hostname == OPENAI_HOST:
+            return OPENAI_KEY_ENV, os.environ.get(OPENAI_KEY_ENV, "")
+        return "", ""
+    key = os.environ.get(api_key_env, "")
+    if key and url.scheme != "https" and not _is_loopback(url.hostname or ""):
+        raise CrossrankError(f"--base-url {base_url}: refusing to send ${api_key_env} over plain http to a host "
+                             f"that is not loopback (expected an https:// URL, or http:// to localhost)")
+    return api_key_env, key
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost" or host.endswith(".localhost")
+
+
 class ChatClient:
     """POSTs chat completions with timeouts and retries: exponential backoff with jitter, `Retry-After`
     honoured, on 429, 5xx, dropped connections, timeouts and unreadable bodies. Standard library only."""
@@ -307,7 +340,7 @@ class ChatClient:
     def __init__(self, cfg: TeacherConfig, stats: Stats, log: "JsonlLog", stop: threading.Event):
         self.cfg, self.stats, self.log, self.stop = cfg, stats, log, stop
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
-        self.key = os.environ.get(cfg.api_key_env, "")
+        self.key_env, self.key = api_key_for(cfg.base_url, cfg.api_key_env)
 
     def complete(self, messages: list[dict[str, str]], context: dict) -> dict:
         cfg = self.cfg
@@ -331,7 +364,8 @@ class ChatClient:
                 except (OSError, http.client.HTTPException):  # the error body itself was cut off
                     detail = ""
                 if e.code not in RETRY_STATUS:
-                    hint = f" (is ${cfg.api_key_env} set?)" if e.code in (401, 403) else ""
+                    hint = (f" (is ${self.key_env} set?)" if self.key_env else " (no API key was sent to this "
+                            "host: name its variable with --api-key-env)") if e.code in (401, 403) else ""
                     raise CrossrankError(f"{self.url}: HTTP {e.code}{hint}: {detail}") from None
                 reason, retry_after = f"http_{e.code}", _retry_after(e.headers.get("Retry-After"))
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError,
@@ -465,18 +499,11 @@ def read_partial(path: Path, candidates: dict[str, list[str]]) -> dict[str, list
 
     Only the last query can be torn (each query is one fsynced write); it is dropped. Anything else that
     disagrees with the input (another run, --k or --dataset) is an error."""
-    blocks: list[tuple[int, str, list[str]]] = []  # (first line, qid, docnos)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            parts = line.split()
-            if not line.endswith("\n"):
-                break  # the torn last line of a killed write
-            if len(parts) != 6:
-                raise CrossrankError(f"{path}:{number}: run line has {len(parts)} columns (expected 6; the partial "
-                                     f"file is damaged: delete it or pass --overwrite)")
-            if not blocks or blocks[-1][1] != parts[0]:
-                blocks.append((number, parts[0], []))
-            blocks[-1][2].append(parts[2])
+    try:
+        blocks = [(number, qid, [docno for docno, _, _ in rows])
+                  for number, qid, rows in read_run_queries(path, torn_ok=True)]
+    except CrossrankError as e:
+        raise CrossrankError(f"{e}; the file is damaged: delete it or pass --overwrite") from None
     done: dict[str, list[str]] = {}
     for i, (number, qid, docnos) in enumerate(blocks):
         complete = qid in candidates and sorted(docnos) == sorted(candidates[qid]) and qid not in done
@@ -529,9 +556,14 @@ def rank(cfg: TeacherConfig) -> dict:
     from tqdm import tqdm
 
     cfg.validate()
+    # a refused key stops the run before anything is touched
+    key_env = api_key_for(cfg.base_url, cfg.api_key_env)[0] if not cfg.dry_run else ""
     tag = "".join(cfg.tag.split()) or "rankgpt"
     files = paths(cfg.output)
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    if not cfg.dry_run and files["run"].parent.is_dir():
+        for path in files.values():
+            remove_stale_temporaries(path)  # a killed session's half-written partial, summary or run
     if cfg.overwrite and not cfg.dry_run:
         for path in files.values():
             path.unlink(missing_ok=True)
@@ -557,7 +589,7 @@ def rank(cfg: TeacherConfig) -> dict:
 
     def write_summary(state: str) -> dict:
         summary = {"state": state, "settings": settings, "token_counting": counting, "api_key_env":
-                   cfg.api_key_env, "base_url": cfg.base_url, **stats.as_dict(cfg)}
+                   key_env, "base_url": cfg.base_url, **stats.as_dict(cfg)}
         with summary_lock, atomic_write(files["summary"]) as f:
             json.dump(summary, f, indent=1)
         return summary
@@ -631,8 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "castorini/rank_zephyr_7b_v1_full)")
     p.add_argument("--base-url", default=d.base_url, help="OpenAI-compatible API root, e.g. "
                                                           "http://localhost:8000/v1 for vLLM (default: %(default)s)")
-    p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key "
-                                                                "(default: %(default)s; unset: no key is sent)")
+    p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key, sent "
+                   f"to --base-url (default: ${OPENAI_KEY_ENV}, sent only to {OPENAI_HOST} over https; never over "
+                   "plain http to a host that is not loopback)")
     p.add_argument("--k", type=positive, default=d.k, help="re-rank the top K of each query (default: %(default)s)")
     p.add_argument("--window", type=cli.int_in(2), default=d.window,
                    help="passages per prompt (default: %(default)s; --window K: one prompt per query)")

@@ -47,7 +47,7 @@ from crossrank.config import ROOT, OptimConfig, RunConfig
 from crossrank.data import Batch, PairTokenizer, TrainingData, load_training_data
 from crossrank.distributed import Distributed, setup_distributed
 from crossrank.inference import plan_batches
-from crossrank.io import CrossrankError, atomic_write
+from crossrank.io import FILE_MODE, CrossrankError, atomic_write
 from crossrank.losses import LOSSES
 from crossrank.models import MonoEncoder, check_model_folder, freeze_position_embeddings, load_tokenizer
 from crossrank.novelty import duplicate_bce, novelty_targets
@@ -417,9 +417,10 @@ def _replace_folder(folder: Path, write) -> None:
         tmp.mkdir(parents=True)
         write(tmp)
         for file in tmp.iterdir():
+            os.chmod(file, FILE_MODE)  # safetensors writes owner-only files; checkpoints are shared like all outputs
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
-    except Exception as e:
+    except BaseException as e:  # e.g. a full disk: the old folder stays as it was, and no half-written copy
         shutil.rmtree(tmp, ignore_errors=True)
         # a full disk surfaces as OSError, safetensors' SafetensorError or torch.save's RuntimeError
         if isinstance(e, OSError) or type(e).__name__ == "SafetensorError" or "write" in str(e).lower():

@@ -1,6 +1,7 @@
 """BM25 with PISA: obvious documents come first, runs are written sorted, the index is cached."""
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
@@ -50,3 +51,51 @@ def test_create_bm25_baseline_run_script(tmp_path):
     missing = subprocess.run(["./create_bm25_baseline_run.sh", "-d", str(tmp_path / "nope.yaml")], cwd=ROOT,
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "error:" in missing.stderr
+
+
+def test_empty_passage_fails_the_job_and_leaves_no_index_and_no_run(tmp_path):
+    """PISA reads the corpus in a thread of its own: an error there must still stop the job (it used to
+    exit 0 with an empty run, and the half-built index was reused later, even with -l)."""
+    import shutil
+
+    corpus, topics = tmp_path / "corpus.tsv", tmp_path / "topics.tsv"
+    corpus.write_text("d1\tcats and dogs\nd2\t \nd3\tdogs bark\n")
+    topics.write_text("q1\tdogs\n")
+    dataset = tmp_path / "tiny.yaml"
+    dataset.write_text(f"name: tiny\ncorpus: {corpus}\ntopics: {topics}\n")
+    out = tmp_path / "tiny.bm25.run"
+    strict, lenient = bm25.index_folder(str(corpus)), bm25.index_folder(str(corpus), lenient=True)
+    script = ["./create_bm25_baseline_run.sh", "-d", str(dataset), "-o", str(out)]
+    try:
+        for attempt in range(2):  # the second attempt must not find anything of the first
+            failed = subprocess.run(script, cwd=ROOT, capture_output=True, text=True)
+            assert failed.returncode == 2, failed.stderr
+            assert failed.stderr.strip().splitlines()[-1] == \
+                f"error: {corpus}:2: empty text for docno d2 (expected non-empty text)"
+            assert not out.exists() and not strict.parent.exists()
+        skipped = subprocess.run(script + ["-l"], cwd=ROOT, capture_output=True, text=True)
+        assert skipped.returncode == 0, skipped.stderr
+        assert f"skipped 1 malformed corpus line(s) in {corpus}" in skipped.stderr
+        assert [d for d, _ in io.load_run(out)["q1"]] == ["d3", "d1"]
+        assert lenient.is_dir() and not strict.parent.exists()  # strict runs never use the lenient index
+        out.unlink()
+        again = subprocess.run(script, cwd=ROOT, capture_output=True, text=True)
+        assert again.returncode == 2 and not out.exists()
+    finally:
+        shutil.rmtree(strict.parent, ignore_errors=True)
+        shutil.rmtree(lenient.parent, ignore_errors=True)
+
+
+def test_a_killed_build_leaves_no_index_that_is_trusted(tmp_path, monkeypatch):
+    monkeypatch.setattr(bm25, "INDEXES", tmp_path / "indexes")
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("a\tcats\nb\tdogs\n")
+    folder = bm25.index_folder(str(corpus))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid now belongs to no process
+    leftover = folder.with_name(f".pisa.tmp-{socket.gethostname()}-{dead.pid}")
+    leftover.mkdir(parents=True)  # what a build killed mid-way leaves
+    (leftover / "fwd.docs").write_text("half")
+    run = bm25.bm25_run(str(corpus), {"1": "dogs"}, k=5)
+    assert run["1"][0][0] == "b"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["pisa"]

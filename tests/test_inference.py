@@ -295,3 +295,14 @@ def test_rerank_a_few_dl19_queries_with_minilm(shared_data, tmp_path):
     run = inference.rerank(model, tok, cands, tmp_path / "out.run", EvalConfig(), "fp")
     assert sorted(run) == sorted(qids) and all(len(r) == 20 for r in run.values())
     assert {d for d, _ in run[qids[0]]} == {d for d, _ in cands.run[qids[0]]}
+
+
+def test_duplicate_count_reads_gzipped_runs(collection, tmp_path):
+    import gzip
+
+    lines = collection["run.txt"].read_text().splitlines(keepends=True)
+    zipped = tmp_path / "dup.run.gz"
+    zipped.write_bytes(gzip.compress("".join(lines + lines[:3]).encode()))  # 3 lines again
+    with pytest.raises(CrossrankError, match=r"dup\.run\.gz:109: docno .* appears twice .*; 3 duplicate \(qid, docno\) "
+                                             r"lines in all \(--lenient skips them\)"):
+        inference.load_candidates(str(zipped), str(collection["topics.tsv"]), str(collection["corpus.tsv"]), 100)

@@ -223,3 +223,70 @@ def test_atomic_write_leaves_nothing_behind_on_error(tmp_path):
             raise RuntimeError("killed")
     assert target.read_text() == "old content\n"
     assert os.listdir(tmp_path) == ["run.txt"]
+
+
+# --- damaged files: invalid UTF-8, damaged .gz, bare \r, JSONL types -------------------------------------
+
+
+@pytest.mark.parametrize("read,first", [
+    (lambda p: list(io.read_run(p)), b"q1 Q0 d1 1 2.0 t\n"), (lambda p: list(io.read_corpus(p)), b"d1\tone\n"),
+    (io.read_topics, b"q1\tone\n"), (io.read_qrels, b"q1 0 d1 1\n")], ids=["run", "corpus", "topics", "qrels"])
+def test_invalid_utf8_names_its_line(tmp_path, read, first):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(first + b"caf\xe9 latin-1\n")
+    with pytest.raises(CrossrankError, match=r"bad\.txt:2: invalid UTF-8 at byte 4 of the line"):
+        read(path)
+
+
+def test_truncated_and_corrupt_gzip_are_crossrank_errors(tmp_path):
+    import gzip
+
+    data = gzip.compress("".join(f"q1 Q0 d{i} {i} {100 - i} t\n" for i in range(1, 2000)).encode())
+    truncated = write(tmp_path, "cut.run.gz", "")
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CrossrankError, match=r"cut\.run\.gz:\d+: the gzip file is truncated or corrupt"):
+        list(io.read_run(truncated))
+    not_gzip = write(tmp_path, "plain.tsv.gz", "d1\tnot compressed\n")
+    with pytest.raises(CrossrankError, match=r"plain\.tsv\.gz:1: the gzip file is truncated or corrupt"):
+        list(io.read_corpus(not_gzip))
+
+
+def test_bare_carriage_return_neither_splits_a_text_nor_shifts_line_numbers(tmp_path):
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_bytes(b"d1\tone\rstill one\r\nd2\ttwo\nd3\t\n")
+    with pytest.raises(CrossrankError, match=r"corpus\.tsv:3: empty text for docno d3"):
+        list(io.read_corpus(corpus))
+    assert list(io.read_corpus(corpus, lenient=True))[:2] == [("d1", "one\rstill one"), ("d2", "two")]
+    run = tmp_path / "run.txt"
+    run.write_bytes(b"q1 Q0 d1 1 2.0 t\r\nq1 Q0 d2 2 1.0 t\rq1 Q0 d3 x 0.5 t\nq1 Q0 d4 y 0.1 t\n")
+    # line 2 holds a bare \r: as one line it has 12 columns, and line 3 is still line 3
+    assert_line_error(lambda p: list(io.read_run(p)), run, 2, "run line has 12 columns")
+    assert [row[1] for row in io.read_run(run, lenient=True)] == ["d1"]
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"_id": null, "text": "x"}', '"_id" is null (expected a string or an integer id)'),
+    ('{"_id": ["d1"], "text": "x"}', '"_id" is a list (expected a string or an integer id)'),
+    ('{"_id": 1.5, "text": "x"}', '"_id" is a number (expected a string or an integer id)'),
+    ('{"_id": "d1", "text": ["x", "y"]}', '"text" is a list (expected a string)'),
+    ('{"_id": "d1", "text": 7}', '"text" is a number (expected a string)'),
+    ('{"_id": "d1", "title": {"a": 1}, "text": "x"}', '"title" is an object (expected a string)'),
+    ('{"_id": "d1", "text": null}', "empty text for docno d1"),
+])
+def test_jsonl_field_types_are_checked(tmp_path, line, message):
+    path = write(tmp_path, "corpus.jsonl", '{"_id": 7, "text": "an integer id is fine"}\n' + line + "\n")
+    assert_line_error(lambda p: list(io.read_corpus(p)), path, 2, message)
+    assert list(io.read_corpus(path, lenient=True)) == [("7", "an integer id is fine")]
+
+
+def test_read_run_queries_groups_consecutive_lines_and_drops_a_torn_last_line(tmp_path):
+    path = tmp_path / "partial.run"
+    path.write_bytes(b"q1 Q0 a 1 2 t\nq1 Q0 b 2 1 t\nq2 Q0 c 1 2 t\nq2 Q0 d 2")  # killed mid-line
+    assert list(io.read_run_queries(path, torn_ok=True)) == [
+        (1, "q1", [("a", 1, 2.0), ("b", 2, 1.0)]), (3, "q2", [("c", 1, 2.0)])]
+    assert_line_error(lambda p: list(io.read_run_queries(p)), path, 4, "run line has 4 columns")
+
+
+def test_run_problems_counts_by_kind(tmp_path):
+    path = write(tmp_path, "run.txt", "q1 Q0 a 1 2 t\nq1 Q0 a 2 1 t\nq1 Q0 b 3\nq2 Q0 a 1 2 t\nq2 Q0 a 1 2 t\n")
+    assert io.run_problems(path) == {"duplicate": 2, "malformed": 1}

@@ -99,6 +99,7 @@ def test_preprocess_run_writes_disjoint_deterministic_splits(tmp_path):
     ("1 Q0 a 1 2.0 r\n1 Q0 b 2 1.0 r\n1 Q0 a 3 0.5 r\n", ":3: docno a appears twice for query 1"),
     ("1 Q0 7 1 2.0 r\n1 Q0 8 2 1.0 r\n1 Q0 7 3 0.5 r\n", ":3: docno 7 appears twice for query 1"),
     ("1 Q0 a 1 2.0 r\n1 Q0 b 2 1.0\n", ":2: run line has 5 columns"),
+    ("1 Q0 a 1 2.0 r\n1 Q0 b x 1.0 r\n", ":2: rank is not an integer (expected e.g. 1, got 'x')"),  # Arrow path
 ])
 def test_bad_runs_are_reported_with_their_line(tmp_path, text, message):
     path = tmp_path / "bad.run"
@@ -221,3 +222,85 @@ def test_preprocessing_cli_reports_errors_in_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == f"error: {bad_run}:2: score is not a number (expected e.g. 12.5, got 'oops')"
     assert not (tmp_path / "o" / "train.parquet").exists()  # nothing half-written
+
+
+def test_damaged_bytes_on_the_arrow_path_name_the_file(tmp_path):
+    import gzip
+
+    latin1 = tmp_path / "latin1.run"
+    latin1.write_bytes(b"1 Q0 a 1 2.0 r\n1 Q0 caf\xe9 2 1.0 r\n")
+    with pytest.raises(CrossrankError, match=r"latin1\.run:2: invalid UTF-8"):
+        list(preprocessing.read_run_blocks(latin1))
+    data = gzip.compress(make_run(tmp_path / "run.txt", queries=50).read_bytes())
+    truncated = tmp_path / "run.txt.gz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CrossrankError, match=r"run\.txt\.gz:\d+: the gzip file is truncated or corrupt"):
+        list(preprocessing.read_run_blocks(truncated))
+    carriage = tmp_path / "cr.run"  # Arrow ends a line at a bare \r; the line reader (and so we) does not
+    carriage.write_bytes(b"1 Q0 a 1 2.0 r\r\n1 Q0 b 2 1.0 r\r1 Q0 c 3 0.5 r\n1 Q0 d x 0.1 r\n")
+    with pytest.raises(CrossrankError, match=r"cr\.run:2: run line has 12 columns"):
+        list(preprocessing.read_run_blocks(carriage))
+    import pandas as pd
+
+    pd.DataFrame({"qid": ["1"], "docno": ["a"], "rank": ["x"], "score": [1.0]}).to_parquet(tmp_path / "r.parquet")
+    with pytest.raises(CrossrankError, match=r"r\.parquet: parquet run's rank column is \w*string \(expected integers"):
+        list(preprocessing.read_run_blocks(tmp_path / "r.parquet"))
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from crossrank import preprocessing
+blocks = preprocessing.read_run_blocks
+
+def killed_after_one_block(path, lenient=False):  # kill -9 while both splits are half-written
+    for i, table in enumerate(blocks(path, lenient)):
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield table
+
+preprocessing.read_run_blocks = killed_after_one_block
+preprocessing.BLOCK_BYTES = 4096
+preprocessing.preprocess_run(sys.argv[1], {}, sys.argv[2], evalperc=20, seed=1, progress=False)
+"""
+
+
+def test_rerun_after_kill_9_is_clean_and_identical(tmp_path):
+    import pyarrow.parquet as pq
+
+    run = make_run(tmp_path / "run.txt", queries=60)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(run), str(tmp_path / "out")], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert len(list((tmp_path / "out").glob(".*.parquet.*.tmp"))) == 2  # what the kill left
+    preprocess_run(run, {}, tmp_path / "out", evalperc=20, seed=1, progress=False)
+    preprocess_run(run, {}, tmp_path / "clean", evalperc=20, seed=1, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.parquet", "valid.parquet"]
+    for split in ("train", "valid"):
+        assert pq.read_table(tmp_path / "out" / f"{split}.parquet").equals(
+            pq.read_table(tmp_path / "clean" / f"{split}.parquet"))
+
+
+def test_damaged_rankgpt_files_are_one_line_errors(tmp_path):
+    import zipfile
+
+    good = json.dumps({"query": "cats", "retrieved_passages": [{"docid": "p1", "rank": 1, "text": "cat"}]}) + "\n"
+    answers = tmp_path / "answers.json"
+    answers.write_text('["[1]",\n "[1]"\n')  # the closing bracket is missing
+    data = tmp_path / "train.jsonl"
+    data.write_text(good)
+    with pytest.raises(CrossrankError, match=r"answers\.json:2: invalid JSON"):
+        preprocessing.preprocess_rankgpt(data, answers, tmp_path / "kd", evalperc=0, seed=1)
+    answers.write_text('["[1]", "[1]"]')
+    data.write_bytes(good.encode() + b'{"query": "caf\xe9"}\n')
+    with pytest.raises(CrossrankError, match=r"train\.jsonl:2: invalid UTF-8"):
+        preprocessing.preprocess_rankgpt(data, answers, tmp_path / "kd", evalperc=0, seed=1)
+    data.write_text(good + json.dumps({"query": ["cats"], "retrieved_passages": []}) + "\n")
+    with pytest.raises(CrossrankError, match=r"train\.jsonl:2: not a RankGPT training line \(TypeError"):
+        preprocessing.preprocess_rankgpt(data, answers, tmp_path / "kd", evalperc=0, seed=1)
+    zipped = tmp_path / "train.jsonl.zip"
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("train.jsonl", "".join(good.replace("p1", f"p{i * 7919}") for i in range(2000)))
+    zipped.write_bytes(zipped.read_bytes()[: zipped.stat().st_size // 2])
+    with pytest.raises(CrossrankError, match=r"train\.jsonl\.zip: the zip file is truncated or corrupt"):
+        preprocessing.preprocess_rankgpt(zipped, answers, tmp_path / "kd", evalperc=0, seed=1)
+    assert not (tmp_path / "kd" / "train.parquet").exists()

@@ -130,11 +130,11 @@ def server():
 
 
 def cli(collection: dict, server: ChatServer, output: Path, *extra: str, env_key: str = SECRET,
-        background: bool = False):
+        background: bool = False, key_flag: bool = True):
     args = [sys.executable, str(ROOT / "rank_gpt.py"), "--run", str(collection["run"]), "--topics",
             str(collection["topics"]), "--corpus", str(collection["corpus"]), "-o", str(output), "--model", "test-llm",
-            "--base-url", server.url, "--api-key-env", "CROSSRANK_TEST_KEY", "--k", "30", "--window", "10",
-            "--step", "5", "--backoff", "0.01", "--timeout", "10", "--no-progress", *extra]
+            "--base-url", server.url, *(["--api-key-env", "CROSSRANK_TEST_KEY"] if key_flag else []), "--k", "30",
+            "--window", "10", "--step", "5", "--backoff", "0.01", "--timeout", "10", "--no-progress", *extra]
     env = {**os.environ, "CROSSRANK_TEST_KEY": env_key, "NO_PROXY": "*", "PYTHONPATH": str(ROOT)}
     if background:
         return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -316,6 +316,52 @@ def test_api_key_is_sent_but_never_written(collection, server, tmp_path):
     for path in written:
         assert SECRET not in path.read_text(errors="replace"), path
     assert SECRET not in denied.stderr + denied.stdout
+
+
+def test_default_openai_key_goes_to_the_openai_api_only(collection, server, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)  # exported for OpenAI, while --base-url points elsewhere
+    plain = cli(collection, server, tmp_path / "d.run", "--limit", "1", key_flag=False)
+    assert plain.returncode == 0, plain.stderr
+    assert server.requests and all("Authorization" not in r["headers"] for r in server.requests)
+    assert summary(tmp_path / "d.run")["api_key_env"] == ""
+    server.fail(("status", 401, {}))
+    denied = cli(collection, server, tmp_path / "denied.run", key_flag=False)
+    assert denied.returncode == 2 and "no API key was sent to this host: name its variable with --api-key-env" \
+        in denied.stderr
+
+
+def test_a_named_key_never_travels_over_plain_http_to_another_host(collection, tmp_path):
+    out = tmp_path / "remote" / "r.run"
+    env = {**os.environ, "CROSSRANK_TEST_KEY": SECRET, "PYTHONPATH": str(ROOT)}
+    refused = subprocess.run([sys.executable, str(ROOT / "rank_gpt.py"), "--run", str(collection["run"]),
+                              "--topics", str(collection["topics"]), "--corpus", str(collection["corpus"]), "-o",
+                              str(out), "--model", "m", "--base-url", "http://gpu-node.example:8000/v1",
+                              "--api-key-env", "CROSSRANK_TEST_KEY"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "error: --base-url http://gpu-node.example:8000/v1: refusing to send $CROSSRANK_TEST_KEY over plain http "
+        "to a host that is not loopback (expected an https:// URL, or http:// to localhost)"]
+    assert not out.parent.exists()  # nothing written, nothing sent
+
+
+@pytest.mark.parametrize("url, variable, sent", [
+    ("https://api.openai.com/v1", "", ("OPENAI_API_KEY", "sk-openai")),
+    ("http://api.openai.com/v1", "", ("", "")),  # plain http: not even to OpenAI
+    ("https://api.together.xyz/v1", "", ("", "")),  # another host: only a named variable
+    ("http://127.0.0.1:8000/v1", "", ("", "")),
+    ("https://api.together.xyz/v1", "OTHER_KEY", ("OTHER_KEY", "sk-other")),
+    ("http://localhost:8000/v1", "OTHER_KEY", ("OTHER_KEY", "sk-other")),
+    ("http://[::1]:8000/v1", "OTHER_KEY", ("OTHER_KEY", "sk-other")),
+    ("http://127.0.0.2:8000/v1", "OTHER_KEY", ("OTHER_KEY", "sk-other")),
+    ("http://10.0.0.5:8000/v1", "UNSET_KEY", ("UNSET_KEY", "")),  # nothing to leak: not refused
+])
+def test_api_key_for(monkeypatch, url, variable, sent):
+    from crossrank.teacher import api_key_for
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    monkeypatch.setenv("OTHER_KEY", "sk-other")
+    monkeypatch.delenv("UNSET_KEY", raising=False)
+    assert api_key_for(url, variable) == sent
 
 
 def test_novelty_prompt_reaches_the_server(collection, server, tmp_path):

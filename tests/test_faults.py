@@ -1,0 +1,129 @@
+"""Faults: a full disk while a run or a checkpoint is written leaves the old file as it was (and no temporary
+copy); checkpoint files get the umask's mode like every other output; a failed re-ranking start leaves no
+parts folder. Killed preprocessing and BM25 builds are tested in test_preprocessing.py and test_bm25.py."""
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crossrank import inference, io, training
+from crossrank.config import EvalConfig, ModelConfig, RunConfig
+from crossrank.io import CrossrankError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A file-size limit makes the kernel refuse writes past it (EFBIG once SIGXFSZ is ignored), as a full disk
+# refuses them with ENOSPC: the same failure at the same place, without a tiny file system to mount.
+FULL_DISK = """
+import resource, signal
+def fill_the_disk(limit=4096):
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+"""
+
+RUN_WRITE = FULL_DISK + """
+import sys
+from crossrank import io
+fill_the_disk()
+try:
+    io.write_run(sys.argv[1], {str(q): [(f"d{d}", float(d)) for d in range(100)] for q in range(100)})
+except OSError as e:
+    print(e.errno)
+"""
+
+CHECKPOINT_SAVE = FULL_DISK + """
+import sys, torch
+from pathlib import Path
+from crossrank import training
+from crossrank.config import RunConfig
+from crossrank.models import MonoEncoder, load_tokenizer
+model, tokenizer = MonoEncoder.from_pretrained(sys.argv[1]), load_tokenizer(sys.argv[1])
+optimizer, scaler = torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cuda", enabled=False)
+folder = Path(sys.argv[2])
+training.save_checkpoint(model, tokenizer, optimizer, scaler, RunConfig(), training.TrainState(step=1), folder)
+with torch.no_grad():
+    next(model.parameters()).add_(1.0)
+fill_the_disk()
+try:
+    training.save_checkpoint(model, tokenizer, optimizer, scaler, RunConfig(), training.TrainState(step=2), folder)
+except Exception as e:  # safetensors' SafetensorError is not an OSError
+    print(e)
+"""
+
+
+def test_full_disk_during_a_run_write_keeps_the_old_run(tmp_path):
+    out = tmp_path / "out.run"
+    io.write_run(out, {"1": [("old", 1.0)]})
+    before = out.read_bytes()
+    result = subprocess.run([sys.executable, "-c", RUN_WRITE, str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.strip() == str(errno.EFBIG), result.stderr
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.run"]  # no temporary file left
+
+
+def test_enospc_at_fsync_keeps_the_old_run(tmp_path, monkeypatch):
+    out = io.write_run(tmp_path / "out.run", {"1": [("old", 1.0)]})
+    before = out.read_bytes()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        io.write_run(out, {"1": [("new", 2.0)]})
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["out.run"]
+
+
+def test_full_disk_during_a_checkpoint_save_keeps_the_old_checkpoint(tiny_bert, tmp_path):
+    folder = tmp_path / "run" / "checkpoint"
+    result = subprocess.run([sys.executable, "-c", CHECKPOINT_SAVE, str(tiny_bert), str(folder)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert "File too large" in result.stdout, result.stderr
+    assert {"model.safetensors", "state.pt", "crossrank.yaml"} <= {p.name for p in folder.iterdir()}
+    assert torch.load(folder / "state.pt", weights_only=False)["state"]["step"] == 1  # the old one, whole
+    from safetensors.torch import load_file
+
+    assert load_file(folder / "model.safetensors")  # complete: it loads
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["checkpoint"]  # no .checkpoint.tmp left
+
+
+def test_checkpoint_files_get_the_umask_mode(tiny_bert, tmp_path):
+    from crossrank.models import MonoEncoder, load_tokenizer
+
+    model, tokenizer = MonoEncoder.from_pretrained(tiny_bert), load_tokenizer(tiny_bert)
+    optimizer, scaler = torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cuda", enabled=False)
+    folder = tmp_path / "checkpoint"
+    training.save_checkpoint(model, tokenizer, optimizer, scaler, RunConfig(), training.TrainState(), folder)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+    assert modes["model.safetensors"] == oct(io.FILE_MODE)  # safetensors itself writes 0o600
+    assert set(modes.values()) == {oct(io.FILE_MODE)}
+
+
+def test_a_failed_rerank_start_leaves_no_parts_folder(tiny_bert, tmp_path):
+    model, tokenizer = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    candidates = inference.Candidates({"1": [("d1", 1.0)]}, {"1": "a query"}, {"d1": "a passage"})
+    cfg = EvalConfig(score_cache=str(tmp_path / "cache"))
+    with pytest.raises(CrossrankError, match="eval.score_cache cannot be used with model.kind set-encoder"):
+        inference.rerank(model, tokenizer, candidates, tmp_path / "out.run", cfg, "fp", kind="set-encoder")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
+    import socket
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".x.run.{host}-{dead.pid}.abc123.tmp"
+    live = tmp_path / f".x.run.{host}-{os.getpid()}.def456.tmp"
+    other = tmp_path / f".y.run.{host}-{dead.pid}.abc123.tmp"
+    for path in (stale, live, other):
+        path.write_text("half")
+    assert io.remove_stale_temporaries(tmp_path / "x.run") == 1
+    assert not stale.exists() and live.exists() and other.exists()

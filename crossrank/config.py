@@ -265,6 +265,8 @@ class TrainConfig:
     previous_lr: float = 0.0  # stage 2: the stage-1 run's lr, when several stage-1 runs match (0 = any)
     report_to: list[str] = dataclasses.field(default_factory=list)  # tensorboard and/or wandb (if installed)
     duplicate_weight: float = 1.0  # Set-Encoder stage 1: loss = ranking loss + duplicate_weight x duplicate BCE
+    batch_tokens: int = 4096  # mono: a micro-batch is scored in length-sorted chunks of at most this many padded tokens
+    score_grad: str = "auto"  # mono: straight (one graph) | cached (GradCache: memory of one chunk) | auto (cached if >1 chunk)
 
 
 @dataclasses.dataclass
@@ -304,6 +306,9 @@ class RunConfig:
             (self.train.queries_per_batch > 0, "train.queries_per_batch", "a positive integer",
              self.train.queries_per_batch),
             (self.train.accumulation > 0, "train.accumulation", "a positive integer", self.train.accumulation),
+            (self.train.batch_tokens > 0, "train.batch_tokens", "a positive integer", self.train.batch_tokens),
+            (self.train.score_grad in ("auto", "straight", "cached"), "train.score_grad", "auto, straight or cached",
+             self.train.score_grad),
             (self.train.precision in ("bf16", "fp16", "fp32"), "train.precision", "bf16, fp16 or fp32",
              self.train.precision),
             (self.eval.precision in ("auto", "bf16", "fp16", "fp32"), "eval.precision", "auto, bf16, fp16 or fp32",

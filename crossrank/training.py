@@ -127,32 +127,88 @@ def load_model(path: str, cfg: RunConfig) -> tuple[PreTrainedTokenizerBase, nn.M
 
 def batch_loss(model: nn.Module, batch: Batch, loss_fn, cfg: RunConfig, device: torch.device
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one micro-batch, and its parts when it has several (for the log).
-
-    Mono: one score per encoded pair, scattered into [Q, D]. Set-Encoder: all lists in one call, scores [Q, D]
-    (and in stage 1 the duplicate head's logits [Q, D]: loss = ranking loss + train.duplicate_weight x
-    duplicate BCE). The ranking loss sees `batch.ranked`, which leaves out the inserted duplicate, so a CL
-    list keeps exactly one positive. With data.novelty the targets become novelty-aware first (NA-RankNet
-    when train.loss=rank_net)."""
+    """The loss of one Set-Encoder micro-batch, and its parts (for the log): all lists in one call, scores
+    [Q, D] and in stage 1 the duplicate head's logits [Q, D]: loss = ranking loss + train.duplicate_weight x
+    duplicate BCE. (Mono micro-batches go through `mono_backward`, which splits them.)"""
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    out = model(**inputs, duplicates=batch.duplicates is not None)
+    scores, logits = out if batch.duplicates is not None else (out, None)  # [Q, D] each
+    loss = ranking_loss(scores.float(), batch, loss_fn, device)
+    if logits is None:
+        return loss, {}
+    duplicate = duplicate_bce(logits.float(), batch.duplicates.to(device), batch.mask.to(device))
+    return loss + cfg.train.duplicate_weight * duplicate, {f"loss_{cfg.train.loss}": loss,
+                                                          "loss_duplicate_bce": duplicate}
+
+
+def ranking_loss(scores: torch.Tensor, batch: Batch, loss_fn, device: torch.device) -> torch.Tensor:
+    """`loss_fn` on the [Q, D] scores of a micro-batch. It sees `batch.ranked`, which leaves out an inserted
+    duplicate, so a CL list keeps exactly one positive. With data.novelty the targets become novelty-aware
+    first (NA-RankNet when train.loss=rank_net)."""
     mask, targets = batch.mask.to(device), batch.targets.to(device)
-    logits = None
-    if cfg.model.kind == "set-encoder":
-        out = model(**inputs, duplicates=batch.duplicates is not None)
-        scores, logits = out if batch.duplicates is not None else (out, None)  # [Q, D] each
-    else:
-        flat = model(**inputs)  # [N]
-        scores = flat.float().new_zeros(mask.shape).masked_scatter(mask, flat.float())  # [Q, D]
-    scores = scores.float()
     ranked = batch.ranked.to(device) if batch.ranked is not None else mask
     if batch.clusters is not None:
         targets = novelty_targets(scores, targets, batch.clusters.to(device), ranked)
-    loss = loss_fn(scores, targets, ranked)
-    if logits is None:
-        return loss, {}
-    duplicate = duplicate_bce(logits.float(), batch.duplicates.to(device), mask)
-    return loss + cfg.train.duplicate_weight * duplicate, {f"loss_{cfg.train.loss}": loss,
-                                                          "loss_duplicate_bce": duplicate}
+    return loss_fn(scores, targets, ranked)
+
+
+def mono_backward(model: nn.Module, final: nn.Module, batch: Batch, loss_fn, cfg: RunConfig, pairs: PairTokenizer,
+                  device: torch.device, autocast, scale) -> torch.Tensor:
+    """Score one mono micro-batch, backpropagate `scale(loss)` into the weights' .grad, return the loss.
+
+    The pairs are sorted by length and padded per chunk of at most `train.batch_tokens` tokens
+    (`plan_batches`, as inference batches them), so short pairs are not padded to the longest one of the
+    micro-batch; the loss still sees all [Q, D] scores at once. Gradients either flow straight through the
+    chunks' graphs (memory grows with the micro-batch) or, `cached` (GradCache, Gao et al., RepL4NLP 2021,
+    arXiv:2101.06983), every chunk runs once without grad, the loss gradient w.r.t. the scores is taken, and
+    each chunk runs again with grad and `backward(its score gradient)`: the same gradient, with the memory
+    of one chunk. The RNG state is replayed per chunk, so dropout in the re-run is the dropout of the first.
+    `final` runs the very last forward (the DDP wrapper when this backward must all-reduce), `model` the rest."""
+    chunks = plan_batches([len(ids) for ids, _ in batch.pairs], [], cfg.train.batch_tokens)
+    cached = cfg.train.score_grad == "cached" or (cfg.train.score_grad == "auto" and len(chunks) > 1)
+    unsort = torch.argsort(torch.tensor([i for rows in chunks for i in rows], device=device))  # chunk -> pair order
+    nets = [model] * (len(chunks) - 1) + [final]
+
+    def forward(k: int) -> torch.Tensor:  # [n_k] scores of chunk k
+        inputs = pairs.pad([batch.pairs[i] for i in chunks[k]])  # [n_k, L_k] each
+        with autocast:
+            return nets[k](**{key: v.to(device) for key, v in inputs.items()}).float()
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:  # flat [N] in chunk order
+        mask = batch.mask.to(device)
+        return ranking_loss(flat.new_zeros(mask.shape).masked_scatter(mask, flat[unsort]), batch, loss_fn, device)
+
+    if not cached:
+        loss = loss_of(torch.cat([forward(k) for k in range(len(chunks))]))
+        scale(loss).backward()
+        return loss.detach()
+    states = []
+    with torch.no_grad():
+        flat = []
+        for k in range(len(chunks)):
+            states.append(_chunk_rng(device))
+            flat.append(forward(k))
+    flat = torch.cat(flat).requires_grad_()  # [N]: a leaf, so the loss's backward stops at the scores
+    loss = loss_of(flat)
+    scale(loss).backward()
+    grads = flat.grad.split([len(rows) for rows in chunks])  # [n_k] each
+    after = _chunk_rng(device)
+    for k in range(len(chunks)):
+        _chunk_rng(device, states[k])
+        forward(k).backward(grads[k])
+    _chunk_rng(device, after)  # (the re-run leaves it there anyway; this keeps it so if a chunk draws no numbers)
+    return loss.detach()
+
+
+def _chunk_rng(device: torch.device, state: tuple | None = None) -> tuple | None:
+    """Get (state=None) or set the RNG states that dropout draws from on `device`."""
+    cuda = device.type == "cuda"
+    if state is None:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
+    torch.set_rng_state(state[0])
+    if cuda:
+        torch.cuda.set_rng_state(state[1], device)
+    return None
 
 
 def train(cfg: RunConfig) -> TrainState:
@@ -218,29 +274,35 @@ def train(cfg: RunConfig) -> TrainState:
     with _signals_caught() as interrupted:
         model.train()
         progress = tqdm(total=total_steps, initial=state.step, disable=not ddp.is_main, desc="train", unit="step")
-        window = {"loss": 0.0, "pairs": 0, "time": 0.0, "steps": 0}
+        window = {"loss": 0.0, "pairs": 0, "tokens": 0, "time": 0.0, "steps": 0}
+        loop_started, first_step = time.perf_counter(), state.step
         while state.step < total_steps:
             started = time.perf_counter()
             lr = lr_at(state.step, cfg.optim, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, pair_count, part_sums = torch.zeros((), device=ddp.device), 0, {}
+            loss_sum, pair_count, token_count, part_sums = torch.zeros((), device=ddp.device), 0, 0, {}
             for micro in range(micro_steps):
                 # micro-batches are interleaved over processes: the step's examples are the same for any world size
                 start = state.cursor + (micro * ddp.world + ddp.rank) * cfg.train.queries_per_batch
                 batch = data.batch(start, cfg.train.queries_per_batch, pairs, listwise)
                 last = micro == micro_steps - 1
-                with model.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext():
-                    with autocast:  # the forward only; backward runs in the dtypes autocast chose
-                        loss, parts = batch_loss(model, batch, loss_fn, cfg, ddp.device)
-                    scaler.scale(loss / micro_steps).backward()
+                if listwise:
+                    with model.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext():
+                        with autocast:  # the forward only; backward runs in the dtypes autocast chose
+                            loss, parts = batch_loss(model, batch, loss_fn, cfg, ddp.device)
+                        scaler.scale(loss / micro_steps).backward()
+                else:  # several backwards per micro-batch: only the step's very last one runs through DDP (syncs)
+                    loss, parts = mono_backward(raw_model, model if last else raw_model, batch, loss_fn, cfg, pairs,
+                                                ddp.device, autocast, lambda x: scaler.scale(x / micro_steps)), {}
                 loss_sum += loss.detach() / micro_steps
                 part_sums = {k: part_sums.get(k, 0.0) + v.detach() / micro_steps for k, v in parts.items()}
                 pair_count += batch.num_pairs
-            # one collective per step: mean loss, pairs, whether any process was asked to stop, the loss's parts
+                token_count += batch.num_tokens
+            # one collective per step: mean loss, pairs, whether any process was asked to stop, tokens, the parts
             flags = torch.stack([loss_sum, torch.tensor(float(pair_count), device=ddp.device),
                                  torch.tensor(float(interrupted["signal"] is not None), device=ddp.device),
-                                 *part_sums.values()])
+                                 torch.tensor(float(token_count), device=ddp.device), *part_sums.values()])
             if ddp.world > 1:
                 dist.all_reduce(flags)
             step_loss, stop = flags[0].item() / ddp.world, flags[2].item() > 0
@@ -260,17 +322,23 @@ def train(cfg: RunConfig) -> TrainState:
 
             window["loss"] += step_loss
             for i, name in enumerate(part_sums):  # the parts of a composite loss (Set-Encoder stage 1), logged too
-                window[name] = window.get(name, 0.0) + flags[3 + i].item() / ddp.world
+                window[name] = window.get(name, 0.0) + flags[4 + i].item() / ddp.world
             window["pairs"] += int(flags[1].item())
+            window["tokens"] += int(flags[3].item())
             window["time"] += time.perf_counter() - started
             window["steps"] += 1
             if ddp.is_main and (state.step % cfg.train.log_every == 0 or state.step == total_steps):
+                # ETA from the wall time per step of this run so far: validation and checkpoints included
+                per_step = (time.perf_counter() - loop_started) / (state.step - first_step)
                 row = {"step": state.step, "epoch": round(state.cursor / len(data), 4), "lr": lr,
                        "loss": window["loss"] / window["steps"], "pairs_per_s": window["pairs"] / window["time"],
+                       "tokens_per_s": window["tokens"] / window["time"],
+                       "eta_s": round(per_step * (total_steps - state.step), 1),
                        **{k: v / window["steps"] for k, v in window.items() if k in part_sums}}
                 _log(folder, row, reporters)
-                progress.set_postfix(loss=f"{row['loss']:.4f}")
-                window = {"loss": 0.0, "pairs": 0, "time": 0.0, "steps": 0}
+                progress.set_postfix(loss=f"{row['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.1f}",
+                                     tok_s=f"{row['tokens_per_s']:.0f}", eta=_duration(row["eta_s"]))
+                window = {"loss": 0.0, "pairs": 0, "tokens": 0, "time": 0.0, "steps": 0}
 
             done = state.step == total_steps
             if valid and (state.step % cfg.train.eval_every == 0 or done):
@@ -485,6 +553,12 @@ def _signals_caught():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _duration(seconds: float) -> str:
+    """3725 -> '1:02:05' (the ETA in the bar)."""
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

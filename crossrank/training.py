@@ -45,8 +45,9 @@ from crossrank import naming
 from crossrank.config import ROOT, OptimConfig, RunConfig
 from crossrank.data import Batch, PairTokenizer, TrainingData, load_training_data
 from crossrank.distributed import Distributed, setup_distributed
-from crossrank.inference import plan_batches
-from crossrank.io import CrossrankError, atomic_write
+from crossrank import evaluation
+from crossrank.inference import Candidates, plan_batches, score_candidates
+from crossrank.io import CrossrankError, atomic_write, qid_order
 from crossrank.losses import LOSSES
 from crossrank.models import MonoEncoder, load_tokenizer
 from crossrank.novelty import duplicate_bce, novelty_targets
@@ -342,7 +343,7 @@ def train(cfg: RunConfig) -> TrainState:
 
             done = state.step == total_steps
             if valid and (state.step % cfg.train.eval_every == 0 or done):
-                value = evaluate(raw_model, pairs, valid, data, cfg, ddp, autocast)
+                value = evaluate(raw_model, pairs, valid, data, cfg, ddp)
                 model.train()
                 if ddp.is_main:
                     _log(folder, {"step": state.step, f"valid_{cfg.train.select_metric}": value}, reporters)
@@ -383,57 +384,29 @@ def train(cfg: RunConfig) -> TrainState:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, pairs: PairTokenizer, valid: list[QueryCandidates], data: TrainingData,
-             cfg: RunConfig, ddp: Distributed, autocast) -> float:
-    """Re-rank the validation queries' candidates (each process a share), gather, and score with ir_measures.
+             cfg: RunConfig, ddp: Distributed) -> float:
+    """`train.select_metric` of the model on the validation queries, computed as infer.py computes it: scores
+    from the inference engine (`inference.score_candidates`: its blocks of `eval.block_queries`, batches of
+    `eval.batch_tokens`, `eval.precision` and score rounding; each process scores a share of the blocks), the
+    metric from `evaluation.evaluate` (trec_eval's tie order, binary measures at the data's rel_level).
     Scores that are all equal mean the model collapsed: that stops the run."""
-    import ir_measures
-
     model.eval()
-    run: dict[str, dict[str, float]] = {}
-    mine = valid[ddp.rank:: ddp.world]
-    if cfg.model.kind == "set-encoder":  # a query's passages attend to each other: one list per forward pass
-        from crossrank.set_encoder import INTERACTION_TOKEN, encode_lists
-
-        interaction_id = pairs.fields.token_to_id(INTERACTION_TOKEN)
-        for q in mine:
-            lists = encode_lists(pairs, interaction_id, [data.topics[q.qid]], [[data.passages[d] for d in q.docnos]])
-            with autocast:
-                scores = model(**{k: v.to(ddp.device) for k, v in lists.items()})[0]  # [D]
-            run[q.qid] = dict(zip(q.docnos, scores.float().tolist()))
-    else:
-        for chunk in range(0, len(mine), 64):  # 64 queries at a time bound the memory of the encoded pairs
-            queries = mine[chunk: chunk + 64]
-            keys = [(q.qid, d) for q in queries for d in q.docnos]
-            with autocast:
-                scores = score_pairs(model, pairs, [data.topics[qid] for qid, _ in keys],
-                                     [data.passages[d] for _, d in keys], cfg.eval.batch_tokens, ddp.device)
-            for (qid, docno), score in zip(keys, scores):
-                run.setdefault(qid, {})[docno] = score
+    qids = sorted((q.qid for q in valid), key=qid_order)  # the blocks infer.py would form over these queries
+    blocks = [qids[i: i + cfg.eval.block_queries] for i in range(0, len(qids), cfg.eval.block_queries)]
+    mine = {qid for block in blocks[ddp.rank:: ddp.world] for qid in block}
+    candidates = Candidates({q.qid: list(zip(q.docnos, q.scores)) for q in valid if q.qid in mine}, data.topics,
+                            data.passages)
+    run = score_candidates(model, pairs, candidates, cfg.eval, kind=cfg.model.kind) if mine else {}
     if ddp.world > 1:
         shares = [None] * ddp.world
         dist.all_gather_object(shares, run)
         run = {qid: ranking for share in shares for qid, ranking in share.items()}
-    values = [s for ranking in run.values() for s in ranking.values()]
+    values = [s for ranking in run.values() for _, s in ranking]
     if max(values) - min(values) <= 1e-6 * max(1.0, abs(max(values))):
         raise CrossrankError(f"validation: all {len(values)} scores are {values[0]:.6g} (the model collapsed to a "
                              f"constant; lower optim.lr (now {cfg.optim.lr:g}) or check the data's targets)")
-    measure = ir_measures.parse_measure(cfg.train.select_metric)
-    qrels = {q.qid: q.judged for q in valid}
-    return float(ir_measures.calc_aggregate([measure], qrels, run)[measure])
-
-
-def score_pairs(model: MonoEncoder, pairs: PairTokenizer, queries: list[str], passages: list[str],
-                batch_tokens: int, device: torch.device) -> list[float]:
-    """Scores of (query, passage) pairs in batches of about `batch_tokens` padded tokens, planned as
-    inference plans them (`crossrank.inference.plan_batches`: length-sorted)."""
-    encoded = pairs.encode(queries, passages)
-    scores = [0.0] * len(encoded)
-    for rows in plan_batches([len(ids) for ids, _ in encoded], [], batch_tokens):
-        batch = pairs.pad([encoded[i] for i in rows])
-        out = model(**{k: v.to(device) for k, v in batch.items()}).float().tolist()  # [N]
-        for i, score in zip(rows, out):
-            scores[i] = score
-    return scores
+    metric = evaluation.parse_metrics([cfg.train.select_metric], data.data.relevant_level or 1)[0]
+    return float(evaluation.evaluate(run, {q.qid: q.judged for q in valid}, [metric]).means[str(metric)])
 
 
 # ---------------------------------------------------------------------------------------------------------

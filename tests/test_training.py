@@ -328,3 +328,22 @@ def test_micro_batch_far_larger_than_batch_tokens_trains_in_bounded_chunks(quiet
     assert sum(n for n, _ in shapes) == 2 * 2 * 4 * 12  # 2 steps x (no-grad + grad pass) x 48 pairs
     row = json.loads((tmp_path / "tiny.CL.f1.lr0.003.s42" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["pairs_per_s"] > 0 and row["tokens_per_s"] > row["pairs_per_s"] and row["eta_s"] >= 0
+
+
+def test_validation_value_is_what_the_inference_engine_reports(quiet_bert, collection, tmp_path):
+    """The number that selected model/ = re-ranking the validation lists with model/ through
+    inference.score_candidates and evaluation.evaluate (what infer.py does)."""
+    from crossrank import evaluation
+    from crossrank.data import load_training_data
+    from crossrank.inference import Candidates, load_model, score_candidates
+
+    cfg = config(quiet_bert, collection["CL"], tmp_path, "CL", "train.max_steps=3", "train.eval_every=3",
+                 "eval.block_queries=3", "eval.batch_tokens=64")
+    state = train(cfg)
+    data, valid = load_training_data(cfg)
+    model, pairs = load_model(tmp_path / "tiny.CL.f1.lr0.003.s42" / "model", cfg.model, torch.device("cpu"))
+    run = score_candidates(model, pairs, Candidates({q.qid: list(zip(q.docnos, q.scores)) for q in valid},
+                                                    data.topics, data.passages), cfg.eval)
+    metric = evaluation.parse_metrics(["nDCG@10"], 1)[0]
+    expected = evaluation.evaluate(run, {q.qid: q.judged for q in valid}, [metric]).means[str(metric)]
+    assert state.best_step == 3 and state.best_metric == expected

@@ -2,7 +2,8 @@
 
 `model.kind` picks the model: `mono` (pointwise, one score per pair) or `set-encoder` (listwise,
 `crossrank.set_encoder`: every query's list in one forward pass). They differ only in `load_model` and in how
-a micro-batch is scored (`batch_loss`); the loop, resume, validation and checkpoints are the same.
+a micro-batch is scored (`mono_backward`: length-sorted chunks of `train.batch_tokens`; `batch_loss`: whole
+lists); the loop, resume, validation and checkpoints are the same.
 
     setup (processes, seeds, data, model, optimiser) -> resume from checkpoint/ if there is one -> loop:
     accumulate micro-batches -> clip -> step -> log -> validate (keep the best as model/) -> checkpoint
@@ -169,11 +170,11 @@ def mono_backward(model: nn.Module, final: nn.Module, batch: Batch, loss_fn, cfg
     cached = cfg.train.score_grad == "cached" or (cfg.train.score_grad == "auto" and len(chunks) > 1)
     unsort = torch.argsort(torch.tensor([i for rows in chunks for i in rows], device=device))  # chunk -> pair order
     nets = [model] * (len(chunks) - 1) + [final]
+    inputs = [pairs.pad([batch.pairs[i] for i in rows]) for rows in chunks]  # [n_k, L_k] each, padded once
 
     def forward(k: int) -> torch.Tensor:  # [n_k] scores of chunk k
-        inputs = pairs.pad([batch.pairs[i] for i in chunks[k]])  # [n_k, L_k] each
         with autocast:
-            return nets[k](**{key: v.to(device) for key, v in inputs.items()}).float()
+            return nets[k](**{key: v.to(device) for key, v in inputs[k].items()}).float()
 
     def loss_of(flat: torch.Tensor) -> torch.Tensor:  # flat [N] in chunk order
         mask = batch.mask.to(device)
@@ -197,7 +198,7 @@ def mono_backward(model: nn.Module, final: nn.Module, batch: Batch, loss_fn, cfg
     for k in range(len(chunks)):
         _chunk_rng(device, states[k])
         forward(k).backward(grads[k])
-    _chunk_rng(device, after)  # (the re-run leaves it there anyway; this keeps it so if a chunk draws no numbers)
+    _chunk_rng(device, after)  # continue from where the first pass ended, as a straight run would
     return loss.detach()
 
 

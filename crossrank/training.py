@@ -476,7 +476,8 @@ def _check_same_recipe(cfg: RunConfig, saved_path: Path) -> None:
 
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
     now = config_io.to_dict(cfg)
-    free = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "report_to"}  # may change on resume
+    # may change on resume (batch_tokens/score_grad: how a micro-batch is chunked, not what it computes)
+    free = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "report_to", "batch_tokens", "score_grad"}
     defaults = config_io.to_dict(RunConfig())  # a key newer than the checkpoint counts as its default
     differ = [f"{section}.{key}" for section in ("model", "data", "optim", "train")
               for key, value in now[section].items()

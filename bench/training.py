@@ -13,8 +13,8 @@ Contenders, each in a fresh subprocess (so its peak RSS is its own), on the same
     plain       tokenizer(padding=True) on the whole micro-batch, one forward, the same loss, backward, step
     st          CrossEncoderTrainer with RankNetLoss (KD) / CachedMultipleNegativesRankingLoss (CL; its hard
                 negatives are our 99 negatives, plus the 1 in-batch negative it cannot switch off)
-A whole-padded micro-batch of 320-400 pairs of up to 256 tokens needs ~12-16 GB with its graph (extrapolated from
-the measured smaller one), more than a shared 23 GB machine can spare: `plain` (and `st` for KD, whose RankNetLoss
+A whole-padded micro-batch keeps [N, heads, L, L] attention tensors in its graph: 80 DL19 pairs measured 8.6 GB, so
+320-400 pairs would need ~30 GB (linear in N), more than this shared 23 GB machine has: `plain` (and `st` for KD, whose RankNetLoss
 keeps every mini-batch's graph too) run the largest micro-batch that fits safely (`--plain-queries`), which is
 said in the output. On a CPU, throughput per pair hardly depends on the micro-batch size; memory grows with it, so
 the memory ratio is conservative. pairs/s = scored pairs (forward + backward) per second over the timed steps.

@@ -252,15 +252,18 @@ def _gradients(model, run) -> dict[str, torch.Tensor]:
     return {"loss": loss.detach(), **{n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
 
 
-@pytest.mark.parametrize("loss_name", ["lce", "rank_net"])
-def test_chunked_gradients_equal_one_padded_batch(quiet_bert, loss_name):
-    """straight and cached, in chunks of <= 40 padded tokens, give the gradient of one padded forward/backward."""
+@pytest.mark.parametrize("loss_name,checkpointing", [("lce", False), ("rank_net", False), ("lce", True)])
+def test_chunked_gradients_equal_one_padded_batch(quiet_bert, loss_name, checkpointing):
+    """straight and cached, in chunks of <= 40 padded tokens, give the gradient of one padded forward/backward
+    (also with gradient checkpointing on)."""
     from crossrank.losses import LOSSES
     from crossrank.models import MonoEncoder
     from crossrank.training import mono_backward
 
     pairs, batch = _micro_batch(quiet_bert)
     model, loss_fn = MonoEncoder.from_pretrained(quiet_bert).train(), LOSSES[loss_name]
+    if checkpointing:
+        model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def one_batch() -> torch.Tensor:
         flat = model(**pairs.pad(batch.pairs))  # [N]: all 11 pairs padded to the longest

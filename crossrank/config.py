@@ -280,6 +280,8 @@ class TrainConfig:
     previous_seed: int = -1  # stage 2: the stage-1 run's seed, when several match (-1 = any: not train.seed)
     report_to: list[str] = dataclasses.field(default_factory=list)  # tensorboard and/or wandb (if installed)
     duplicate_weight: float = 1.0  # Set-Encoder stage 1: loss = ranking loss + duplicate_weight x duplicate BCE
+    batch_tokens: int = 4096  # mono: a micro-batch is scored in length-sorted chunks of at most this many padded tokens
+    score_grad: str = "auto"  # mono: straight (one graph) | cached (GradCache: memory of one chunk) | auto (cached if >1 chunk)
 
 
 @dataclasses.dataclass
@@ -318,6 +320,8 @@ class RunConfig:
             (self.train.stage in (1, 2), "train.stage", "1 or 2", self.train.stage),
             (self.train.objective in ("CL", "KD", "BCE"), "train.objective", "CL, KD or BCE",
              self.train.objective),
+            (self.train.score_grad in ("auto", "straight", "cached"), "train.score_grad", "auto, straight or cached",
+             self.train.score_grad),
             (self.train.precision in ("bf16", "fp16", "fp32"), "train.precision", "bf16, fp16 or fp32",
              self.train.precision),
             (self.eval.precision in ("auto", "bf16", "fp16", "fp32", "int8"), "eval.precision",
@@ -365,6 +369,7 @@ NUMBER_RANGES: dict[str, tuple[float, bool]] = {
     "model.max_length": (8, False),  # room for the special tokens and some text
     "model.query_length": (1, False),
     "model.passage_length": (1, False),
+    "model.depth": (1, False),  # the Set-Encoder's [INT] attention set
     "data.num_negatives": (1, False),
     "data.depth": (1, False),
     "data.relevant_level": (0, False),  # 0 = the dataset's rel_level
@@ -381,7 +386,9 @@ NUMBER_RANGES: dict[str, tuple[float, bool]] = {
     "train.save_every": (1, False),
     "train.log_every": (1, False),
     "train.previous_lr": (0, False),  # 0 = any
+    "train.previous_seed": (-1, False),  # -1 = any
     "train.duplicate_weight": (0, False),
+    "train.batch_tokens": (1, False),
     "eval.depth": (1, False),
     "eval.batch_tokens": (1, False),
     "eval.block_queries": (1, False),

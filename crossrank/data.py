@@ -108,20 +108,29 @@ class Example:
 
 @dataclasses.dataclass
 class Batch:
-    """Tokenised examples. Pointwise: only real pairs are encoded, `inputs` has one row per True entry of `mask`
-    in row-major (query, candidate) order, so `scores[mask] = model(**inputs)` fills the [Q, D] score matrix.
+    """Tokenised examples. Pointwise: only real pairs are encoded, unpadded: `pairs` has one entry per True entry
+    of `mask` in row-major (query, candidate) order, so `scores[mask] = model(**tokenizer.pad(pairs))` fills the
+    [Q, D] score matrix; the training loop pads them in length-sorted chunks (`train.batch_tokens`), not whole.
     Listwise (Set-Encoder): `inputs` are `encode_lists`' [Q, D, L] tensors and the [Q, D] `mask`."""
 
-    inputs: dict[str, torch.Tensor]  # [N, L], N = mask.sum(); listwise [Q, D, L] + mask [Q, D]
+    inputs: dict[str, torch.Tensor]  # listwise: [Q, D, L] + mask [Q, D]; pointwise: empty (see `pairs`)
     targets: torch.Tensor  # [Q, D] float
     mask: torch.Tensor  # [Q, D] bool, False = padding (a query with fewer than D candidates)
     ranked: torch.Tensor | None = None  # [Q, D] bool: what the ranking loss sees (mask minus duplicate copies)
     duplicates: torch.Tensor | None = None  # [Q, D] float: 1 = has a copy in its list (data.duplicate)
     clusters: torch.Tensor | None = None  # [Q, D] long: Jaccard cluster of each passage (data.novelty)
+    pairs: list[Pair] = dataclasses.field(default_factory=list)  # pointwise: N = mask.sum() unpadded pairs
 
     @property
     def num_pairs(self) -> int:
         return int(self.mask.sum())
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (unpadded) tokens: what tokens/s counts."""
+        if self.pairs:
+            return sum(len(ids) for ids, _ in self.pairs)
+        return int(self.inputs["attention_mask"].sum()) if "attention_mask" in self.inputs else 0
 
 
 def is_relevant(rel: int, level: int) -> bool:
@@ -275,10 +284,10 @@ def collate(examples: list[Example], topics: dict[str, str], passages: dict[str,
 
         inputs = encode_lists(tokenizer, tokenizer.fields.token_to_id(INTERACTION_TOKEN),
                               [topics[e.qid] for e in examples], [[passages[d] for d in e.docnos] for e in examples])
-    else:
-        inputs = tokenizer([topics[e.qid] for e in examples for _ in e.docnos],
-                           [passages[d] for e in examples for d in e.docnos])
-    batch = Batch(inputs, targets, mask)
+        batch = Batch(inputs, targets, mask)
+    else:  # padded later, per length-sorted chunk: padding the whole micro-batch to its longest pair is waste
+        batch = Batch({}, targets, mask, pairs=tokenizer.encode([topics[e.qid] for e in examples for _ in e.docnos],
+                                                               [passages[d] for e in examples for d in e.docnos]))
     if any(e.copy >= 0 for e in examples):
         from crossrank.novelty import duplicate_targets
 

@@ -2,7 +2,8 @@
 
 `model.kind` picks the model: `mono` (pointwise, one score per pair) or `set-encoder` (listwise,
 `crossrank.set_encoder`: every query's list in one forward pass). They differ only in `load_model` and in how
-a micro-batch is scored (`batch_loss`); the loop, resume, validation and checkpoints are the same.
+a micro-batch is scored (`mono_backward`: length-sorted chunks of `train.batch_tokens`; `batch_loss`: whole
+lists); the loop, resume, validation and checkpoints are the same.
 
     setup (processes, seeds, data, model, optimiser) -> resume from checkpoint/ if there is one -> loop:
     accumulate micro-batches -> clip -> step -> log -> validate (keep the best as model/) -> checkpoint
@@ -42,12 +43,13 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from crossrank import config as config_io
+from crossrank import evaluation
 from crossrank import naming
 from crossrank.config import ROOT, OptimConfig, RunConfig
 from crossrank.data import Batch, PairTokenizer, TrainingData, load_training_data
 from crossrank.distributed import Distributed, setup_distributed
-from crossrank.inference import plan_batches
-from crossrank.io import FILE_MODE, CrossrankError, atomic_write
+from crossrank.inference import Candidates, plan_batches, score_candidates
+from crossrank.io import FILE_MODE, CrossrankError, atomic_write, qid_order
 from crossrank.losses import LOSSES
 from crossrank.models import MonoEncoder, check_model_folder, freeze_position_embeddings, load_tokenizer
 from crossrank.novelty import duplicate_bce, novelty_targets
@@ -137,32 +139,88 @@ def load_model(path: str, cfg: RunConfig) -> tuple[PreTrainedTokenizerBase, nn.M
 
 def batch_loss(model: nn.Module, batch: Batch, loss_fn, cfg: RunConfig, device: torch.device
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one micro-batch, and its parts when it has several (for the log).
-
-    Mono: one score per encoded pair, scattered into [Q, D]. Set-Encoder: all lists in one call, scores [Q, D]
-    (and in stage 1 the duplicate head's logits [Q, D]: loss = ranking loss + train.duplicate_weight x
-    duplicate BCE). The ranking loss sees `batch.ranked`, which leaves out the inserted duplicate, so a CL
-    list keeps exactly one positive. With data.novelty the targets become novelty-aware first (NA-RankNet
-    when train.loss=rank_net)."""
+    """The loss of one Set-Encoder micro-batch, and its parts (for the log): all lists in one call, scores
+    [Q, D] and in stage 1 the duplicate head's logits [Q, D]: loss = ranking loss + train.duplicate_weight x
+    duplicate BCE. (Mono micro-batches go through `mono_backward`, which splits them.)"""
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    out = model(**inputs, duplicates=batch.duplicates is not None)
+    scores, logits = out if batch.duplicates is not None else (out, None)  # [Q, D] each
+    loss = ranking_loss(scores.float(), batch, loss_fn, device)
+    if logits is None:
+        return loss, {}
+    duplicate = duplicate_bce(logits.float(), batch.duplicates.to(device), batch.mask.to(device))
+    return loss + cfg.train.duplicate_weight * duplicate, {f"loss_{cfg.train.loss}": loss,
+                                                          "loss_duplicate_bce": duplicate}
+
+
+def ranking_loss(scores: torch.Tensor, batch: Batch, loss_fn, device: torch.device) -> torch.Tensor:
+    """`loss_fn` on the [Q, D] scores of a micro-batch. It sees `batch.ranked`, which leaves out an inserted
+    duplicate, so a CL list keeps exactly one positive. With data.novelty the targets become novelty-aware
+    first (NA-RankNet when train.loss=rank_net)."""
     mask, targets = batch.mask.to(device), batch.targets.to(device)
-    logits = None
-    if cfg.model.kind == "set-encoder":
-        out = model(**inputs, duplicates=batch.duplicates is not None)
-        scores, logits = out if batch.duplicates is not None else (out, None)  # [Q, D] each
-    else:
-        flat = model(**inputs)  # [N]
-        scores = flat.float().new_zeros(mask.shape).masked_scatter(mask, flat.float())  # [Q, D]
-    scores = scores.float()
     ranked = batch.ranked.to(device) if batch.ranked is not None else mask
     if batch.clusters is not None:
         targets = novelty_targets(scores, targets, batch.clusters.to(device), ranked)
-    loss = loss_fn(scores, targets, ranked)
-    if logits is None:
-        return loss, {}
-    duplicate = duplicate_bce(logits.float(), batch.duplicates.to(device), mask)
-    return loss + cfg.train.duplicate_weight * duplicate, {f"loss_{cfg.train.loss}": loss,
-                                                          "loss_duplicate_bce": duplicate}
+    return loss_fn(scores, targets, ranked)
+
+
+def mono_backward(model: nn.Module, final: nn.Module, batch: Batch, loss_fn, cfg: RunConfig, pairs: PairTokenizer,
+                  device: torch.device, autocast, scale) -> torch.Tensor:
+    """Score one mono micro-batch, backpropagate `scale(loss)` into the weights' .grad, return the loss.
+
+    The pairs are sorted by length and padded per chunk of at most `train.batch_tokens` tokens
+    (`plan_batches`, as inference batches them), so short pairs are not padded to the longest one of the
+    micro-batch; the loss still sees all [Q, D] scores at once. Gradients either flow straight through the
+    chunks' graphs (memory grows with the micro-batch) or, `cached` (GradCache, Gao et al., RepL4NLP 2021,
+    arXiv:2101.06983), every chunk runs once without grad, the loss gradient w.r.t. the scores is taken, and
+    each chunk runs again with grad and `backward(its score gradient)`: the same gradient, with the memory
+    of one chunk. The RNG state is replayed per chunk, so dropout in the re-run is the dropout of the first.
+    `final` runs the very last forward (the DDP wrapper when this backward must all-reduce), `model` the rest."""
+    chunks = plan_batches([len(ids) for ids, _ in batch.pairs], [], cfg.train.batch_tokens)
+    cached = cfg.train.score_grad == "cached" or (cfg.train.score_grad == "auto" and len(chunks) > 1)
+    unsort = torch.argsort(torch.tensor([i for rows in chunks for i in rows], device=device))  # chunk -> pair order
+    nets = [model] * (len(chunks) - 1) + [final]
+    inputs = [pairs.pad([batch.pairs[i] for i in rows]) for rows in chunks]  # [n_k, L_k] each, padded once
+
+    def forward(k: int) -> torch.Tensor:  # [n_k] scores of chunk k
+        with autocast:
+            return nets[k](**{key: v.to(device) for key, v in inputs[k].items()}).float()
+
+    def loss_of(flat: torch.Tensor) -> torch.Tensor:  # flat [N] in chunk order
+        mask = batch.mask.to(device)
+        return ranking_loss(flat.new_zeros(mask.shape).masked_scatter(mask, flat[unsort]), batch, loss_fn, device)
+
+    if not cached:
+        loss = loss_of(torch.cat([forward(k) for k in range(len(chunks))]))
+        scale(loss).backward()
+        return loss.detach()
+    states = []
+    with torch.no_grad():
+        flat = []
+        for k in range(len(chunks)):
+            states.append(_chunk_rng(device))
+            flat.append(forward(k))
+    flat = torch.cat(flat).requires_grad_()  # [N]: a leaf, so the loss's backward stops at the scores
+    loss = loss_of(flat)
+    scale(loss).backward()
+    grads = flat.grad.split([len(rows) for rows in chunks])  # [n_k] each
+    after = _chunk_rng(device)
+    for k in range(len(chunks)):
+        _chunk_rng(device, states[k])
+        forward(k).backward(grads[k])
+    _chunk_rng(device, after)  # continue from where the first pass ended, as a straight run would
+    return loss.detach()
+
+
+def _chunk_rng(device: torch.device, state: tuple | None = None) -> tuple | None:
+    """Get (state=None) or set the RNG states that dropout draws from on `device`."""
+    cuda = device.type == "cuda"
+    if state is None:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
+    torch.set_rng_state(state[0])
+    if cuda:
+        torch.cuda.set_rng_state(state[1], device)
+    return None
 
 
 def train(cfg: RunConfig) -> TrainState:
@@ -230,29 +288,35 @@ def train(cfg: RunConfig) -> TrainState:
     with _signals_caught() as interrupted:
         model.train()
         progress = tqdm(total=total_steps, initial=state.step, disable=not ddp.is_main, desc="train", unit="step")
-        window = {"loss": 0.0, "pairs": 0, "time": 0.0, "steps": 0}
+        window = {"loss": 0.0, "pairs": 0, "tokens": 0, "time": 0.0, "steps": 0}
+        loop_started, first_step = time.perf_counter(), state.step
         while state.step < total_steps:
             started = time.perf_counter()
             lr = lr_at(state.step, cfg.optim, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, pair_count, part_sums = torch.zeros((), device=ddp.device), 0, {}
+            loss_sum, pair_count, token_count, part_sums = torch.zeros((), device=ddp.device), 0, 0, {}
             for micro in range(micro_steps):
                 # micro-batches are interleaved over processes: the step's examples are the same for any world size
                 start = state.cursor + (micro * ddp.world + ddp.rank) * cfg.train.queries_per_batch
                 batch = data.batch(start, cfg.train.queries_per_batch, pairs, listwise)
                 last = micro == micro_steps - 1
-                with model.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext():
-                    with autocast:  # the forward only; backward runs in the dtypes autocast chose
-                        loss, parts = batch_loss(model, batch, loss_fn, cfg, ddp.device)
-                    scaler.scale(loss / micro_steps).backward()
+                if listwise:
+                    with model.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext():
+                        with autocast:  # the forward only; backward runs in the dtypes autocast chose
+                            loss, parts = batch_loss(model, batch, loss_fn, cfg, ddp.device)
+                        scaler.scale(loss / micro_steps).backward()
+                else:  # several backwards per micro-batch: only the step's very last one runs through DDP (syncs)
+                    loss, parts = mono_backward(raw_model, model if last else raw_model, batch, loss_fn, cfg, pairs,
+                                                ddp.device, autocast, lambda x: scaler.scale(x / micro_steps)), {}
                 loss_sum += loss.detach() / micro_steps
                 part_sums = {k: part_sums.get(k, 0.0) + v.detach() / micro_steps for k, v in parts.items()}
                 pair_count += batch.num_pairs
-            # one collective per step: mean loss, pairs, whether any process was asked to stop, the loss's parts
+                token_count += batch.num_tokens
+            # one collective per step: mean loss, pairs, whether any process was asked to stop, tokens, the parts
             flags = torch.stack([loss_sum, torch.tensor(float(pair_count), device=ddp.device),
                                  torch.tensor(float(interrupted["signal"] is not None), device=ddp.device),
-                                 *part_sums.values()])
+                                 torch.tensor(float(token_count), device=ddp.device), *part_sums.values()])
             if ddp.world > 1:
                 dist.all_reduce(flags)
             step_loss, stop = flags[0].item() / ddp.world, flags[2].item() > 0
@@ -272,21 +336,27 @@ def train(cfg: RunConfig) -> TrainState:
 
             window["loss"] += step_loss
             for i, name in enumerate(part_sums):  # the parts of a composite loss (Set-Encoder stage 1), logged too
-                window[name] = window.get(name, 0.0) + flags[3 + i].item() / ddp.world
+                window[name] = window.get(name, 0.0) + flags[4 + i].item() / ddp.world
             window["pairs"] += int(flags[1].item())
+            window["tokens"] += int(flags[3].item())
             window["time"] += time.perf_counter() - started
             window["steps"] += 1
             if ddp.is_main and (state.step % cfg.train.log_every == 0 or state.step == total_steps):
+                # ETA from the wall time per step of this run so far: validation and checkpoints included
+                per_step = (time.perf_counter() - loop_started) / (state.step - first_step)
                 row = {"step": state.step, "epoch": round(state.cursor / len(data), 4), "lr": lr,
                        "loss": window["loss"] / window["steps"], "pairs_per_s": window["pairs"] / window["time"],
+                       "tokens_per_s": window["tokens"] / window["time"],
+                       "eta_s": round(per_step * (total_steps - state.step), 1),
                        **{k: v / window["steps"] for k, v in window.items() if k in part_sums}}
                 _log(folder, row, reporters)
-                progress.set_postfix(loss=f"{row['loss']:.4f}")
-                window = {"loss": 0.0, "pairs": 0, "time": 0.0, "steps": 0}
+                progress.set_postfix(loss=f"{row['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.1f}",
+                                     tok_s=f"{row['tokens_per_s']:.0f}", eta=_duration(row["eta_s"]))
+                window = {"loss": 0.0, "pairs": 0, "tokens": 0, "time": 0.0, "steps": 0}
 
             done = state.step == total_steps
             if valid and (state.step % cfg.train.eval_every == 0 or done):
-                value = evaluate(raw_model, pairs, valid, data, cfg, ddp, autocast)
+                value = evaluate(raw_model, pairs, valid, data, cfg, ddp)
                 model.train()
                 if ddp.is_main:
                     _log(folder, {"step": state.step, f"valid_{cfg.train.select_metric}": value}, reporters)
@@ -327,57 +397,29 @@ def train(cfg: RunConfig) -> TrainState:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, pairs: PairTokenizer, valid: list[QueryCandidates], data: TrainingData,
-             cfg: RunConfig, ddp: Distributed, autocast) -> float:
-    """Re-rank the validation queries' candidates (each process a share), gather, and score with ir_measures.
+             cfg: RunConfig, ddp: Distributed) -> float:
+    """`train.select_metric` of the model on the validation queries, computed as infer.py computes it: scores
+    from the inference engine (`inference.score_candidates`: its blocks of `eval.block_queries`, batches of
+    `eval.batch_tokens`, `eval.precision` and score rounding; each process scores a share of the blocks), the
+    metric from `evaluation.evaluate` (trec_eval's tie order, binary measures at the data's rel_level).
     Scores that are all equal mean the model collapsed: that stops the run."""
-    import ir_measures
-
     model.eval()
-    run: dict[str, dict[str, float]] = {}
-    mine = valid[ddp.rank:: ddp.world]
-    if cfg.model.kind == "set-encoder":  # a query's passages attend to each other: one list per forward pass
-        from crossrank.set_encoder import INTERACTION_TOKEN, encode_lists
-
-        interaction_id = pairs.fields.token_to_id(INTERACTION_TOKEN)
-        for q in mine:
-            lists = encode_lists(pairs, interaction_id, [data.topics[q.qid]], [[data.passages[d] for d in q.docnos]])
-            with autocast:
-                scores = model(**{k: v.to(ddp.device) for k, v in lists.items()})[0]  # [D]
-            run[q.qid] = dict(zip(q.docnos, scores.float().tolist()))
-    else:
-        for chunk in range(0, len(mine), 64):  # 64 queries at a time bound the memory of the encoded pairs
-            queries = mine[chunk: chunk + 64]
-            keys = [(q.qid, d) for q in queries for d in q.docnos]
-            with autocast:
-                scores = score_pairs(model, pairs, [data.topics[qid] for qid, _ in keys],
-                                     [data.passages[d] for _, d in keys], cfg.eval.batch_tokens, ddp.device)
-            for (qid, docno), score in zip(keys, scores):
-                run.setdefault(qid, {})[docno] = score
+    qids = sorted((q.qid for q in valid), key=qid_order)  # the blocks infer.py would form over these queries
+    blocks = [qids[i: i + cfg.eval.block_queries] for i in range(0, len(qids), cfg.eval.block_queries)]
+    mine = {qid for block in blocks[ddp.rank:: ddp.world] for qid in block}
+    candidates = Candidates({q.qid: list(zip(q.docnos, q.scores)) for q in valid if q.qid in mine}, data.topics,
+                            data.passages)
+    run = score_candidates(model, pairs, candidates, cfg.eval, kind=cfg.model.kind) if mine else {}
     if ddp.world > 1:
         shares = [None] * ddp.world
         dist.all_gather_object(shares, run)
         run = {qid: ranking for share in shares for qid, ranking in share.items()}
-    values = [s for ranking in run.values() for s in ranking.values()]
+    values = [s for ranking in run.values() for _, s in ranking]
     if max(values) - min(values) <= 1e-6 * max(1.0, abs(max(values))):
         raise CrossrankError(f"validation: all {len(values)} scores are {values[0]:.6g} (the model collapsed to a "
                              f"constant; lower optim.lr (now {cfg.optim.lr:g}) or check the data's targets)")
-    measure = ir_measures.parse_measure(cfg.train.select_metric)
-    qrels = {q.qid: q.judged for q in valid}
-    return float(ir_measures.calc_aggregate([measure], qrels, run)[measure])
-
-
-def score_pairs(model: MonoEncoder, pairs: PairTokenizer, queries: list[str], passages: list[str],
-                batch_tokens: int, device: torch.device) -> list[float]:
-    """Scores of (query, passage) pairs in batches of about `batch_tokens` padded tokens, planned as
-    inference plans them (`crossrank.inference.plan_batches`: length-sorted)."""
-    encoded = pairs.encode(queries, passages)
-    scores = [0.0] * len(encoded)
-    for rows in plan_batches([len(ids) for ids, _ in encoded], [], batch_tokens):
-        batch = pairs.pad([encoded[i] for i in rows])
-        out = model(**{k: v.to(device) for k, v in batch.items()}).float().tolist()  # [N]
-        for i, score in zip(rows, out):
-            scores[i] = score
-    return scores
+    metric = evaluation.parse_metrics([cfg.train.select_metric], data.data.relevant_level or 1)[0]
+    return float(evaluation.evaluate(run, {q.qid: q.judged for q in valid}, [metric]).means[str(metric)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -472,8 +514,10 @@ def _check_same_recipe(cfg: RunConfig, saved_path: Path) -> None:
 
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
     now = config_io.to_dict(cfg)
-    free = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "report_to",  # may change on resume
-            "output_dir", "models_dir"}  # a run folder may be moved (e.g. off scratch) and resumed there
+    # may change on resume: batch_tokens/score_grad say how a micro-batch is chunked, not what it computes; a run
+    # folder may be moved (e.g. off scratch) and resumed there
+    free = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "report_to", "batch_tokens", "score_grad",
+            "output_dir", "models_dir"}
     defaults = config_io.to_dict(RunConfig())  # a key newer than the checkpoint counts as its default
     differ = [f"{section}.{key}" for section in ("model", "data", "optim", "train")
               for key, value in now[section].items()
@@ -524,6 +568,12 @@ def _signals_caught():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _duration(seconds: float) -> str:
+    """3725 -> '1:02:05' (the ETA in the bar)."""
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -101,9 +101,10 @@ def test_collate_pads_queries_and_encodes_only_real_pairs(tiny_bert):
     batch = collate(examples, {"q1": "cat", "q2": "dog"}, {"d1": "cat mat", "d2": "dog bark", "d3": "fish"}, pairs)
     assert batch.mask.tolist() == [[True, True, True], [True, True, False]]
     assert batch.targets.tolist() == [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]
-    assert batch.inputs["input_ids"].shape[0] == batch.num_pairs == 5
+    assert len(batch.pairs) == batch.num_pairs == 5 and batch.inputs == {}
     tokenizer = load_tokenizer(tiny_bert)
-    assert tokenizer.decode(batch.inputs["input_ids"][3], skip_special_tokens=True) == "dog dog bark"
+    assert tokenizer.decode(batch.pairs[3][0], skip_special_tokens=True) == "dog dog bark"
+    assert [len(ids) for ids, _ in batch.pairs] == [6, 6, 5, 6, 6]  # unpadded: the loop pads per chunk
 
 
 def test_load_training_data_reads_texts_from_meta_sources(tmp_path):

@@ -2,6 +2,7 @@
 stage 2 finds its stage-1 model, and divergence or collapse stops the run with a clear message."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -107,8 +108,9 @@ def test_overfits_tiny_set_and_saves_loadable_models(quiet_bert, collection, tmp
 
 def test_resume_after_sigterm_gives_identical_weights(tiny_bert, collection, tmp_path):
     """2N steps straight == N steps, SIGTERM, rerun: the same weights bit for bit (dropout is on, so the RNG
-    states must be restored too; validation and best-model selection cross the interruption)."""
-    steps = ["train.max_steps=12", "train.eval_every=4", "train.save_every=100"]
+    states must be restored too; validation and best-model selection cross the interruption). Chunks of <= 48
+    tokens: cached score gradients, several backwards per micro-batch."""
+    steps = ["train.max_steps=12", "train.eval_every=4", "train.save_every=100", "train.batch_tokens=48"]
     straight = train(config(tiny_bert, collection["CL"], tmp_path / "a", "CL", *steps))
     cfg = config(tiny_bert, collection["CL"], tmp_path / "b", "CL", *steps)
     metrics = tmp_path / "b" / "tiny.CL.f1.lr0.003.s42" / "metrics.jsonl"
@@ -143,13 +145,14 @@ def test_frozen_position_embeddings_stay_unchanged_after_a_step(tiny_bert, colle
         assert not torch.equal(before[word], after[word])
 
 
-def test_two_process_ddp_matches_one_process(quiet_bert, collection, tmp_path):
+@pytest.mark.parametrize("batch_tokens", [4096, 48])  # one chunk (straight) | several (cached, many backwards)
+def test_two_process_ddp_matches_one_process(quiet_bert, collection, tmp_path, batch_tokens):
     """Same global batch (2 queries x accumulation 2): 2 gloo processes x 1 micro-step == 1 process x 2.
     Dropout off; the sums run in another order, so weights agree to 1e-5, not bit for bit."""
     model = quiet_bert
     args = [f"model.path={model}", "model.name=tiny", f"data.train={collection['CL']}", "data.num_negatives=7",
             "data.depth=14", "optim.lr=1e-3", "train.queries_per_batch=2", "train.accumulation=2",
-            "train.max_steps=4", "train.eval_every=2", "train.log_every=1"]
+            "train.max_steps=4", "train.eval_every=2", "train.log_every=1", f"train.batch_tokens={batch_tokens}"]
     objective = str(ROOT / "configs" / "objectives" / "CL.yaml")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -279,3 +282,128 @@ def test_every_loss_trains_in_the_loop(quiet_bert, collection, tmp_path, loss):
                          "data.depth=8", "train.max_steps=2", "train.accumulation=1"))
     rows = [json.loads(line) for line in (tmp_path / "tiny.KD.f1.lr0.003.s42" / "metrics.jsonl").open()]
     assert state.finished and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows if "loss" in r)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token-budget micro-batches (mono): length-sorted chunks, straight or cached score gradients
+
+
+def _micro_batch(model_path: Path):
+    """A micro-batch of 3 queries with 5, 2 and 4 candidates (padding in [Q, D]) of different lengths."""
+    from crossrank.config import ModelConfig
+    from crossrank.data import Example, PairTokenizer, collate
+    from crossrank.models import load_tokenizer
+
+    pairs = PairTokenizer(load_tokenizer(model_path), ModelConfig())
+    topics = {"q1": "cat mat", "q2": "river fish and boat", "q3": "dog"}
+    passages = {"a": "cat", "b": "cat mat the of cat mat on the mat with a cat", "c": "dog bark loudly",
+                "d": "river fish and is river fish boat sea ship water", "e": "the a of", "f": "paris france"}
+    examples = [Example("q1", list("abcde"), [2, 1, 0, 0, 0]), Example("q2", list("dc"), [1, 0]),
+                Example("q3", list("cfab"), [3, 0, 1, 0])]
+    return pairs, collate(examples, topics, passages, pairs)
+
+
+def _gradients(model, run) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss = run()
+    return {"loss": loss.detach(), **{n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+
+
+@pytest.mark.parametrize("loss_name,checkpointing", [("lce", False), ("rank_net", False), ("lce", True)])
+def test_chunked_gradients_equal_one_padded_batch(quiet_bert, loss_name, checkpointing):
+    """straight and cached, in chunks of <= 40 padded tokens, give the gradient of one padded forward/backward
+    (also with gradient checkpointing on)."""
+    from crossrank.losses import LOSSES
+    from crossrank.models import MonoEncoder
+    from crossrank.training import mono_backward
+
+    pairs, batch = _micro_batch(quiet_bert)
+    model, loss_fn = MonoEncoder.from_pretrained(quiet_bert).train(), LOSSES[loss_name]
+    if checkpointing:
+        model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def one_batch() -> torch.Tensor:
+        flat = model(**pairs.pad(batch.pairs))  # [N]: all 11 pairs padded to the longest
+        loss = loss_fn(torch.zeros(batch.mask.shape).masked_scatter(batch.mask, flat), batch.targets, batch.mask)
+        (0.5 * loss).backward()
+        return loss
+
+    reference = _gradients(model, one_batch)
+    shapes = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    for mode in ("straight", "cached"):
+        cfg = load_run_config([], ["train.batch_tokens=40", f"train.score_grad={mode}"])
+        shapes.clear()
+        got = _gradients(model, lambda: mono_backward(model, model, batch, loss_fn, cfg, pairs, torch.device("cpu"),
+                                                      contextlib.nullcontext(), lambda x: 0.5 * x))
+        chunks = [n for n, _ in shapes]
+        assert all(n * length <= 40 for n, length in shapes) and len(chunks) >= 3  # really split
+        assert sum(chunks) == (11 if mode == "straight" else 22)  # cached: every chunk once without, once with grad
+        assert got.keys() == reference.keys()
+        for name in reference:
+            assert torch.allclose(got[name], reference[name], atol=1e-5, rtol=1e-4), (mode, name)
+
+
+def test_cached_gradients_replay_dropout(tiny_bert):
+    """With dropout on, the cached re-run must draw the masks of the no-grad pass: it then equals straight
+    (same chunks, same seed), while another seed's dropout gives another gradient."""
+    from crossrank.losses import LOSSES
+    from crossrank.models import MonoEncoder
+    from crossrank.training import mono_backward
+
+    pairs, batch = _micro_batch(tiny_bert)
+    model = MonoEncoder.from_pretrained(tiny_bert).train()
+
+    def run(mode: str, seed: int) -> dict[str, torch.Tensor]:
+        cfg = load_run_config([], ["train.batch_tokens=40", f"train.score_grad={mode}"])
+        torch.manual_seed(seed)
+        return _gradients(model, lambda: mono_backward(model, model, batch, LOSSES["lce"], cfg, pairs,
+                                                       torch.device("cpu"), contextlib.nullcontext(), lambda x: x))
+
+    straight, cached, other = run("straight", 1), run("cached", 1), run("cached", 2)
+    assert all(torch.allclose(cached[k], straight[k], atol=1e-6) for k in straight)
+    assert not all(torch.allclose(other[k], straight[k], atol=1e-6) for k in straight)
+
+
+def test_micro_batch_far_larger_than_batch_tokens_trains_in_bounded_chunks(quiet_bert, collection, tmp_path,
+                                                                          monkeypatch):
+    """4 queries x 12 candidates in chunks of <= 48 padded tokens: every forward stays under the budget."""
+    import crossrank.training as training
+
+    shapes, load = [], training.load_model
+
+    def recording(path, cfg):
+        tokenizer, model = load(path, cfg)
+        model.register_forward_pre_hook(  # training forwards only (validation runs in eval mode)
+            lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)) if m.training else None,
+            with_kwargs=True)
+        return tokenizer, model
+
+    monkeypatch.setattr(training, "load_model", recording)
+    state = train(config(quiet_bert, collection["CL"], tmp_path, "CL", "data.num_negatives=11",
+                         "train.queries_per_batch=4", "train.accumulation=1", "train.max_steps=2",
+                         "train.batch_tokens=48", "train.eval_every=100"))
+    assert state.finished and all(n * length <= 48 for n, length in shapes) and len(shapes) > 2 * 2 * 4
+    assert sum(n for n, _ in shapes) == 2 * 2 * 4 * 12  # 2 steps x (no-grad + grad pass) x 48 pairs
+    row = json.loads((tmp_path / "tiny.CL.f1.lr0.003.s42" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["pairs_per_s"] > 0 and row["tokens_per_s"] > row["pairs_per_s"] and row["eta_s"] >= 0
+
+
+def test_validation_value_is_what_the_inference_engine_reports(quiet_bert, collection, tmp_path):
+    """The number that selected model/ = re-ranking the validation lists with model/ through
+    inference.score_candidates and evaluation.evaluate (what infer.py does)."""
+    from crossrank import evaluation
+    from crossrank.data import load_training_data
+    from crossrank.inference import Candidates, load_model, score_candidates
+
+    cfg = config(quiet_bert, collection["CL"], tmp_path, "CL", "train.max_steps=3", "train.eval_every=3",
+                 "eval.block_queries=3", "eval.batch_tokens=64")
+    state = train(cfg)
+    data, valid = load_training_data(cfg)
+    model, pairs = load_model(tmp_path / "tiny.CL.f1.lr0.003.s42" / "model", cfg.model, torch.device("cpu"))
+    run = score_candidates(model, pairs, Candidates({q.qid: list(zip(q.docnos, q.scores)) for q in valid},
+                                                    data.topics, data.passages), cfg.eval)
+    metric = evaluation.parse_metrics(["nDCG@10"], 1)[0]
+    expected = evaluation.evaluate(run, {q.qid: q.judged for q in valid}, [metric]).means[str(metric)]
+    assert state.best_step == 3 and state.best_metric == expected

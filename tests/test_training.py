@@ -152,7 +152,7 @@ def test_two_process_ddp_matches_one_process(quiet_bert, collection, tmp_path, b
     model = quiet_bert
     args = [f"model.path={model}", "model.name=tiny", f"data.train={collection['CL']}", "data.num_negatives=7",
             "data.depth=14", "optim.lr=1e-3", "train.queries_per_batch=2", "train.accumulation=2",
-            "train.max_steps=4", "train.eval_every=2", "train.log_every=1", f"train.batch_tokens={batch_tokens}"]
+            "train.max_steps=4", "train.eval_every=2", "train.log_every=1", f"train.batch_tokens={batch_tokens}", "model.freeze_position_embeddings=false"]
     objective = str(ROOT / "configs" / "objectives" / "CL.yaml")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

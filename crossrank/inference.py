@@ -190,6 +190,8 @@ def model_fingerprint(path: str | os.PathLike, model_cfg: ModelConfig) -> str:
                 digest.update(chunk)
     settings = (model_cfg.kind, model_cfg.truncation, model_cfg.max_length, model_cfg.query_length,
                 model_cfg.passage_length)
+    if model_cfg.kind == "set-encoder":  # pseudo-states at inference change the scores of lists shorter than depth
+        settings += (model_cfg.sample_at_inference, model_cfg.depth)
     digest.update(repr(settings).encode())
     return digest.hexdigest()
 

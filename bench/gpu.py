@@ -509,7 +509,8 @@ def training_section(folder: str, data: dict[str, Path], plan: Plan, device: tor
                      report: Report) -> None:
     """Section 2: CL and KD micro-batches on the ELECTRA-base shape, crossrank vs the peer (+ section-5 rows)."""
     from crossrank.config import load_run_config
-    from crossrank.data import PairTokenizer, load_training_data
+    from crossrank.data import load_training_data
+    from crossrank.encoding import PairTokenizer
     from crossrank.models import load_tokenizer
 
     recipes = {"CL": (plan.cl_queries, plan.cl_passages), "KD": (plan.kd_queries, plan.kd_passages)}

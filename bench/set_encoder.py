@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crossrank.config import ModelConfig  # noqa: E402
-from crossrank.data import PairTokenizer  # noqa: E402
+from crossrank.encoding import INTERACTION_TOKEN, PairTokenizer, encode_lists, load_set_tokenizer  # noqa: E402
 from crossrank.models import MonoEncoder, load_tokenizer  # noqa: E402
-from crossrank.set_encoder import INTERACTION_TOKEN, SetEncoder, encode_lists, load_set_tokenizer  # noqa: E402
+from crossrank.set_encoder import SetEncoder  # noqa: E402
 
 BACKBONE = "packaged:all-MiniLM-L6-v2"
 # ../shared/data next to the project (or next to the folder of git worktrees that holds it)

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import write_tiny_collection
 from crossrank.config import DataConfig, ModelConfig, load_run_config
-from crossrank.data import PairTokenizer, TrainingData, collate, load_training_data, sample_candidates, targets_of
+from crossrank.data import TrainingData, collate, load_training_data, sample_candidates, targets_of
+from crossrank.encoding import PairTokenizer
 from crossrank.io import CrossrankError
 from crossrank.models import load_tokenizer
 from crossrank.preprocessing import QueryCandidates, write_meta, write_split

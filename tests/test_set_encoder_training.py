@@ -18,12 +18,13 @@ from safetensors.torch import load_file
 from conftest import interrupt_and_resume, write_tiny_collection
 from crossrank import compare, config, inference
 from crossrank.config import ROOT, load_run_config
-from crossrank.data import PairTokenizer, load_training_data
+from crossrank.data import load_training_data
+from crossrank.encoding import PairTokenizer, encode_lists, load_set_tokenizer
 from crossrank.io import CrossrankError
 from crossrank.losses import rank_net
 from crossrank.novelty import na_rank_net
 from crossrank.preprocessing import load_split
-from crossrank.set_encoder import SetEncoder, encode_lists, load_set_tokenizer
+from crossrank.set_encoder import SetEncoder
 from crossrank.training import batch_loss, initial_weights, load_model, train
 
 

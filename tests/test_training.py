@@ -291,7 +291,8 @@ def test_every_loss_trains_in_the_loop(quiet_bert, collection, tmp_path, loss):
 def _micro_batch(model_path: Path):
     """A micro-batch of 3 queries with 5, 2 and 4 candidates (padding in [Q, D]) of different lengths."""
     from crossrank.config import ModelConfig
-    from crossrank.data import Example, PairTokenizer, collate
+    from crossrank.data import Example, collate
+    from crossrank.encoding import PairTokenizer
     from crossrank.models import load_tokenizer
 
     pairs = PairTokenizer(load_tokenizer(model_path), ModelConfig())

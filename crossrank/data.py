@@ -24,9 +24,6 @@ from crossrank.preprocessing import QueryCandidates, load_meta, load_split
 # (seed, epoch, qid). A run that resumes at position i therefore sees exactly the examples an uninterrupted
 # run would have seen, with no sampler state to save beyond the integer cursor.
 
-SAMPLINGS = ("single_relevant", "top", "random", "log_random")
-TARGETS = ("relevance", "relevant", "teacher_rank", "teacher_score")
-
 
 @dataclasses.dataclass
 class Example:

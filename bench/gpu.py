@@ -537,9 +537,10 @@ def training_section(folder: str, data: dict[str, Path], plan: Plan, device: tor
         ratio = ours["pairs_per_s"] / peer_rate
         report.add("2 train", f"{label} crossrank / CrossEncoderTrainer", f"{ratio:.2f}x", f">= {TARGET_RATIO}",
                    ratio >= TARGET_RATIO, speed_target=True)
-        pairs = PairTokenizer(load_tokenizer(folder), cfg.model)
-        lengths = [len(ids) for e in examples for ids, _ in pairs.encode([stream.topics[e.qid]] * len(e.docnos),
-                                                                          [stream.passages[d] for d in e.docnos])]
+        pair_tokenizer = PairTokenizer(load_tokenizer(folder), cfg.model)
+        lengths = [len(ids) for e in examples
+                   for ids, _ in pair_tokenizer.encode([stream.topics[e.qid]] * len(e.docnos),
+                                                       [stream.passages[d] for d in e.docnos])]
         ideal = 1 / (3 * ideal_seconds_per_pair(lengths, config, rates))
         report.add("5 gemm", f"{label} training ideal (forward + backward = 3x forward)",
                    f"{ideal:.0f} pairs/s; crossrank {ours['pairs_per_s'] / ideal:.2f}, peer {peer_rate / ideal:.2f} of it")

@@ -62,12 +62,12 @@ def build(kind: str, passage_length: int):
     config = ModelConfig(truncation="per_field", query_length=32, passage_length=passage_length)
     if kind == "mono":
         model = MonoEncoder.from_pretrained(BACKBONE).eval()
-        pairs = PairTokenizer(load_tokenizer(BACKBONE), config)
-        return model, lambda query, passages: pairs([query] * len(passages), passages)
+        pair_tokenizer = PairTokenizer(load_tokenizer(BACKBONE), config)
+        return model, lambda query, passages: pair_tokenizer([query] * len(passages), passages)
     tokenizer = load_set_tokenizer(BACKBONE)
     model = SetEncoder.from_pretrained(BACKBONE).eval()
-    pairs, interaction = PairTokenizer(tokenizer, config), tokenizer.convert_tokens_to_ids(INTERACTION_TOKEN)
-    return model, lambda query, passages: encode_lists(pairs, interaction, [query], [passages])
+    pair_tokenizer, interaction = PairTokenizer(tokenizer, config), tokenizer.convert_tokens_to_ids(INTERACTION_TOKEN)
+    return model, lambda query, passages: encode_lists(pair_tokenizer, interaction, [query], [passages])
 
 
 def rss_kb(field: str) -> int:

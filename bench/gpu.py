@@ -260,7 +260,7 @@ def workload(data: Path, n_queries: int, depth: int, seed: int = 0):
 def write_training_data(root: Path, candidates) -> dict[str, Path]:
     """The workload as preprocessed CL and KD folders (crossrank.preprocessing's layout, no validation split):
     CL marks one random candidate of each query relevant; KD reads the candidate order as a teacher ranking."""
-    from crossrank.preprocessing import QueryCandidates, write_meta, write_split
+    from crossrank.preprocessing import TrainingQuery, write_meta, write_split
 
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
@@ -273,7 +273,7 @@ def write_training_data(root: Path, candidates) -> dict[str, Path]:
         for qid, ranking in candidates.run.items():
             docnos, scores = [d for d, _ in ranking], [s for _, s in ranking]
             judged = {rng.choice(docnos): 1} if objective == "CL" else {}
-            queries.append(QueryCandidates(qid, docnos, scores, judged))
+            queries.append(TrainingQuery(qid, docnos, scores, judged))
         folder = folders[objective] = root / objective
         folder.mkdir(exist_ok=True)
         write_split(folder, "train", queries)

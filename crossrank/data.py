@@ -14,7 +14,7 @@ from crossrank.config import ROOT, DataConfig, RunConfig
 from crossrank.datasets import resolve_source
 from crossrank.encoding import INTERACTION_TOKEN, Pair, PairTokenizer, encode_lists
 from crossrank.io import CrossrankError, load_corpus, read_topics
-from crossrank.preprocessing import QueryCandidates, load_meta, load_split
+from crossrank.preprocessing import TrainingQuery, load_meta, load_split
 
 # ---------------------------------------------------------------------------------------------------------
 # Training examples: which candidates of a query are scored together, and their targets.
@@ -69,7 +69,7 @@ def is_relevant(rel: int, level: int) -> bool:
     return rel >= max(level, 1)  # 0 = not resolved from a folder's meta.yaml: the seed's rel > 0
 
 
-def sample_candidates(query: QueryCandidates, data: DataConfig, rng: random.Random) -> list[int] | None:
+def sample_candidates(query: TrainingQuery, data: DataConfig, rng: random.Random) -> list[int] | None:
     """Positions (into `query.docnos`) of the candidates of one example; None if the query cannot give one.
 
     single_relevant  1 random relevant passage from the top `depth` + `num_negatives` random non-relevant ones
@@ -101,7 +101,7 @@ def sample_candidates(query: QueryCandidates, data: DataConfig, rng: random.Rand
     return sorted(sorted(range(depth), key=keys.__getitem__, reverse=True)[:want])
 
 
-def with_judged_relevant(query: QueryCandidates, data: DataConfig) -> QueryCandidates:
+def with_judged_relevant(query: TrainingQuery, data: DataConfig) -> TrainingQuery:
     """The query with its judged-relevant passages that the run does not hold appended after the run's
     candidates (score -inf), so that single_relevant with `add_missing_relevant` can draw them."""
     present = set(query.docnos)
@@ -109,7 +109,7 @@ def with_judged_relevant(query: QueryCandidates, data: DataConfig) -> QueryCandi
     return dataclasses.replace(query, docnos=query.docnos + missing, scores=query.scores + [-math.inf] * len(missing))
 
 
-def usable(query: QueryCandidates, data: DataConfig) -> bool:
+def usable(query: TrainingQuery, data: DataConfig) -> bool:
     """Whether `sample_candidates` can give this query an example (without drawing one)."""
     if data.sampling == "single_relevant" and data.add_missing_relevant:
         return any(is_relevant(rel, data.relevant_level) for rel in query.judged.values())
@@ -118,7 +118,7 @@ def usable(query: QueryCandidates, data: DataConfig) -> bool:
     return bool(query.docnos)
 
 
-def targets_of(query: QueryCandidates, positions: list[int], data: DataConfig) -> list[float]:
+def targets_of(query: TrainingQuery, positions: list[int], data: DataConfig) -> list[float]:
     """relevance: the qrels grade (0 if unjudged); relevant: 1 if the grade counts as relevant for sampling
     (`is_relevant` at `data.relevant_level`), else 0 (BCE's labels); teacher_rank: `depth + 1 - rank` (the seed's 21 - rank for
     a top-20 teacher); teacher_score: the score stored with the ranking."""
@@ -134,7 +134,7 @@ def targets_of(query: QueryCandidates, positions: list[int], data: DataConfig) -
 class TrainingData:
     """The training queries with their texts, as a deterministic, endless stream of examples (see above)."""
 
-    def __init__(self, queries: list[QueryCandidates], topics: dict[str, str], passages: dict[str, str],
+    def __init__(self, queries: list[TrainingQuery], topics: dict[str, str], passages: dict[str, str],
                  data: DataConfig, seed: int):
         self.data, self.seed, self.topics, self.passages = data, seed, topics, passages
         # a query that cannot give an example (single_relevant without a relevant passage) is dropped up front,
@@ -237,7 +237,7 @@ def training_folder(cfg: RunConfig) -> Path:
     return ROOT / "data" / cfg.data.dataset / ("KD" if cfg.train.objective == "KD" else "CL")
 
 
-def load_training_data(cfg: RunConfig) -> tuple[TrainingData, list[QueryCandidates]]:
+def load_training_data(cfg: RunConfig) -> tuple[TrainingData, list[TrainingQuery]]:
     """Training stream and validation queries (cut to the top `eval.depth`, judged ones only) from the
     preprocessed folder; texts are read once, only for the passages that can be used."""
     folder = training_folder(cfg)

@@ -54,7 +54,7 @@ from crossrank.io import FILE_MODE, CrossrankError, atomic_write, qid_order
 from crossrank.losses import LOSSES
 from crossrank.models import MonoEncoder, check_model_folder, freeze_position_embeddings, load_tokenizer
 from crossrank.novelty import duplicate_bce, novelty_targets
-from crossrank.preprocessing import QueryCandidates
+from crossrank.preprocessing import TrainingQuery as QueryCandidates  # the name training.py still uses
 
 INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

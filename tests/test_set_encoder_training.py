@@ -144,9 +144,9 @@ def test_positive_from_the_qrels_when_the_first_stage_missed_it():
 
     from crossrank.config import DataConfig
     from crossrank.data import TrainingData
-    from crossrank.preprocessing import QueryCandidates
+    from crossrank.preprocessing import TrainingQuery
 
-    query = QueryCandidates("q1", ["a", "b", "c"], [3.0, 2.0, 1.0], {"z": 1, "b": 0})
+    query = TrainingQuery("q1", ["a", "b", "c"], [3.0, 2.0, 1.0], {"z": 1, "b": 0})
     texts = {d: d for d in "abcz"}
     data = DataConfig(num_negatives=2, depth=3)
     with pytest.raises(CrossrankError, match="none of the 1 queries has a usable example"):

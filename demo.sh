@@ -17,7 +17,7 @@ python preprocessing.py --dataset demo --objective CL --evalperc 10
 python preprocessing.py --dataset demo --objective KD --evalperc 10
 
 echo "== 4. Evaluate the BM25 baseline on the test topics"
-python -m crossrank.evaluation --dataset demo-test runs/demo-test.bm25.run
+python -m crossrank.compare --dataset demo-test runs/demo-test.bm25.run
 
 echo "== 5. Fine-tune MiniLM, stage 1: CL on BM25 negatives (the seed's recipe, shortened for a CPU: 60 steps,"
 echo "      3 negatives per query, lr 1e-4); the best validation checkpoint goes to models/bert.CL.f1.lr0.0001.s42/model"

@@ -260,7 +260,7 @@ def workload(data: Path, n_queries: int, depth: int, seed: int = 0):
 def write_training_data(root: Path, candidates) -> dict[str, Path]:
     """The workload as preprocessed CL and KD folders (crossrank.preprocessing's layout, no validation split):
     CL marks one random candidate of each query relevant; KD reads the candidate order as a teacher ranking."""
-    from crossrank.preprocessing import QueryCandidates, write_meta, write_split
+    from crossrank.preprocessing import TrainingQuery, write_meta, write_split
 
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
@@ -273,7 +273,7 @@ def write_training_data(root: Path, candidates) -> dict[str, Path]:
         for qid, ranking in candidates.run.items():
             docnos, scores = [d for d, _ in ranking], [s for _, s in ranking]
             judged = {rng.choice(docnos): 1} if objective == "CL" else {}
-            queries.append(QueryCandidates(qid, docnos, scores, judged))
+            queries.append(TrainingQuery(qid, docnos, scores, judged))
         folder = folders[objective] = root / objective
         folder.mkdir(exist_ok=True)
         write_split(folder, "train", queries)
@@ -509,7 +509,8 @@ def training_section(folder: str, data: dict[str, Path], plan: Plan, device: tor
                      report: Report) -> None:
     """Section 2: CL and KD micro-batches on the ELECTRA-base shape, crossrank vs the peer (+ section-5 rows)."""
     from crossrank.config import load_run_config
-    from crossrank.data import PairTokenizer, load_training_data
+    from crossrank.data import load_training_data
+    from crossrank.encoding import PairTokenizer
     from crossrank.models import load_tokenizer
 
     recipes = {"CL": (plan.cl_queries, plan.cl_passages), "KD": (plan.kd_queries, plan.kd_passages)}
@@ -536,9 +537,10 @@ def training_section(folder: str, data: dict[str, Path], plan: Plan, device: tor
         ratio = ours["pairs_per_s"] / peer_rate
         report.add("2 train", f"{label} crossrank / CrossEncoderTrainer", f"{ratio:.2f}x", f">= {TARGET_RATIO}",
                    ratio >= TARGET_RATIO, speed_target=True)
-        pairs = PairTokenizer(load_tokenizer(folder), cfg.model)
-        lengths = [len(ids) for e in examples for ids, _ in pairs.encode([stream.topics[e.qid]] * len(e.docnos),
-                                                                          [stream.passages[d] for d in e.docnos])]
+        pair_tokenizer = PairTokenizer(load_tokenizer(folder), cfg.model)
+        lengths = [len(ids) for e in examples
+                   for ids, _ in pair_tokenizer.encode([stream.topics[e.qid]] * len(e.docnos),
+                                                       [stream.passages[d] for d in e.docnos])]
         ideal = 1 / (3 * ideal_seconds_per_pair(lengths, config, rates))
         report.add("5 gemm", f"{label} training ideal (forward + backward = 3x forward)",
                    f"{ideal:.0f} pairs/s; crossrank {ours['pairs_per_s'] / ideal:.2f}, peer {peer_rate / ideal:.2f} of it")

@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crossrank.config import ModelConfig  # noqa: E402
-from crossrank.data import PairTokenizer  # noqa: E402
+from crossrank.encoding import INTERACTION_TOKEN, PairTokenizer, encode_lists, load_set_tokenizer  # noqa: E402
 from crossrank.models import MonoEncoder, load_tokenizer  # noqa: E402
-from crossrank.set_encoder import INTERACTION_TOKEN, SetEncoder, encode_lists, load_set_tokenizer  # noqa: E402
+from crossrank.set_encoder import SetEncoder  # noqa: E402
 
 BACKBONE = "packaged:all-MiniLM-L6-v2"
 # ../shared/data next to the project (or next to the folder of git worktrees that holds it)
@@ -62,12 +62,12 @@ def build(kind: str, passage_length: int):
     config = ModelConfig(truncation="per_field", query_length=32, passage_length=passage_length)
     if kind == "mono":
         model = MonoEncoder.from_pretrained(BACKBONE).eval()
-        pairs = PairTokenizer(load_tokenizer(BACKBONE), config)
-        return model, lambda query, passages: pairs([query] * len(passages), passages)
+        pair_tokenizer = PairTokenizer(load_tokenizer(BACKBONE), config)
+        return model, lambda query, passages: pair_tokenizer([query] * len(passages), passages)
     tokenizer = load_set_tokenizer(BACKBONE)
     model = SetEncoder.from_pretrained(BACKBONE).eval()
-    pairs, interaction = PairTokenizer(tokenizer, config), tokenizer.convert_tokens_to_ids(INTERACTION_TOKEN)
-    return model, lambda query, passages: encode_lists(pairs, interaction, [query], [passages])
+    pair_tokenizer, interaction = PairTokenizer(tokenizer, config), tokenizer.convert_tokens_to_ids(INTERACTION_TOKEN)
+    return model, lambda query, passages: encode_lists(pair_tokenizer, interaction, [query], [passages])
 
 
 def rss_kb(field: str) -> int:

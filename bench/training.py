@@ -48,7 +48,7 @@ SPEED_TARGET, MEMORY_TARGET, PEER_TARGET = 2.0, 0.5, 1.5
 def build_data(folder: Path) -> tuple[Path, str]:
     """A preprocessed folder (crossrank's layout) of DL19 BM25 top-100 lists, or of the demo collection."""
     from crossrank.io import load_run, read_qrels, read_topics
-    from crossrank.preprocessing import QueryCandidates, write_meta, write_split
+    from crossrank.preprocessing import TrainingQuery, write_meta, write_split
 
     if (DL19 / "runs" / "bm25.top100.run").is_file():
         topics, corpus, source = DL19 / "queries.jsonl", DL19 / "corpus.jsonl", "TREC DL 2019 BM25 top-100 (real text)"
@@ -61,7 +61,7 @@ def build_data(folder: Path) -> tuple[Path, str]:
         qrels, source = read_qrels(folder / "demo" / "qrels.train.txt"), "SYNTHETIC demo text (dl19 absent)"
         docnos = [line.split("\t", 1)[0] for line in corpus.read_text().splitlines()]
         run = {q: [(d, 0.0) for d in sorted(qrels.get(q, {}))[:3] + docnos[:97]] for q in read_topics(topics)}
-    queries = [QueryCandidates(q, [d for d, _ in r], [float(len(r) - i) for i in range(len(r))], qrels.get(q, {}))
+    queries = [TrainingQuery(q, [d for d, _ in r], [float(len(r) - i) for i in range(len(r))], qrels.get(q, {}))
                for q, r in run.items() if len(r) >= 100]
     folder.mkdir(parents=True, exist_ok=True)
     write_split(folder, "train", queries)

@@ -226,6 +226,15 @@ class ModelConfig:
     sample_at_inference: bool = False
 
 
+SAMPLINGS = ("single_relevant", "top", "random", "log_random")  # crossrank.data.sample_candidates
+TARGETS = ("relevance", "relevant", "teacher_rank", "teacher_score")  # crossrank.data.targets_of
+
+
+def either(values: tuple[str, ...]) -> str:
+    """`a, b or c`: the allowed values as an error message spells them."""
+    return f"{', '.join(values[:-1])} or {values[-1]}"
+
+
 @dataclasses.dataclass
 class DataConfig:
     dataset: str = "demo"  # configs/datasets/<dataset>.yaml: where topics, corpus, qrels and runs are
@@ -326,10 +335,8 @@ class RunConfig:
              self.train.precision),
             (self.eval.precision in ("auto", "bf16", "fp16", "fp32", "int8"), "eval.precision",
              "auto, bf16, fp16, fp32 or int8", self.eval.precision),
-            (self.data.sampling in ("single_relevant", "top", "random", "log_random"), "data.sampling",
-             "single_relevant, top, random or log_random", self.data.sampling),
-            (self.data.targets in ("relevance", "relevant", "teacher_rank", "teacher_score"), "data.targets",
-             "relevance, relevant, teacher_rank or teacher_score", self.data.targets),
+            (self.data.sampling in SAMPLINGS, "data.sampling", either(SAMPLINGS), self.data.sampling),
+            (self.data.targets in TARGETS, "data.targets", either(TARGETS), self.data.targets),
             (self.optim.schedule in ("constant", "linear"), "optim.schedule", "constant or linear",
              self.optim.schedule),
             (self.eval.novelty_subtopics in ("reference", "relevant_words"), "eval.novelty_subtopics",

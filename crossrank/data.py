@@ -1,88 +1,20 @@
-"""Turning texts into model inputs: per-pair or per-field truncation, and padding into batches.
-
-Training examples (sampling candidates from a preprocessed run, targets from qrels or a teacher) are built
-on top of these helpers, below.
+"""Training examples from a preprocessed run: sampling candidates, targets from qrels or a teacher, and
+batches tokenised by `crossrank.encoding`.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import random
 from pathlib import Path
 
 import torch
-from tokenizers import Encoding
-from transformers import PreTrainedTokenizerBase
 
-from crossrank.config import ROOT, DataConfig, ModelConfig, RunConfig
+from crossrank.config import ROOT, DataConfig, RunConfig
 from crossrank.datasets import resolve_source
+from crossrank.encoding import INTERACTION_TOKEN, Pair, PairTokenizer, encode_lists
 from crossrank.io import CrossrankError, load_corpus, read_topics
-from crossrank.preprocessing import QueryCandidates, load_meta, load_split
-
-Pair = tuple[list[int], list[int]]  # (input_ids, token_type_ids) of one (query, passage) sequence
-
-
-class PairTokenizer:
-    """Tokenises (query, passage) pairs into `[CLS] query [SEP] passage [SEP]` under the model's rule:
-
-    - `truncation: pair`: the whole pair is cut to `max_length` tokens, longest field first (the multi-stage
-      seed's recipe and what `transformers` does with `truncation=True`);
-    - `truncation: per_field`: the query is cut to `query_length` and the passage to `passage_length` tokens
-      on their own, before the special tokens are added (the Set-Encoder's convention).
-
-    It drives the fast (Rust) tokenizer directly and in batches: copies of it with padding and truncation
-    switched off, because a `tokenizer.json` may ship with both enabled.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, model: ModelConfig):
-        if not tokenizer.is_fast:
-            raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; crossrank needs one")
-        self.model = model
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.uses_token_types = "token_type_ids" in tokenizer.model_input_names
-        self.fields = copy.deepcopy(tokenizer.backend_tokenizer)
-        self.fields.no_padding()
-        self.fields.no_truncation()
-        self.pairs = copy.deepcopy(self.fields)
-        self.pairs.enable_truncation(model.max_length, strategy="longest_first")
-
-    def encode(self, queries: list[str], passages: list[str]) -> list[Pair]:
-        """Token ids and token type ids of each pair, unpadded."""
-        if self.model.truncation == "pair":
-            encodings = self.pairs.encode_batch(list(zip(queries, passages)))
-        else:
-            query_enc = self.encode_field(queries, self.model.query_length)
-            passage_enc = self.encode_field(passages, self.model.passage_length)
-            encodings = [self.fields.post_process(q, p, add_special_tokens=True)
-                         for q, p in zip(query_enc, passage_enc)]
-        return [(e.ids, e.type_ids) for e in encodings]
-
-    def encode_field(self, texts: list[str], max_tokens: int) -> list[Encoding]:
-        """One field's tokens without special tokens, cut to `max_tokens`."""
-        encodings = self.fields.encode_batch(texts, add_special_tokens=False)
-        for e in encodings:
-            e.truncate(max_tokens)
-        return encodings
-
-    def pad(self, pairs: list[Pair]) -> dict[str, torch.Tensor]:
-        """Right-pad a list of pairs to the longest one: input_ids, attention_mask (+ token_type_ids)."""
-        length = max(len(ids) for ids, _ in pairs)
-        input_ids = torch.full((len(pairs), length), self.pad_id, dtype=torch.long)  # [N, L]
-        attention_mask = torch.zeros((len(pairs), length), dtype=torch.long)  # [N, L]
-        token_type_ids = torch.zeros((len(pairs), length), dtype=torch.long)  # [N, L]
-        for row, (ids, types) in enumerate(pairs):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-            token_type_ids[row, : len(ids)] = torch.tensor(types)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.uses_token_types:
-            batch["token_type_ids"] = token_type_ids
-        return batch
-
-    def __call__(self, queries: list[str], passages: list[str]) -> dict[str, torch.Tensor]:
-        return self.pad(self.encode(queries, passages))
-
+from crossrank.preprocessing import TrainingQuery, load_meta, load_split
 
 # ---------------------------------------------------------------------------------------------------------
 # Training examples: which candidates of a query are scored together, and their targets.
@@ -91,9 +23,6 @@ class PairTokenizer:
 # `order(epoch)[i % n]` of epoch `i // n`, and the candidates drawn for it come from a generator seeded with
 # (seed, epoch, qid). A run that resumes at position i therefore sees exactly the examples an uninterrupted
 # run would have seen, with no sampler state to save beyond the integer cursor.
-
-SAMPLINGS = ("single_relevant", "top", "random", "log_random")
-TARGETS = ("relevance", "relevant", "teacher_rank", "teacher_score")
 
 
 @dataclasses.dataclass
@@ -140,7 +69,7 @@ def is_relevant(rel: int, level: int) -> bool:
     return rel >= max(level, 1)  # 0 = not resolved from a folder's meta.yaml: the seed's rel > 0
 
 
-def sample_candidates(query: QueryCandidates, data: DataConfig, rng: random.Random) -> list[int] | None:
+def sample_candidates(query: TrainingQuery, data: DataConfig, rng: random.Random) -> list[int] | None:
     """Positions (into `query.docnos`) of the candidates of one example; None if the query cannot give one.
 
     single_relevant  1 random relevant passage from the top `depth` + `num_negatives` random non-relevant ones
@@ -172,7 +101,7 @@ def sample_candidates(query: QueryCandidates, data: DataConfig, rng: random.Rand
     return sorted(sorted(range(depth), key=keys.__getitem__, reverse=True)[:want])
 
 
-def with_judged_relevant(query: QueryCandidates, data: DataConfig) -> QueryCandidates:
+def with_judged_relevant(query: TrainingQuery, data: DataConfig) -> TrainingQuery:
     """The query with its judged-relevant passages that the run does not hold appended after the run's
     candidates (score -inf), so that single_relevant with `add_missing_relevant` can draw them."""
     present = set(query.docnos)
@@ -180,7 +109,7 @@ def with_judged_relevant(query: QueryCandidates, data: DataConfig) -> QueryCandi
     return dataclasses.replace(query, docnos=query.docnos + missing, scores=query.scores + [-math.inf] * len(missing))
 
 
-def usable(query: QueryCandidates, data: DataConfig) -> bool:
+def usable(query: TrainingQuery, data: DataConfig) -> bool:
     """Whether `sample_candidates` can give this query an example (without drawing one)."""
     if data.sampling == "single_relevant" and data.add_missing_relevant:
         return any(is_relevant(rel, data.relevant_level) for rel in query.judged.values())
@@ -189,7 +118,7 @@ def usable(query: QueryCandidates, data: DataConfig) -> bool:
     return bool(query.docnos)
 
 
-def targets_of(query: QueryCandidates, positions: list[int], data: DataConfig) -> list[float]:
+def targets_of(query: TrainingQuery, positions: list[int], data: DataConfig) -> list[float]:
     """relevance: the qrels grade (0 if unjudged); relevant: 1 if the grade counts as relevant for sampling
     (`is_relevant` at `data.relevant_level`), else 0 (BCE's labels); teacher_rank: `depth + 1 - rank` (the seed's 21 - rank for
     a top-20 teacher); teacher_score: the score stored with the ranking."""
@@ -205,7 +134,7 @@ def targets_of(query: QueryCandidates, positions: list[int], data: DataConfig) -
 class TrainingData:
     """The training queries with their texts, as a deterministic, endless stream of examples (see above)."""
 
-    def __init__(self, queries: list[QueryCandidates], topics: dict[str, str], passages: dict[str, str],
+    def __init__(self, queries: list[TrainingQuery], topics: dict[str, str], passages: dict[str, str],
                  data: DataConfig, seed: int):
         self.data, self.seed, self.topics, self.passages = data, seed, topics, passages
         # a query that cannot give an example (single_relevant without a relevant passage) is dropped up front,
@@ -271,7 +200,7 @@ class TrainingData:
 def collate(examples: list[Example], topics: dict[str, str], passages: dict[str, str],
             tokenizer: PairTokenizer, listwise: bool = False) -> Batch:
     """Tokenise examples and pad them into [Q, D] targets and mask (D = the longest candidate list): as pairs
-    for a pointwise model, as whole lists (`crossrank.set_encoder.encode_lists`) for the Set-Encoder. A list
+    for a pointwise model, as whole lists (`crossrank.encoding.encode_lists`) for the Set-Encoder. A list
     with a duplicate also gets the duplicate head's targets and leaves the copy out of `ranked`."""
     width = max(len(e.docnos) for e in examples)
     targets = torch.zeros(len(examples), width)  # [Q, D]
@@ -280,8 +209,6 @@ def collate(examples: list[Example], topics: dict[str, str], passages: dict[str,
         targets[row, : len(example.targets)] = torch.tensor(example.targets)
         mask[row, : len(example.docnos)] = True
     if listwise:
-        from crossrank.set_encoder import INTERACTION_TOKEN, encode_lists
-
         inputs = encode_lists(tokenizer, tokenizer.fields.token_to_id(INTERACTION_TOKEN),
                               [topics[e.qid] for e in examples], [[passages[d] for d in e.docnos] for e in examples])
         batch = Batch(inputs, targets, mask)
@@ -310,7 +237,7 @@ def training_folder(cfg: RunConfig) -> Path:
     return ROOT / "data" / cfg.data.dataset / ("KD" if cfg.train.objective == "KD" else "CL")
 
 
-def load_training_data(cfg: RunConfig) -> tuple[TrainingData, list[QueryCandidates]]:
+def load_training_data(cfg: RunConfig) -> tuple[TrainingData, list[TrainingQuery]]:
     """Training stream and validation queries (cut to the top `eval.depth`, judged ones only) from the
     preprocessed folder; texts are read once, only for the passages that can be used."""
     folder = training_folder(cfg)

@@ -256,10 +256,3 @@ def plot_difference(evaluation: Evaluation, baseline: Evaluation, path: str | os
     plt.close(fig)
     return Path(path)
 
-
-if __name__ == "__main__":  # `python -m crossrank.evaluation ...` is `python -m crossrank.compare ...`
-    import sys
-
-    from crossrank.compare import main
-
-    sys.exit(main())

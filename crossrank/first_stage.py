@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from crossrank import cli
-from crossrank.io import CrossrankError, atomic_write, format_run_lines
+from crossrank.io import CrossrankError, atomic_write, clean_tag, format_run_lines
 
 
 @dataclasses.dataclass
@@ -74,7 +74,7 @@ def import_run(source: str | Path, out: str | Path | None = None, depth: int | N
     if not str(source).startswith("irds:") and not Path(source).is_file():
         raise CrossrankError(f"{source}: no such file")
     shape = RunShape(str(source), depth)
-    tag = "".join(tag.split()) or "crossrank"
+    tag = clean_tag(tag)
     with (atomic_write(out) if out else contextlib.nullcontext()) as f, \
             tqdm(desc="importing", unit=" queries", disable=not progress, file=sys.stderr) as bar:
         for table in read_run_blocks(source, lenient):

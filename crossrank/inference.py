@@ -41,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from crossrank.config import EvalConfig, ModelConfig
-from crossrank.data import PairTokenizer
+from crossrank.encoding import PairTokenizer
 from crossrank.distributed import Distributed, setup_distributed
 from crossrank.io import (CrossrankError, Run, atomic_write, load_corpus, load_run, qid_order, read_topics,
                           run_problems, sort_ranking, write_run)
@@ -127,7 +127,8 @@ def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.de
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if model_cfg.kind == "set-encoder":  # listwise: scored one whole query list per forward pass
-            from crossrank.set_encoder import SetEncoder, load_set_tokenizer
+            from crossrank.encoding import load_set_tokenizer
+            from crossrank.set_encoder import SetEncoder
 
             model_cfg = dataclasses.replace(model_cfg, truncation="per_field")  # the Set-Encoder's convention
             set_model = SetEncoder.from_pretrained(path, sample_at_inference=model_cfg.sample_at_inference)
@@ -275,7 +276,7 @@ def prepare_block(pairs: list[tuple[str, str]], candidates: Candidates, tokenize
     index = {q: i for i, q in enumerate(dict.fromkeys(q for q, _ in pairs))}
     groups = [index[q] for q, _ in pairs]
     if kind == "set-encoder":
-        from crossrank.set_encoder import INTERACTION_TOKEN, encode_lists
+        from crossrank.encoding import INTERACTION_TOKEN, encode_lists
 
         interaction_id = tokenizer.fields.token_to_id(INTERACTION_TOKEN)
         return [(rows, encode_lists(tokenizer, interaction_id, [candidates.queries[pairs[rows[0]][0]]],

@@ -268,6 +268,11 @@ def sort_ranking(ranking: Iterable[tuple[str, float]]) -> list[tuple[str, float]
     return sorted(ranking, key=lambda pair: (pair[1], pair[0]), reverse=True)
 
 
+def clean_tag(tag: str, default: str = "crossrank") -> str:
+    """A run tag as one column: whitespace removed (a tag with spaces would add columns), `default` if empty."""
+    return "".join(tag.split()) or default
+
+
 def format_run_lines(qid: str, ranking: Iterable[tuple[str, float]], tag: str) -> Iterator[str]:
     """TREC run lines for one query; `ranking` must already be sorted (see `sort_ranking`).
 
@@ -281,7 +286,7 @@ def format_run_lines(qid: str, ranking: Iterable[tuple[str, float]], tag: str) -
 
 def write_run(path: str | os.PathLike, run: Run, tag: str = "crossrank", depth: int | None = None) -> Path:
     """Write a run atomically, each query sorted by score with deterministic ties, queries in qid order."""
-    tag = "".join(tag.split()) or "crossrank"  # a tag with spaces would add columns
+    tag = clean_tag(tag)
     if Path(path).parent.is_dir():
         remove_stale_temporaries(path)  # a killed earlier attempt's half-written run
     with atomic_write(path) as f:

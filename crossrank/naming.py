@@ -3,7 +3,8 @@
     models/<backbone>.<objectives>.f<stage>[.<dataset>][.from-<hash>].lr<lr>.s<seed>/
         model/        the selected checkpoint (best validation nDCG@10): a Hugging Face folder with
                       safetensors, tokenizer and crossrank.yaml (the resolved config) — what infer.py loads
-        checkpoint/   the latest resumable training state (model, optimiser, scheduler, scaler, RNG, data cursor)
+        checkpoint/   the latest resumable training state (model, optimiser, AMP scaler, RNG, data cursor; the
+                      learning rate is a function of the step, so there is no scheduler to save)
 
 `<objectives>` is the chain of stages: `CL` for a stage-1 CL run, `CL-KD` for stage 2 KD started from it.
 `<dataset>` is the training dataset (`data.dataset`) when it is not the default (`demo`); a stage-2 folder adds

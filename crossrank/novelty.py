@@ -151,7 +151,9 @@ def novelty_targets(scores: Tensor, targets: Tensor, clusters: Tensor, mask: Ten
 def na_rank_net(scores: Tensor, targets: Tensor, mask: Tensor, clusters: Tensor) -> Tensor:
     """Novelty-Aware RankNet (Schlatt et al., ECIR 2025, arXiv:2404.06912): RankNet on `novelty_targets`, i.e.
     per cluster only the highest-scored member keeps the cluster's best teacher target, the others get 0.
-    scores, targets (e.g. 101 - teacher rank), mask and clusters (from `cluster_passages`): all [Q, D]."""
+    scores, targets (e.g. 101 - teacher rank), mask and clusters (from `cluster_passages`): all [Q, D].
+    Training composes `novelty_targets` with whichever `train.loss` is set (`training.ranking_loss`), so other
+    losses get novelty-aware targets too; with `rank_net` that is this function, which the tests hold it to."""
     return rank_net(scores, novelty_targets(scores, targets, clusters, mask), mask.bool())
 
 

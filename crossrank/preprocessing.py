@@ -39,7 +39,7 @@ BLOCK_BYTES = 1 << 24  # 16 MiB of run text per block: memory stays bounded what
 
 
 @dataclasses.dataclass
-class QueryCandidates:
+class TrainingQuery:
     """One training query: its ranked candidates (first-stage run or teacher order) and its judgements."""
 
     qid: str
@@ -61,7 +61,7 @@ def load_meta(folder: str | Path) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def load_split(folder: str | Path, split: str) -> list[QueryCandidates]:
+def load_split(folder: str | Path, split: str) -> list[TrainingQuery]:
     """Read `train` or `valid` queries written by preprocessing.py."""
     import pyarrow.parquet as pq
 
@@ -71,7 +71,7 @@ def load_split(folder: str | Path, split: str) -> list[QueryCandidates]:
     if not path.is_file():
         raise CrossrankError(f"{path}: no such file (run preprocessing.py for this dataset and objective first)")
     table = pq.read_table(path).to_pydict()
-    return [QueryCandidates(qid, list(docnos), [float(s) for s in scores], dict(zip(jd, map(int, jr))))
+    return [TrainingQuery(qid, list(docnos), [float(s) for s in scores], dict(zip(jd, map(int, jr))))
             for qid, docnos, scores, jd, jr in zip(table["qid"], table["docnos"], table["scores"],
                                                     table["judged_docnos"], table["judged_rels"])]
 
@@ -83,7 +83,7 @@ def _schema() -> "pa.Schema":
                       ("judged_docnos", pa.list_(pa.string())), ("judged_rels", pa.list_(pa.int32()))])
 
 
-def _queries_table(queries: list[QueryCandidates]) -> "pa.Table":
+def _queries_table(queries: list[TrainingQuery]) -> "pa.Table":
     import pyarrow as pa
 
     columns = [[q.qid for q in queries], [q.docnos for q in queries], [q.scores for q in queries],
@@ -110,7 +110,7 @@ def split_writers(folder: str | Path) -> "Iterator[dict[str, pq.ParquetWriter]]"
         yield writers
 
 
-def write_split(folder: str | Path, split: str, queries: Iterable[QueryCandidates]) -> int:
+def write_split(folder: str | Path, split: str, queries: Iterable[TrainingQuery]) -> int:
     """Write queries to `<folder>/<split>.parquet` atomically (small data: tests, RankGPT files)."""
     import pyarrow.parquet as pq
 
@@ -445,7 +445,7 @@ def preprocess_teacher_run(run: str | Path, qrels: dict[str, dict[str, int]], ou
         raise CrossrankError(f"{run}: the run is empty (expected at least one line)")
     counts = {"run_lines": sum(len(rows) for rows in rankings.values()), "kept_lines": 0, "train_queries": 0,
               "valid_queries": 0, "queries_without_relevant": 0, "rank_score_disagreements": 0}
-    queries: dict[str, list[QueryCandidates]] = {"train": [], "valid": []}
+    queries: dict[str, list[TrainingQuery]] = {"train": [], "valid": []}
     for qid, rows in rankings.items():
         rows.sort(key=lambda row: row[0])  # stable: equal ranks keep their file order
         scores = [score for _, score, _ in rows]
@@ -455,7 +455,7 @@ def preprocess_teacher_run(run: str | Path, qrels: dict[str, dict[str, int]], ou
         judged = qrels.get(qid, {})
         counts["queries_without_relevant"] += not any(r > 0 for r in judged.values())
         split = "valid" if is_validation(qid, evalperc, seed) else "train"
-        queries[split].append(QueryCandidates(qid, [d for _, _, d in rows], [s for _, s, _ in rows], dict(judged)))
+        queries[split].append(TrainingQuery(qid, [d for _, _, d in rows], [s for _, s, _ in rows], dict(judged)))
     for split, rows in queries.items():
         counts[f"{split}_queries"] = write_split(out, split, rows)
     if counts["rank_score_disagreements"]:
@@ -523,7 +523,7 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     qid_of_text = {text: qid for qid, text in (topics or {}).items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    queries: dict[str, list[QueryCandidates]] = {"train": [], "valid": []}
+    queries: dict[str, list[TrainingQuery]] = {"train": [], "valid": []}
     counts = {"queries": 0, "well_formed_answers": 0, "malformed_answers": 0, "malformed_repaired": int(repair),
               "train_queries": 0, "valid_queries": 0}
     passages: dict[str, str] = {}
@@ -556,7 +556,7 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
         passages.update((d, t) for d, t in docs if t)
         ranked = [docs[i][0] for i in order]
         split = "valid" if is_validation(qid, evalperc, seed) else "train"
-        queries[split].append(QueryCandidates(qid, ranked, [float(len(ranked) - r) for r in range(len(ranked))],
+        queries[split].append(TrainingQuery(qid, ranked, [float(len(ranked) - r) for r in range(len(ranked))],
                                               {d: 1 for d in positives}))
     for split, rows in queries.items():
         counts[f"{split}_queries"] = write_split(out, split, rows)

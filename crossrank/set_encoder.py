@@ -29,16 +29,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AddedToken, AutoConfig, AutoModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase
 from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.models.electra.modeling_electra import ElectraSelfAttention
 from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
 
-from crossrank.data import PairTokenizer
+from crossrank.encoding import INTERACTION_TOKEN, load_set_tokenizer
 from crossrank.io import CrossrankError
-from crossrank.models import check_model_folder, load_tokenizer, resolve_model_path
+from crossrank.models import check_model_folder, resolve_model_path
 
-INTERACTION_TOKEN = "[INT]"
 INT_POSITION = 1  # the [INT] token sits right after [CLS] / <s> in every pair
 CONFIG_FILE = "set_encoder.json"
 HEADS_FILE = "heads.safetensors"
@@ -270,45 +269,3 @@ class SetEncoder(nn.Module):
     def scatter(values: torch.Tensor, layout: ListLayout, Q: int, D: int) -> torch.Tensor:
         """[N] values of the real passages -> [Q, D], 0 at padding."""
         return values.new_zeros(Q * D).index_copy(0, layout.rows, values).view(Q, D)
-
-
-def load_set_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """The backbone's tokenizer with the special token [INT] added (a no-op if it is already there)."""
-    tokenizer = load_tokenizer(path)
-    if INTERACTION_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(INTERACTION_TOKEN, special=True, normalized=False)], special_tokens=True)
-    return tokenizer
-
-
-def encode_lists(pairs: PairTokenizer, interaction_id: int, queries: list[str],
-                 passages: list[list[str]]) -> dict[str, torch.Tensor]:
-    """Tokenise Q queries with their passage lists for the Set-Encoder: each pair is the backbone's pair layout
-    with [INT] inserted after the first token (`[CLS] [INT] q [SEP] p [SEP]`, RoBERTa `<s> [INT] q </s></s>
-    p </s>`), query and passage truncated on their own (`pairs` must use `truncation: per_field`).
-
-    Returns input_ids, attention_mask (and token_type_ids for BERT/ELECTRA) [Q, D, L] and mask [Q, D]."""
-    if pairs.model.truncation != "per_field":
-        raise CrossrankError(f"Set-Encoder: model.truncation must be per_field (got {pairs.model.truncation!r})")
-    if len(queries) != len(passages):
-        raise CrossrankError(f"Set-Encoder: {len(queries)} queries but {len(passages)} passage lists")
-    Q, D = len(queries), max((len(p) for p in passages), default=0)
-    query_enc = pairs.encode_field(queries, pairs.model.query_length)
-    flat = [p for ps in passages for p in ps]
-    passage_enc = iter(pairs.encode_field(flat, pairs.model.passage_length))
-    encoded: list[tuple[list[int], list[int]]] = []
-    mask = torch.zeros(Q, D, dtype=torch.bool)
-    for qi, ps in enumerate(passages):
-        for di in range(len(ps)):
-            e = pairs.fields.post_process(query_enc[qi], next(passage_enc), add_special_tokens=True)
-            encoded.append(([e.ids[0], interaction_id, *e.ids[1:]], [e.type_ids[0], 0, *e.type_ids[1:]]))
-            mask[qi, di] = True
-    # Pad rows for missing passages: a lone [CLS]-like pad row that the model never reads (mask is False).
-    batch = pairs.pad(encoded) if encoded else {"input_ids": torch.zeros(0, 1, dtype=torch.long)}
-    L = batch["input_ids"].shape[1]
-    out = {}
-    for key, value in batch.items():
-        dense = value.new_full((Q * D, L), pairs.pad_id if key == "input_ids" else 0)  # [Q*D, L]
-        dense[mask.reshape(-1).nonzero().squeeze(1)] = value
-        out[key] = dense.view(Q, D, L)  # [Q, D, L]
-    out["mask"] = mask
-    return out

@@ -46,14 +46,15 @@ from crossrank import config as config_io
 from crossrank import evaluation
 from crossrank import naming
 from crossrank.config import ROOT, OptimConfig, RunConfig
-from crossrank.data import Batch, PairTokenizer, TrainingData, load_training_data
+from crossrank.data import Batch, TrainingData, load_training_data
 from crossrank.distributed import Distributed, setup_distributed
+from crossrank.encoding import PairTokenizer, load_set_tokenizer
 from crossrank.inference import Candidates, plan_batches, score_candidates
 from crossrank.io import FILE_MODE, CrossrankError, atomic_write, qid_order
 from crossrank.losses import LOSSES
 from crossrank.models import MonoEncoder, check_model_folder, freeze_position_embeddings, load_tokenizer
 from crossrank.novelty import duplicate_bce, novelty_targets
-from crossrank.preprocessing import QueryCandidates
+from crossrank.preprocessing import TrainingQuery as QueryCandidates  # the name training.py still uses
 
 INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -124,7 +125,7 @@ def load_model(path: str, cfg: RunConfig) -> tuple[PreTrainedTokenizerBase, nn.M
         if cfg.model.freeze_position_embeddings:
             freeze_position_embeddings(model)
         return load_tokenizer(path), model
-    from crossrank.set_encoder import SetEncoder, load_set_tokenizer
+    from crossrank.set_encoder import SetEncoder
 
     model = SetEncoder.from_pretrained(path, sample_missing_docs=cfg.model.sample_missing_docs,
                                        sample_at_inference=cfg.model.sample_at_inference,

@@ -106,7 +106,7 @@ def write_tiny_collection(root: Path, valid_is_train: bool = False) -> dict[str,
     valid = the last 2, or the training queries themselves with `valid_is_train`). Returns the paths."""
     import random as _random
 
-    from crossrank.preprocessing import QueryCandidates, write_meta, write_split
+    from crossrank.preprocessing import TrainingQuery, write_meta, write_split
 
     root.mkdir(parents=True, exist_ok=True)
     rng = _random.Random(0)
@@ -133,7 +133,7 @@ def write_tiny_collection(root: Path, valid_is_train: bool = False) -> dict[str,
                 docnos = relevant + others[:6]
             scores = [float(len(docnos) - r) for r in range(len(docnos))]
             judged = {relevant[0]: 2, relevant[1]: 1, others[0]: 0}
-            queries.append(QueryCandidates(f"q{i}", docnos, scores, judged))
+            queries.append(TrainingQuery(f"q{i}", docnos, scores, judged))
         folder = root / objective
         folder.mkdir(exist_ok=True)
         write_split(folder, "train", queries[:10])

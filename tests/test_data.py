@@ -8,14 +8,15 @@ import pytest
 
 from conftest import write_tiny_collection
 from crossrank.config import DataConfig, ModelConfig, load_run_config
-from crossrank.data import PairTokenizer, TrainingData, collate, load_training_data, sample_candidates, targets_of
+from crossrank.data import TrainingData, collate, load_training_data, sample_candidates, targets_of
+from crossrank.encoding import PairTokenizer
 from crossrank.io import CrossrankError
 from crossrank.models import load_tokenizer
-from crossrank.preprocessing import QueryCandidates, write_meta, write_split
+from crossrank.preprocessing import TrainingQuery, write_meta, write_split
 
 # 12 candidates; within the top 8, d3 (grade 2) and d7 (grade 1) are relevant, d5 is judged non-relevant;
 # d10 is relevant but below the top 8
-QUERY = QueryCandidates("q1", [f"d{i}" for i in range(12)], [float(100 - i) for i in range(12)],
+QUERY = TrainingQuery("q1", [f"d{i}" for i in range(12)], [float(100 - i) for i in range(12)],
                         {"d3": 2, "d7": 1, "d5": 0, "d10": 1})
 
 
@@ -75,9 +76,9 @@ def test_random_and_log_random_stay_in_the_top_depth_and_log_random_favours_the_
 
 
 def stream(seed: int = 42) -> TrainingData:
-    queries = [QueryCandidates(f"q{i}", [f"d{i}_{j}" for j in range(6)], [1.0] * 6, {f"d{i}_{i % 6}": 1})
+    queries = [TrainingQuery(f"q{i}", [f"d{i}_{j}" for j in range(6)], [1.0] * 6, {f"d{i}_{i % 6}": 1})
                for i in range(5)]
-    queries.append(QueryCandidates("none", ["x", "y"], [1.0, 0.5], {}))  # no relevant: dropped
+    queries.append(TrainingQuery("none", ["x", "y"], [1.0, 0.5], {}))  # no relevant: dropped
     return TrainingData(queries, {}, {}, DataConfig(num_negatives=2, depth=6), seed)
 
 
@@ -90,7 +91,7 @@ def test_stream_is_a_function_of_seed_and_position():
         assert sorted(a.example(epoch * 5 + i).qid for i in range(5)) == [f"q{i}" for i in range(5)]
     assert [a.example(i).qid for i in range(5)] != [a.example(5 + i).qid for i in range(5)]
     with pytest.raises(CrossrankError, match="none of the 1 queries has a usable example"):
-        TrainingData([QueryCandidates("none", ["x"], [1.0], {})], {}, {}, DataConfig(), 42)
+        TrainingData([TrainingQuery("none", ["x"], [1.0], {})], {}, {}, DataConfig(), 42)
 
 
 def test_collate_pads_queries_and_encodes_only_real_pairs(tiny_bert):

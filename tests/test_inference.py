@@ -213,7 +213,8 @@ def test_bf16_precision_on_cpu_is_close_and_cached_apart(tiny_bert, collection, 
 
 
 def test_set_encoder_scores_each_query_list_in_one_pass(tiny_bert, collection, tmp_path):
-    from crossrank.set_encoder import SetEncoder, encode_lists, load_set_tokenizer
+    from crossrank.encoding import encode_lists, load_set_tokenizer
+    from crossrank.set_encoder import SetEncoder
 
     torch.manual_seed(0)
     SetEncoder.from_pretrained(tiny_bert).save_pretrained(tmp_path / "se", load_set_tokenizer(tiny_bert))

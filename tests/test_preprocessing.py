@@ -12,7 +12,7 @@ import pytest
 
 from crossrank import io, preprocessing
 from crossrank.io import CrossrankError
-from crossrank.preprocessing import QueryCandidates, is_validation, load_split, preprocess_run
+from crossrank.preprocessing import TrainingQuery, is_validation, load_split, preprocess_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,7 +150,7 @@ def test_rankgpt_files_become_a_kd_folder(tmp_path):
                                               topics={"22": "dogs"})
     assert counts["queries"] == 2 and counts["malformed_answers"] == 0
     train = {q.qid: q for q in load_split(tmp_path / "kd", "train")}
-    assert train["11"] == QueryCandidates("11", ["p2", "p3", "p1"], [3.0, 2.0, 1.0], {"p2": 1})
+    assert train["11"] == TrainingQuery("11", ["p2", "p3", "p1"], [3.0, 2.0, 1.0], {"p2": 1})
     assert train["22"].docnos == ["p1"]  # qid found from the query text
     assert io.read_topics(tmp_path / "kd" / "topics.tsv") == {"11": "cats", "22": "dogs"}
     assert dict(io.read_corpus(tmp_path / "kd" / "passages.tsv"))["p3"] == "bird text"
@@ -181,7 +181,7 @@ def test_teacher_run_order_comes_from_the_rank_column(tmp_path, capsys):
                    "2 Q0 x 2 0.0 t\n2 Q0 y 1 0.0 t\n")
     counts = preprocessing.preprocess_teacher_run(run, {"1": {"b": 1}}, tmp_path / "KD", evalperc=0, seed=1)
     train = {q.qid: q for q in load_split(tmp_path / "KD", "train")}
-    assert train["1"] == QueryCandidates("1", ["b", "a", "c"], [1.0, 9.0, 5.0], {"b": 1})
+    assert train["1"] == TrainingQuery("1", ["b", "a", "c"], [1.0, 9.0, 5.0], {"b": 1})
     assert train["2"].docnos == ["y", "x"]
     assert counts["rank_score_disagreements"] == 1 and counts["kept_lines"] == 5
     assert "in 1 of 2 queries the scores do not follow the rank column" in capsys.readouterr().err

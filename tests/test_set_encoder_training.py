@@ -18,12 +18,13 @@ from safetensors.torch import load_file
 from conftest import interrupt_and_resume, write_tiny_collection
 from crossrank import compare, config, inference
 from crossrank.config import ROOT, load_run_config
-from crossrank.data import PairTokenizer, load_training_data
+from crossrank.data import load_training_data
+from crossrank.encoding import PairTokenizer, encode_lists, load_set_tokenizer
 from crossrank.io import CrossrankError
 from crossrank.losses import rank_net
 from crossrank.novelty import na_rank_net
 from crossrank.preprocessing import load_split
-from crossrank.set_encoder import SetEncoder, encode_lists, load_set_tokenizer
+from crossrank.set_encoder import SetEncoder
 from crossrank.training import batch_loss, initial_weights, load_model, train
 
 
@@ -143,9 +144,9 @@ def test_positive_from_the_qrels_when_the_first_stage_missed_it():
 
     from crossrank.config import DataConfig
     from crossrank.data import TrainingData
-    from crossrank.preprocessing import QueryCandidates
+    from crossrank.preprocessing import TrainingQuery
 
-    query = QueryCandidates("q1", ["a", "b", "c"], [3.0, 2.0, 1.0], {"z": 1, "b": 0})
+    query = TrainingQuery("q1", ["a", "b", "c"], [3.0, 2.0, 1.0], {"z": 1, "b": 0})
     texts = {d: d for d in "abcz"}
     data = DataConfig(num_negatives=2, depth=3)
     with pytest.raises(CrossrankError, match="none of the 1 queries has a usable example"):

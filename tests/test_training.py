@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import interrupt_and_resume, write_tiny_collection
 from crossrank.config import ROOT, load_run_config
 from crossrank.io import CrossrankError
-from crossrank.preprocessing import QueryCandidates, write_meta, write_split
+from crossrank.preprocessing import TrainingQuery, write_meta, write_split
 from crossrank.training import initial_weights, train
 
 
@@ -233,8 +233,8 @@ def test_nan_in_a_batch_stops_the_run(tiny_bert, tmp_path):
     folder.mkdir()
     (tmp_path / "topics.tsv").write_text("q1\tcat mat\nq2\tdog bark\n")
     (tmp_path / "corpus.tsv").write_text("d1\tcat mat\nd2\tdog bark\nd3\triver fish\n")
-    write_split(folder, "train", [QueryCandidates("q1", ["d1", "d3"], [2.0, 1.0], {}),
-                                  QueryCandidates("q2", ["d2", "d3"], [float("nan"), 1.0], {})])
+    write_split(folder, "train", [TrainingQuery("q1", ["d1", "d3"], [2.0, 1.0], {}),
+                                  TrainingQuery("q2", ["d2", "d3"], [float("nan"), 1.0], {})])
     write_split(folder, "valid", [])
     write_meta(folder, {"dataset": "t", "objective": "KD", "topics": str(tmp_path / "topics.tsv"),
                         "corpus": str(tmp_path / "corpus.tsv"), "qrels": "", "evalperc": 0, "seed": 42})
@@ -291,7 +291,8 @@ def test_every_loss_trains_in_the_loop(quiet_bert, collection, tmp_path, loss):
 def _micro_batch(model_path: Path):
     """A micro-batch of 3 queries with 5, 2 and 4 candidates (padding in [Q, D]) of different lengths."""
     from crossrank.config import ModelConfig
-    from crossrank.data import Example, PairTokenizer, collate
+    from crossrank.data import Example, collate
+    from crossrank.encoding import PairTokenizer
     from crossrank.models import load_tokenizer
 
     pairs = PairTokenizer(load_tokenizer(model_path), ModelConfig())

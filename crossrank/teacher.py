@@ -475,7 +475,7 @@ def load_candidates(run: str, k: int) -> dict[str, list[str]]:
     training run needs no more memory than its top-k); `irds:` goes through `crossrank.io.load_run`."""
     if run.startswith(IRDS_PREFIX):
         return {qid: [docno for docno, _ in ranking] for qid, ranking in load_run(run, depth=k).items()}
-    from crossrank.preprocessing import read_run_blocks
+    from crossrank.runs import read_run_blocks
 
     candidates: dict[str, list[str]] = {}
     for table in read_run_blocks(run):  # complete queries, each sorted best first

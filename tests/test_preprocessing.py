@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from crossrank import io, preprocessing
+from crossrank import io, preprocessing, runs
 from crossrank.io import CrossrankError
 from crossrank.preprocessing import QueryCandidates, is_validation, load_split, preprocess_run
 
@@ -44,7 +44,7 @@ def as_lists(tables) -> dict[str, list[tuple[str, float]]]:
 @pytest.mark.parametrize("shuffled", [False, True])
 def test_streaming_blocks_equal_the_in_memory_reader(tmp_path, monkeypatch, shuffled):
     path = make_run(tmp_path / "run.txt", shuffled=shuffled)
-    monkeypatch.setattr(preprocessing, "BLOCK_BYTES", 997)  # many blocks; queries span block boundaries
+    monkeypatch.setattr(runs, "BLOCK_BYTES", 997)  # many blocks; queries span block boundaries
     streamed = as_lists(preprocessing.read_run_blocks(path))
     assert streamed == io.load_run(path)
 
@@ -249,7 +249,7 @@ def test_damaged_bytes_on_the_arrow_path_name_the_file(tmp_path):
 
 KILLED_WRITER = """
 import os, signal, sys
-from crossrank import preprocessing
+from crossrank import preprocessing, runs
 blocks = preprocessing.read_run_blocks
 
 def killed_after_one_block(path, lenient=False):  # kill -9 while both splits are half-written
@@ -259,7 +259,7 @@ def killed_after_one_block(path, lenient=False):  # kill -9 while both splits ar
         yield table
 
 preprocessing.read_run_blocks = killed_after_one_block
-preprocessing.BLOCK_BYTES = 4096
+runs.BLOCK_BYTES = 4096
 preprocessing.preprocess_run(sys.argv[1], {}, sys.argv[2], evalperc=20, seed=1, progress=False)
 """
 

@@ -26,6 +26,7 @@ import yaml
 
 from crossrank.io import (GZIP_ERRORS, CrossrankError, atomic_write, decode_line, read_run, read_text,
                           remove_stale_temporaries, text_lines)
+from crossrank.rankgpt import parse_permutation  # one parser for the teacher's answers, ours or RankGPT's
 from crossrank.runs import group_starts, read_run_blocks
 
 if TYPE_CHECKING:
@@ -249,7 +250,7 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     `data` is RankGPT's JSONL, or the zip holding it (one query per line: `query_id`, `query`,
     `positive_passages`, `retrieved_passages`, each passage `{docid, rank, text}`); `answers` is the JSON list
     of the teacher's answers (`[3] > [1] > ...`), one per line of `data`, parsed as rank_gpt.py parses answers
-    (`crossrank.teacher.parse_permutation`). The teacher order becomes scores `depth - rank + 1`; positives
+    (`crossrank.rankgpt.parse_permutation`). The teacher order becomes scores `depth - rank + 1`; positives
     become judgements (rel 1).
     An answer that is not a permutation of exactly the query's passages (all 20 ids, each once, nothing else) is
     dropped with its query, as the multi-stage seed does (~90.7k of RankGPT-3.5's 100k survive); `repair`
@@ -258,8 +259,6 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     Query and passage texts are written once each (`topics.tsv`, `passages.tsv`, deduplicated) next to the
     splits, and qids are MS MARCO's when `topics` (qid -> text) knows the query text, else `rankgpt-<line>`.
     """
-    from crossrank.teacher import parse_permutation  # one parser for the teacher's answers, ours or RankGPT's
-
     answer_list = _read_answers(Path(answers))
     qid_of_text = {text: qid for qid, text in (topics or {}).items()}
     out = Path(out)

@@ -129,7 +129,7 @@ def test_lenient_skips_bad_lines(tmp_path, capsys):
     ("", [0, 1, 2], True),
 ])
 def test_parse_permutation_like_rankgpt(answer, order, malformed):
-    from crossrank.teacher import parse_permutation
+    from crossrank.rankgpt import parse_permutation
 
     repaired, problems = parse_permutation(answer, 3)
     assert (repaired, bool(problems)) == (order, malformed)

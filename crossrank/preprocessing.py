@@ -243,6 +243,23 @@ def _read_answers(path: Path) -> list:
     return answers
 
 
+def _rankgpt_line(data: str | Path, number: int, line: str) -> tuple[dict, str, set[str], list[tuple[str, str]]]:
+    """One line of RankGPT's JSONL -> (item, query text, positive docids, [(docid, text)] in first-stage order)."""
+    try:
+        item = json.loads(line)
+        text, retrieved = item["query"], item["retrieved_passages"]
+        positives = {str(p["docid"]) for p in item.get("positive_passages", [])}
+        # the answer's [i] is the passage of first-stage rank i (RankGPT numbers them so)
+        retrieved = sorted(retrieved, key=lambda p: p.get("rank", 0))
+        docs = [(str(p["docid"]), p.get("text", "")) for p in retrieved]
+        if not isinstance(text, str) or not all(isinstance(t, str) for _, t in docs):
+            raise TypeError("query and passage texts must be strings")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CrossrankError(f"{data}:{number}: not a RankGPT training line ({type(e).__name__}: {e}; "
+                             f"expected query, retrieved_passages[docid, text])") from None
+    return item, text, positives, docs
+
+
 def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, evalperc: float, seed: int,
                        topics: dict[str, str] | None = None, repair: bool = False) -> dict[str, int]:
     """RankGPT's distillation files -> KD training folder.
@@ -271,18 +288,7 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     for number, line in _jsonl_lines(Path(data)):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-            text, retrieved = item["query"], item["retrieved_passages"]
-            positives = {str(p["docid"]) for p in item.get("positive_passages", [])}
-            # the answer's [i] is the passage of first-stage rank i (RankGPT numbers them so)
-            retrieved = sorted(retrieved, key=lambda p: p.get("rank", 0))
-            docs = [(str(p["docid"]), p.get("text", "")) for p in retrieved]
-            if not isinstance(text, str) or not all(isinstance(t, str) for _, t in docs):
-                raise TypeError("query and passage texts must be strings")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CrossrankError(f"{data}:{number}: not a RankGPT training line ({type(e).__name__}: {e}; "
-                                 f"expected query, retrieved_passages[docid, text])") from None
+        item, text, positives, docs = _rankgpt_line(data, number, line)
         if counts["queries"] >= len(answer_list):
             raise CrossrankError(f"{answers}: has {len(answer_list)} answers but {data} has more lines "
                                  f"(expected one answer per line)")

@@ -6,12 +6,13 @@ chat endpoint (OpenAI, vLLM, ...). The API key is read from $OPENAI_API_KEY (or 
         --model gpt-3.5-turbo -o runs/msmarco-train.rankgpt.run
 
 A killed run resumes where it stopped when started again with the same arguments. See the README,
-"Teacher rankings (rank_gpt.py)", and `crossrank/teacher.py`.
+"Teacher rankings (rank_gpt.py)", and `crossrank/teacher.py` (the run), `rankgpt.py`
+(prompts, parsing), `chat.py` (the client), `teacher_cli.py` (the flags).
 """
 import sys
 
 from crossrank import cli
-from crossrank.teacher import format_summary, main as rank_main
+from crossrank.teacher_cli import format_summary, main as rank_main
 
 
 def main() -> int:

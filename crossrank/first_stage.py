@@ -6,7 +6,7 @@ SOURCE is a TREC run (tab- or space-separated, optionally gzipped) or a parquet 
 (query, passage), with the column names webis' lightning-ir reads for its Rank-DistiLLM parquet runs: the query
 in `qid`, `query_id` or `query-id`, the passage in `docno`, `doc_id`, `docid` or `corpus-id`, and `score` (or only
 `rank`, then better ranks get higher scores). The run is streamed (the 9.5 GB MS MARCO train run never sits in
-memory) through `crossrank.preprocessing.read_run_blocks`, which rejects duplicate docnos, non-finite scores and
+memory) through `crossrank.runs.read_run_blocks`, which rejects duplicate docnos, non-finite scores and
 queries split across the file, and sorts each query by score with deterministic ties (score desc, docno desc,
 as trec_eval). Each query is cut to `--depth`, and the result is written atomically as a TREC run to OUT (ranks
 renumbered 1..n, queries in source order); without OUT the run is only checked. A summary line reports the shape
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from crossrank import cli
 from crossrank.io import CrossrankError, atomic_write, clean_tag, format_run_lines
+from crossrank.runs import read_run_blocks
 
 
 @dataclasses.dataclass
@@ -64,8 +65,6 @@ def import_run(source: str | Path, out: str | Path | None = None, depth: int | N
     at least `depth` candidates for every query: either mismatch raises CrossrankError and leaves no output behind.
     """
     from tqdm import tqdm
-
-    from crossrank.preprocessing import read_run_blocks
 
     if depth is not None and depth < 1:
         raise CrossrankError(f"--depth must be at least 1 (got {depth})")

@@ -13,10 +13,8 @@ file order, is the same in a streaming pass as in memory, and is disjoint by con
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
-import gzip
 import hashlib
 import json
 import sys
@@ -26,16 +24,16 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from crossrank.io import GZIP_ERRORS, CrossrankError, read_run, text_lines
+from crossrank.io import (GZIP_ERRORS, CrossrankError, atomic_write, decode_line, read_run, read_text,
+                          remove_stale_temporaries, text_lines)
+from crossrank.rankgpt import parse_permutation  # one parser for the teacher's answers, ours or RankGPT's
+from crossrank.runs import group_starts, read_run_blocks
 
 if TYPE_CHECKING:
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
 SPLITS = ("train", "valid")
-RUN_COLUMNS = ["qid", "q0", "docno", "rank", "score", "tag"]
-BLOCK_BYTES = 1 << 24  # 16 MiB of run text per block: memory stays bounded whatever the file size
 
 
 @dataclasses.dataclass
@@ -98,8 +96,6 @@ def split_writers(folder: str | Path) -> "Iterator[dict[str, pq.ParquetWriter]]"
     when the block exits without an error (so a half-written split never replaces a good one)."""
     import pyarrow.parquet as pq
 
-    from crossrank.io import atomic_write, remove_stale_temporaries
-
     Path(folder).mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         writers = {}
@@ -114,8 +110,6 @@ def write_split(folder: str | Path, split: str, queries: Iterable[TrainingQuery]
     """Write queries to `<folder>/<split>.parquet` atomically (small data: tests, RankGPT files)."""
     import pyarrow.parquet as pq
 
-    from crossrank.io import atomic_write, remove_stale_temporaries
-
     queries = list(queries)
     Path(folder).mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(Path(folder) / f"{split}.parquet")
@@ -125,255 +119,8 @@ def write_split(folder: str | Path, split: str, queries: Iterable[TrainingQuery]
 
 
 def write_meta(folder: str | Path, meta: dict) -> None:
-    from crossrank.io import atomic_write
-
     with atomic_write(Path(folder) / "meta.yaml") as f:
         yaml.safe_dump(meta, f, sort_keys=False)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Streaming a large run: blocks of whole queries as Arrow tables (qid, docno, score), validated
-
-
-def read_run_blocks(path: str | Path, lenient: bool = False) -> "Iterator[pa.Table]":
-    """Stream a TREC run (or a parquet run) as Arrow tables (qid, docno, score) of complete queries, each
-    query sorted best first with crossrank's deterministic ties (score desc, docno desc).
-
-    The fast path parses single-space or tab separated text with Arrow's multi-threaded CSV reader in 16 MiB
-    blocks and never turns lines into Python objects, so memory stays bounded whatever the file size. A
-    query's lines must be contiguous (as retrieval engines write them): a query that reappears later is an
-    error, since bounded memory cannot regroup it. The rank column is parsed as an integer (and so checked) as
-    the line reader does, though the score decides the order. Whatever the fast path rejects is re-read by
-    `crossrank.io.read_run`, which names the offending `path:line`. `lenient` uses that validating reader
-    throughout and skips bad lines.
-    """
-    import pyarrow as pa
-
-    path = Path(path)
-    if lenient or _needs_line_reader(path):
-        yield from _blocks_from_lines(path, lenient)
-        return
-    seen: set[str] = set()
-    carry = None  # rows of the last query of the previous block, which may continue in this one
-    try:
-        for block in _raw_blocks(path):
-            table = block if carry is None else pa.concat_tables([carry, block])
-            starts = _group_starts(table)
-            cut = int(starts[-1])  # the last query may continue in the next block
-            carry = table.slice(cut)
-            if cut:
-                yield _check_and_sort(table.slice(0, cut), starts[:-1], path, seen)
-        if carry is not None:
-            yield _check_and_sort(carry, _group_starts(carry), path, seen)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, _BadRun, *GZIP_ERRORS) as error:
-        failure = error
-    else:
-        return
-    for _ in read_run(path):  # names the first bad line (or the damaged .gz), if it is a line-level problem
-        pass
-    raise CrossrankError(str(failure) if isinstance(failure, _BadRun) else
-                         f"{path}: cannot parse the run ({failure})")
-
-
-class _BadRun(Exception):
-    """Raised inside the fast path; turned into a CrossrankError after the line reader had its say."""
-
-
-def _needs_line_reader(path: Path) -> bool:
-    """irds: and irregular whitespace (e.g. several spaces between columns) go through the line reader."""
-    if str(path).startswith("irds:"):
-        return True
-    if path.suffix == ".parquet":
-        return False
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8", errors="replace") as f:
-            head = [line.rstrip("\r\n") for line in (f.readline() for _ in range(5)) if line.strip()]
-    except (OSError, *GZIP_ERRORS):  # the line reader names the problem (missing, damaged .gz, ...)
-        return True
-    return not head or any(len(line.split(_delimiter(head[0]))) != 6 for line in head)
-
-
-def _delimiter(first_line: str) -> str:
-    return "\t" if "\t" in first_line else " "
-
-
-def _raw_blocks(path: Path) -> "Iterator[pa.Table]":
-    """Parse the run in ~16 MiB chunks cut at line ends. Each chunk is parsed by Arrow on all cores, and only
-    one chunk is in memory at a time (Arrow's own streaming CSV reader reads ahead without bound when its
-    consumer is slower than its parser)."""
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-
-    if path.suffix == ".parquet":
-        yield from _parquet_blocks(path)
-        return
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        delimiter = _delimiter(f.readline().decode("utf-8", "replace"))
-        f.seek(0)
-        options = dict(
-            read_options=pcsv.ReadOptions(column_names=RUN_COLUMNS),
-            parse_options=pcsv.ParseOptions(delimiter=delimiter, quote_char=False),
-            convert_options=pcsv.ConvertOptions(
-                column_types={"qid": pa.string(), "docno": pa.string(), "rank": pa.int64(), "score": pa.float64()},
-                # rank is parsed (and so checked, as the line reader does) even though the score decides
-                include_columns=["qid", "docno", "rank", "score"]))
-        def chunks() -> Iterator[bytes]:
-            rest = b""
-            while data := f.read(BLOCK_BYTES):
-                chunk = rest + data
-                cut = chunk.rfind(b"\n") + 1
-                # Arrow would end a line at a bare \r (memchr first: counting is ~50x slower than finding)
-                if b"\r" in chunk and chunk.count(b"\r", 0, cut) != chunk.count(b"\r\n", 0, cut):
-                    raise _BadRun(f"{path}: a bare carriage return (\\r) inside a line (expected \\n or \\r\\n "
-                                  f"line ends)")
-                yield chunk[:cut]
-                rest = chunk[cut:]
-            yield rest
-
-        # Parse the next chunk in a thread while the caller works on this one (Arrow releases the GIL):
-        # two chunks in memory at most.
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            parse = lambda chunk: (pcsv.read_csv(pa.py_buffer(chunk), **options).drop_columns(["rank"])
-                                   if chunk.strip() else None)
-            pending = None
-            for chunk in chunks():
-                following = pool.submit(parse, chunk)
-                if pending is not None and (table := pending.result()) is not None:
-                    yield table
-                pending = following
-            if pending is not None and (table := pending.result()) is not None:
-                yield table
-
-
-def _parquet_blocks(path: Path) -> "Iterator[pa.Table]":
-    """Parquet runs in long format, one row per (query, document), under the column names webis'
-    lightning-ir reads (query: qid, query_id, query-id; passage: docno, doc_id, docid, corpus-id; rank and/or
-    score)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    file = pq.ParquetFile(path)
-    names = file.schema_arrow.names
-    options = {"qid": ("qid", "query_id", "query-id"), "docno": ("docno", "doc_id", "docid", "corpus-id"),
-               "score": ("score",), "rank": ("rank",)}
-    found = {ours: next((c for c in theirs if c in names), None) for ours, theirs in options.items()}
-    for ours in ("qid", "docno"):
-        if found[ours] is None:
-            raise CrossrankError(f"{path}: parquet run has no {ours} column (expected one of "
-                                 f"{', '.join(options[ours])}; it has {', '.join(names)})")
-    if found["score"] is None and found["rank"] is None:
-        raise CrossrankError(f"{path}: parquet run has neither a score nor a rank column")
-    rank_type = file.schema_arrow.field(found["rank"]).type if found["rank"] else None
-    if rank_type is not None and not pa.types.is_integer(rank_type):  # as the text paths check it
-        raise CrossrankError(f"{path}: parquet run's rank column is {rank_type} (expected integers)")
-    for batch in file.iter_batches(batch_size=1 << 20):
-        if found["score"] is not None:  # as trec_eval does with TREC runs, the score decides the order
-            score = batch[found["score"]].cast(pa.float64())
-        else:  # a ranking without scores: better ranks get higher scores
-            score = pc.negate(batch[found["rank"]].cast(pa.float64()))
-        yield pa.table({"qid": batch[found["qid"]].cast(pa.string()),
-                        "docno": batch[found["docno"]].cast(pa.string()), "score": score})
-
-
-def _blocks_from_lines(path: Path, lenient: bool) -> "Iterator[pa.Table]":
-    """The validating line reader, grouped into tables of complete queries (any query order is accepted
-    here, since a query's rows are collected before its table is built)."""
-    import pyarrow as pa
-
-    rows: dict[str, list[tuple[str, float]]] = {}
-    for qid, docno, _, score in read_run(path, lenient):
-        rows.setdefault(qid, []).append((docno, score))
-    queries = list(rows)
-    for first in range(0, len(queries), 10_000):
-        chunk = [(qid, docno, score) for qid in queries[first:first + 10_000] for docno, score in rows[qid]]
-        qids, docnos, scores = zip(*chunk)
-        table = pa.table({"qid": list(qids), "docno": list(docnos), "score": pa.array(scores, pa.float64())})
-        yield _check_and_sort(table, _group_starts(table), path, set())
-
-
-def _group_starts(table: "pa.Table") -> "np.ndarray":
-    """Row indices where a new qid begins (0 included)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    qid = table["qid"].combine_chunks()
-    changed = pc.not_equal(qid.slice(1), qid.slice(0, len(qid) - 1)).to_numpy(zero_copy_only=False)
-    return np.concatenate([[0], np.flatnonzero(changed) + 1]).astype(np.int64)
-
-
-def _check_and_sort(table: "pa.Table", starts: "np.ndarray", path: Path, seen: set[str]) -> "pa.Table":
-    """Check a table of complete queries (each qid new, each docno once per qid, finite scores) and sort
-    each query best first. Most runs are already in that order, so it is checked before anything is sorted."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    table = table.combine_chunks()
-    for qid in table["qid"].take(pa.array(starts)).to_pylist():
-        if qid in seen:
-            raise _BadRun(f"{path}:{_line_of_reappearance(path, qid)}: query {qid} appears again after other "
-                          f"queries (expected a query's lines together; sort the run, e.g. sort -s -k1,1)")
-        seen.add(qid)
-    score = table["score"].to_numpy()
-    if not np.isfinite(score).all():
-        raise _BadRun(f"{path}: a score is not finite")
-    group = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, table.num_rows)))  # [N] query index
-    same_query = group[1:] == group[:-1]
-    tied = same_query & (score[1:] == score[:-1])
-    in_order = ~same_query | (score[:-1] > score[1:])
-    if tied.any():
-        where_tied = np.flatnonzero(tied)
-        docno = table["docno"]
-        before, after = docno.take(pa.array(where_tied)), docno.take(pa.array(where_tied + 1))
-        if not pc.all(pc.not_equal(before, after)).as_py():
-            raise _BadRun(f"{path}: a docno appears twice for one query")
-        in_order[where_tied] = pc.greater(before, after).to_numpy(zero_copy_only=False)
-    if not in_order.all():
-        order = pc.sort_indices(pa.table({"g": group, "score": table["score"], "docno": table["docno"]}),
-                                sort_keys=[("g", "ascending"), ("score", "descending"), ("docno", "descending")])
-        table, group = table.take(order), group[order.to_numpy()]
-    if _has_repeated_docno(group, table["docno"]):
-        raise _BadRun(f"{path}: a docno appears twice for one query")
-    return table
-
-
-def _has_repeated_docno(group: "np.ndarray", docno: "pa.ChunkedArray") -> bool:
-    """Whether some docno occurs twice within one query ([N] query index, [N] docno).
-
-    Numeric docnos (MS MARCO, most passage collections) are checked as integers with a hash table, ~6x
-    faster than hashing strings; since equal strings give equal integers, "no repeat" there is final, and
-    only a suspected repeat (e.g. "7" and "007") is confirmed on the strings.
-    """
-    import numpy as np
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    try:
-        numbers = pc.cast(docno, pa.int64()).to_numpy()
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        numbers = None
-    if numbers is not None and len(numbers) and 0 <= numbers.min() and numbers.max() < 1 << 40:
-        if not pd.Series((group.astype(np.int64) << 40) | numbers).duplicated().any():
-            return False
-    keys = pa.table({"g": group.astype(np.int32), "docno": docno})
-    return keys.group_by(["g", "docno"]).aggregate([]).num_rows != len(group)
-
-
-def _line_of_reappearance(path: Path, qid: str) -> int:
-    """The line where `qid` starts again after other queries (computed only for the error message)."""
-    started = left = False
-    for number, line, _ in text_lines(path):
-        current = line.split(maxsplit=1)[0] if line.strip() else None
-        if current == qid:
-            if left:
-                return number
-            started = True
-        elif started and current is not None:
-            left = True
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -398,7 +145,7 @@ def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str |
     with bar, split_writers(out) as writers:
         for table in read_run_blocks(run, lenient):
             counts["run_lines"] += table.num_rows
-            starts = _group_starts(table)
+            starts = group_starts(table)
             sizes = np.diff(np.append(starts, table.num_rows))
             if depth is not None:
                 position = np.arange(table.num_rows) - np.repeat(starts, sizes)  # rank - 1 within the query
@@ -469,8 +216,6 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
     `marco-train-100k.jsonl.zip`); invalid UTF-8 and a damaged file are CrossrankErrors."""
     import zipfile
 
-    from crossrank.io import decode_line
-
     if path.suffix != ".zip":
         yield from ((number, line) for number, line, _ in text_lines(path))
         return
@@ -488,8 +233,6 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _read_answers(path: Path) -> list:
-    from crossrank.io import read_text
-
     try:
         answers = json.loads(read_text(path))
     except json.JSONDecodeError as e:
@@ -500,6 +243,23 @@ def _read_answers(path: Path) -> list:
     return answers
 
 
+def _rankgpt_line(data: str | Path, number: int, line: str) -> tuple[dict, str, set[str], list[tuple[str, str]]]:
+    """One line of RankGPT's JSONL -> (item, query text, positive docids, [(docid, text)] in first-stage order)."""
+    try:
+        item = json.loads(line)
+        text, retrieved = item["query"], item["retrieved_passages"]
+        positives = {str(p["docid"]) for p in item.get("positive_passages", [])}
+        # the answer's [i] is the passage of first-stage rank i (RankGPT numbers them so)
+        retrieved = sorted(retrieved, key=lambda p: p.get("rank", 0))
+        docs = [(str(p["docid"]), p.get("text", "")) for p in retrieved]
+        if not isinstance(text, str) or not all(isinstance(t, str) for _, t in docs):
+            raise TypeError("query and passage texts must be strings")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CrossrankError(f"{data}:{number}: not a RankGPT training line ({type(e).__name__}: {e}; "
+                             f"expected query, retrieved_passages[docid, text])") from None
+    return item, text, positives, docs
+
+
 def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, evalperc: float, seed: int,
                        topics: dict[str, str] | None = None, repair: bool = False) -> dict[str, int]:
     """RankGPT's distillation files -> KD training folder.
@@ -507,7 +267,7 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     `data` is RankGPT's JSONL, or the zip holding it (one query per line: `query_id`, `query`,
     `positive_passages`, `retrieved_passages`, each passage `{docid, rank, text}`); `answers` is the JSON list
     of the teacher's answers (`[3] > [1] > ...`), one per line of `data`, parsed as rank_gpt.py parses answers
-    (`crossrank.teacher.parse_permutation`). The teacher order becomes scores `depth - rank + 1`; positives
+    (`crossrank.rankgpt.parse_permutation`). The teacher order becomes scores `depth - rank + 1`; positives
     become judgements (rel 1).
     An answer that is not a permutation of exactly the query's passages (all 20 ids, each once, nothing else) is
     dropped with its query, as the multi-stage seed does (~90.7k of RankGPT-3.5's 100k survive); `repair`
@@ -516,9 +276,6 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     Query and passage texts are written once each (`topics.tsv`, `passages.tsv`, deduplicated) next to the
     splits, and qids are MS MARCO's when `topics` (qid -> text) knows the query text, else `rankgpt-<line>`.
     """
-    from crossrank.io import atomic_write
-    from crossrank.teacher import parse_permutation  # one parser for the teacher's answers, ours or RankGPT's
-
     answer_list = _read_answers(Path(answers))
     qid_of_text = {text: qid for qid, text in (topics or {}).items()}
     out = Path(out)
@@ -531,18 +288,7 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     for number, line in _jsonl_lines(Path(data)):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-            text, retrieved = item["query"], item["retrieved_passages"]
-            positives = {str(p["docid"]) for p in item.get("positive_passages", [])}
-            # the answer's [i] is the passage of first-stage rank i (RankGPT numbers them so)
-            retrieved = sorted(retrieved, key=lambda p: p.get("rank", 0))
-            docs = [(str(p["docid"]), p.get("text", "")) for p in retrieved]
-            if not isinstance(text, str) or not all(isinstance(t, str) for _, t in docs):
-                raise TypeError("query and passage texts must be strings")
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CrossrankError(f"{data}:{number}: not a RankGPT training line ({type(e).__name__}: {e}; "
-                                 f"expected query, retrieved_passages[docid, text])") from None
+        item, text, positives, docs = _rankgpt_line(data, number, line)
         if counts["queries"] >= len(answer_list):
             raise CrossrankError(f"{answers}: has {len(answer_list)} answers but {data} has more lines "
                                  f"(expected one answer per line)")

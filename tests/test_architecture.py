@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "crossrank"
 
 # Cycles another change is removing (name them here only with the issue that removes them): preprocessing <->
 # teacher is issue 14's teacher split (read_run_blocks / parse_permutation). Delete the entry when it is gone.
-KNOWN_CYCLES = {frozenset({"preprocessing", "teacher"})}
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 def imports_of(path: Path) -> set[str]:

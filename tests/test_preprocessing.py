@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from crossrank import io, preprocessing
+from crossrank import io, preprocessing, runs
 from crossrank.io import CrossrankError
 from crossrank.preprocessing import TrainingQuery, is_validation, load_split, preprocess_run
 
@@ -44,8 +44,8 @@ def as_lists(tables) -> dict[str, list[tuple[str, float]]]:
 @pytest.mark.parametrize("shuffled", [False, True])
 def test_streaming_blocks_equal_the_in_memory_reader(tmp_path, monkeypatch, shuffled):
     path = make_run(tmp_path / "run.txt", shuffled=shuffled)
-    monkeypatch.setattr(preprocessing, "BLOCK_BYTES", 997)  # many blocks; queries span block boundaries
-    streamed = as_lists(preprocessing.read_run_blocks(path))
+    monkeypatch.setattr(runs, "BLOCK_BYTES", 997)  # many blocks; queries span block boundaries
+    streamed = as_lists(runs.read_run_blocks(path))
     assert streamed == io.load_run(path)
 
 
@@ -65,7 +65,7 @@ def test_streaming_reads_tabs_gzip_and_parquet(tmp_path):
                         dtype={"query_id": str, "doc_id": str})
     frame.drop(columns=["q0", "tag"]).to_parquet(tmp_path / "run.parquet")
     for source in (tabbed, zipped, tmp_path / "run.parquet"):
-        assert as_lists(preprocessing.read_run_blocks(source)) == expected, source
+        assert as_lists(runs.read_run_blocks(source)) == expected, source
 
 
 def test_preprocess_run_writes_disjoint_deterministic_splits(tmp_path):
@@ -105,20 +105,20 @@ def test_bad_runs_are_reported_with_their_line(tmp_path, text, message):
     path = tmp_path / "bad.run"
     path.write_text(text)
     with pytest.raises(CrossrankError) as error:
-        list(preprocessing.read_run_blocks(path))
+        list(runs.read_run_blocks(path))
     assert str(error.value).startswith(f"{path}{message}")
 
 
 def test_numeric_docnos_with_leading_zeros_are_not_duplicates(tmp_path):
     path = tmp_path / "run.txt"
     path.write_text("1 Q0 7 1 2.0 r\n1 Q0 007 2 1.0 r\n")
-    assert as_lists(preprocessing.read_run_blocks(path)) == {"1": [("7", 2.0), ("007", 1.0)]}
+    assert as_lists(runs.read_run_blocks(path)) == {"1": [("7", 2.0), ("007", 1.0)]}
 
 
 def test_lenient_skips_bad_lines(tmp_path, capsys):
     path = tmp_path / "bad.run"
     path.write_text("1 Q0 a 1 2.0 r\n1 Q0 b 2 x r\n1 Q0 c 3 1.0 r\n")
-    assert as_lists(preprocessing.read_run_blocks(path, lenient=True)) == {"1": [("a", 2.0), ("c", 1.0)]}
+    assert as_lists(runs.read_run_blocks(path, lenient=True)) == {"1": [("a", 2.0), ("c", 1.0)]}
     assert "skipped 1 malformed run line(s)" in capsys.readouterr().err
 
 
@@ -129,7 +129,7 @@ def test_lenient_skips_bad_lines(tmp_path, capsys):
     ("", [0, 1, 2], True),
 ])
 def test_parse_permutation_like_rankgpt(answer, order, malformed):
-    from crossrank.teacher import parse_permutation
+    from crossrank.rankgpt import parse_permutation
 
     repaired, problems = parse_permutation(answer, 3)
     assert (repaired, bool(problems)) == (order, malformed)
@@ -230,26 +230,26 @@ def test_damaged_bytes_on_the_arrow_path_name_the_file(tmp_path):
     latin1 = tmp_path / "latin1.run"
     latin1.write_bytes(b"1 Q0 a 1 2.0 r\n1 Q0 caf\xe9 2 1.0 r\n")
     with pytest.raises(CrossrankError, match=r"latin1\.run:2: invalid UTF-8"):
-        list(preprocessing.read_run_blocks(latin1))
+        list(runs.read_run_blocks(latin1))
     data = gzip.compress(make_run(tmp_path / "run.txt", queries=50).read_bytes())
     truncated = tmp_path / "run.txt.gz"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(CrossrankError, match=r"run\.txt\.gz:\d+: the gzip file is truncated or corrupt"):
-        list(preprocessing.read_run_blocks(truncated))
+        list(runs.read_run_blocks(truncated))
     carriage = tmp_path / "cr.run"  # Arrow ends a line at a bare \r; the line reader (and so we) does not
     carriage.write_bytes(b"1 Q0 a 1 2.0 r\r\n1 Q0 b 2 1.0 r\r1 Q0 c 3 0.5 r\n1 Q0 d x 0.1 r\n")
     with pytest.raises(CrossrankError, match=r"cr\.run:2: run line has 12 columns"):
-        list(preprocessing.read_run_blocks(carriage))
+        list(runs.read_run_blocks(carriage))
     import pandas as pd
 
     pd.DataFrame({"qid": ["1"], "docno": ["a"], "rank": ["x"], "score": [1.0]}).to_parquet(tmp_path / "r.parquet")
     with pytest.raises(CrossrankError, match=r"r\.parquet: parquet run's rank column is \w*string \(expected integers"):
-        list(preprocessing.read_run_blocks(tmp_path / "r.parquet"))
+        list(runs.read_run_blocks(tmp_path / "r.parquet"))
 
 
 KILLED_WRITER = """
 import os, signal, sys
-from crossrank import preprocessing
+from crossrank import preprocessing, runs
 blocks = preprocessing.read_run_blocks
 
 def killed_after_one_block(path, lenient=False):  # kill -9 while both splits are half-written
@@ -259,7 +259,7 @@ def killed_after_one_block(path, lenient=False):  # kill -9 while both splits ar
         yield table
 
 preprocessing.read_run_blocks = killed_after_one_block
-preprocessing.BLOCK_BYTES = 4096
+runs.BLOCK_BYTES = 4096
 preprocessing.preprocess_run(sys.argv[1], {}, sys.argv[2], evalperc=20, seed=1, progress=False)
 """
 

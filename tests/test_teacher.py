@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from crossrank.io import read_run
-from crossrank.teacher import (TeacherConfig, build_messages, estimate_tokens, fit_messages, parse_permutation,
-                               sliding_windows, token_counter)
+from crossrank.rankgpt import (build_messages, estimate_tokens, fit_messages, parse_permutation, sliding_windows,
+                               token_counter)
+from crossrank.teacher_config import TeacherConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from chat_server import ChatServer  # noqa: E402
@@ -356,7 +357,7 @@ def test_a_named_key_never_travels_over_plain_http_to_another_host(collection, t
     ("http://10.0.0.5:8000/v1", "UNSET_KEY", ("UNSET_KEY", "")),  # nothing to leak: not refused
 ])
 def test_api_key_for(monkeypatch, url, variable, sent):
-    from crossrank.teacher import api_key_for
+    from crossrank.chat import api_key_for
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
     monkeypatch.setenv("OTHER_KEY", "sk-other")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import interrupt_and_resume, write_tiny_collection
-from crossrank import compare, config, inference
+from crossrank import compare, config, experiment
 from crossrank.config import ROOT, load_run_config
 from crossrank.data import PairTokenizer, load_training_data
 from crossrank.io import CrossrankError
@@ -233,7 +233,7 @@ def test_infer_scores_each_list_as_the_model_does_and_reports_alpha_ndcg(stage1,
     monkeypatch.setattr(config, "ROOT", tmp_path)
     cfg = load_run_config([ROOT / "configs" / "backbones" / "set-encoder.yaml"],
                           [f"eval.dataset={dataset}", "eval.block_queries=3", "eval.novelty=true"])
-    inference.run_inference(cfg, str(run / "model"))
+    experiment.run_inference(cfg, str(run / "model"))
     out = capsys.readouterr().out
     assert "alpha-nDCG@10" in out and "10 queries with a relevant passage" in out
     written: dict[str, dict[str, float]] = {}
@@ -253,7 +253,7 @@ def test_infer_scores_each_list_as_the_model_does_and_reports_alpha_ndcg(stage1,
 
     mono = load_run_config([], [f"eval.dataset={dataset}"])  # a Set-Encoder checkpoint is never read as mono
     with pytest.raises(CrossrankError, match=r"is a Set-Encoder checkpoint .* \(expected -c set-encoder"):
-        inference.run_inference(mono, str(run / "model"))
+        experiment.run_inference(mono, str(run / "model"))
 
 
 def test_novelty_variant_uses_na_rank_net_on_jaccard_clusters(lively, collection, tmp_path):

@@ -54,6 +54,8 @@ class MonoEncoder(nn.Module):
     saved here loads unchanged with `AutoModelForSequenceClassification` and sentence-transformers'
     `CrossEncoder`."""
 
+    listwise = False  # scores each pair on its own: batches may mix queries and cut lists anywhere
+
     def __init__(self, encoder: nn.Module):
         super().__init__()
         self.encoder = encoder  # AutoModelForSequenceClassification with num_labels=1

@@ -43,7 +43,8 @@ from crossrank.data import PairTokenizer
 from crossrank.distributed import Distributed
 from crossrank.io import (CrossrankError, Run, atomic_write, load_corpus, load_run, qid_order, read_topics,
                           run_problems, sort_ranking, write_run)
-from crossrank.models import MonoEncoder, load_tokenizer, resolve_model_path, score_first_token_only
+from crossrank.models import MonoEncoder, resolve_model_path, score_first_token_only
+from crossrank.scorer import load_scorer
 from crossrank.precision import autocast_dtype, cpu_flags, resolve_precision
 
 SCORE_DECIMALS = 6  # scores are rounded so that runs from different batchings and shards are identical
@@ -111,33 +112,23 @@ def load_candidates(run_path: str, topics: str, corpus: str, depth: int, lenient
 
 
 def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.device,
-               compile: bool = False) -> tuple[MonoEncoder, PairTokenizer]:
-    """The checkpoint in eval mode on `device` and its pair tokenizer. SDPA attention on CUDA; `compile` wraps
-    it in `torch.compile` (dynamic shapes)."""
-    from crossrank.set_encoder import CONFIG_FILE
-
-    if model_cfg.kind != "set-encoder" and (Path(resolve_model_path(str(path))) / CONFIG_FILE).is_file():
-        raise CrossrankError(f"{path}: is a Set-Encoder checkpoint ({CONFIG_FILE}) loaded as model.kind="
-                             f"{model_cfg.kind} (expected -c set-encoder, or model.kind=set-encoder "
-                             f"model.truncation=per_field)")
+               compile: bool = False) -> tuple[nn.Module, PairTokenizer]:
+    """The checkpoint (`load_scorer`) in eval mode on `device` and its pair tokenizer. SDPA attention on CUDA;
+    a mono model scores its last layer for the first token only; `compile` wraps it in `torch.compile`
+    (dynamic shapes)."""
     # A bare backbone (no trained head) gets a random head: seed it, so that every rank of a sharded run and
     # every resumed run has the same one (transformers reports the missing weights).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        if model_cfg.kind == "set-encoder":  # listwise: scored one whole query list per forward pass
-            from crossrank.set_encoder import SetEncoder, load_set_tokenizer
-
-            model_cfg = dataclasses.replace(model_cfg, truncation="per_field")  # the Set-Encoder's convention
-            set_model = SetEncoder.from_pretrained(path, sample_at_inference=model_cfg.sample_at_inference)
-            set_model = set_model.to(device).eval()
-            return (torch.compile(set_model, dynamic=True) if compile else set_model), \
-                PairTokenizer(load_set_tokenizer(path), model_cfg)
-        extra = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
-        model = MonoEncoder.from_pretrained(path, **extra).to(device).eval()
-    score_first_token_only(model)
+        model, tokenizer = load_scorer(path, model_cfg, sdpa=device.type == "cuda")
+        model = model.to(device).eval()
+    if model.listwise:  # scored one whole query list per forward pass, fields truncated on their own
+        model_cfg = dataclasses.replace(model_cfg, truncation="per_field")  # the Set-Encoder's convention
+    else:
+        score_first_token_only(model)
     if compile:  # fuses the element-wise ops around the GEMMs; a one-off compile, then faster steady state
         model = torch.compile(model, dynamic=True)
-    return model, PairTokenizer(load_tokenizer(path), model_cfg)
+    return model, PairTokenizer(tokenizer, model_cfg)
 
 
 def model_fingerprint(path: str | os.PathLike, model_cfg: ModelConfig) -> str:

@@ -78,6 +78,10 @@ class MonoEncoder(nn.Module):
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         self.encoder.save_pretrained(folder, safe_serialization=True)
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer in the backward pass; non-reentrant, so dropout replays the same masks."""
+        self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
 
 def freeze_position_embeddings(model: nn.Module) -> int:
     """Stop training the learned position embeddings (`...embeddings.position_embeddings.weight` of BERT,

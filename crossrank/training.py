@@ -52,9 +52,10 @@ from crossrank.distributed import Distributed, setup_distributed
 from crossrank.inference import Candidates, plan_batches, score_candidates
 from crossrank.io import FILE_MODE, CrossrankError, atomic_write, qid_order
 from crossrank.losses import LOSSES
-from crossrank.models import MonoEncoder, check_model_folder, freeze_position_embeddings, load_tokenizer
+from crossrank.models import check_model_folder
 from crossrank.novelty import duplicate_bce, novelty_targets
 from crossrank.preprocessing import QueryCandidates
+from crossrank.scorer import load_scorer
 
 INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -114,28 +115,14 @@ def lr_at(step: int, optim: OptimConfig, total: int) -> float:
     return optim.lr * max(0.0, (total - step) / max(1, total - optim.warmup_steps))
 
 
-def load_model(path: str, cfg: RunConfig) -> tuple[PreTrainedTokenizerBase, nn.Module]:
-    """Tokenizer and model to train from `path` (backbone, stage-1 model or checkpoint). The Set-Encoder adds
-    [INT]; outside stage 1 its duplicate head gets no loss, so it is frozen (DDP then needs no
+def load_model(path: str, cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Model and tokenizer to train from `path` (backbone, stage-1 model or checkpoint), by `load_scorer`.
+    Outside stage 1 the Set-Encoder's duplicate head gets no loss, so it is frozen (DDP then needs no
     find_unused_parameters)."""
-    if cfg.model.kind == "mono":
-        model = MonoEncoder.from_pretrained(path)
-        if cfg.model.gradient_checkpointing:
-            model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.model.freeze_position_embeddings:
-            freeze_position_embeddings(model)
-        return load_tokenizer(path), model
-    from crossrank.set_encoder import SetEncoder, load_set_tokenizer
-
-    model = SetEncoder.from_pretrained(path, sample_missing_docs=cfg.model.sample_missing_docs,
-                                       sample_at_inference=cfg.model.sample_at_inference,
-                                       depth=cfg.model.depth)  # the [INT] set's size, whatever the list's
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.duplicate.requires_grad_(cfg.data.duplicate)
-    if cfg.model.freeze_position_embeddings:
-        freeze_position_embeddings(model)
-    return load_set_tokenizer(path), model
+    model, tokenizer = load_scorer(path, cfg.model, training=True)
+    if model.listwise:
+        model.duplicate.requires_grad_(cfg.data.duplicate)
+    return model, tokenizer
 
 
 def batch_loss(model: nn.Module, batch: Batch, loss_fn, cfg: RunConfig, device: torch.device
@@ -339,7 +326,7 @@ def _setup(cfg: RunConfig) -> Setup:
     init = str(folder / "checkpoint") if resume else cfg.train.init_from
 
     torch.manual_seed(cfg.train.seed)  # the same fresh head on every process
-    tokenizer, raw_model = load_model(init, cfg)
+    raw_model, tokenizer = load_model(init, cfg)
     raw_model.to(ddp.device)
     model = DistributedDataParallel(raw_model, device_ids=[ddp.device] if cuda else None) \
         if ddp.world > 1 else raw_model

@@ -8,19 +8,22 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
+from crossrank import config, evaluation
+from crossrank.config import resolve_config_file
 from crossrank.data import PairTokenizer
+from crossrank.datasets import load_dataset
 from crossrank.distributed import Distributed, setup_distributed
 from crossrank.inference import check_score_cache, load_candidates, load_model, model_fingerprint, rerank
-from crossrank.io import CrossrankError, load_corpus, load_run, read_topics
+from crossrank.io import CrossrankError, load_corpus, load_run, read_qrels, read_topics
 from crossrank.models import MonoEncoder
+from crossrank.naming import backbone_name, find_model, model_label, objective_chain
 from crossrank.precision import cpu_flags, cpu_model, resolve_precision, slow_precision_note
+
 
 def dataset_keys(key: str) -> list[str]:
     """`dl19`, `dl19,dl20`, or a list YAML under configs/datasets/ (`datasets: [dl19, dl20]`, e.g. indomain)."""
-    import yaml
-
-    from crossrank.config import resolve_config_file
-
     if not key:
         raise CrossrankError("config: eval.dataset is empty (expected a configs/datasets key, indomain or "
                              "outofdomain, e.g. eval.dataset=dl19 or -d dl19)")
@@ -34,8 +37,6 @@ def dataset_keys(key: str) -> list[str]:
 
 def model_run_name(model_path: str | os.PathLike) -> str:
     """`models/bert.CL.f1.lr1e-05.s42/model` -> `bert.CL.f1.lr1e-05.s42`; other folders: their name."""
-    from crossrank.naming import backbone_name
-
     path = Path(str(model_path).rstrip("/"))
     return path.parent.name if path.name == "model" and path.parent.name else backbone_name(str(path))
 
@@ -44,10 +45,6 @@ def rerank_dataset(cfg, model: MonoEncoder, tokenizer: PairTokenizer, fingerprin
                    key: str, dist: Distributed) -> str | None:
     """Re-rank one dataset's first-stage run into runs/<dataset>.<first_stage>.<model>.run, evaluate it against
     the first stage (cut at the same depth) with significance tests; returns the report on rank 0."""
-    from crossrank import config, evaluation
-    from crossrank.datasets import load_dataset
-    from crossrank.io import read_qrels
-
     dataset = load_dataset(key)
     e = cfg.eval
     run_path = dataset.run(e.first_stage)
@@ -87,8 +84,6 @@ def rerank_dataset(cfg, model: MonoEncoder, tokenizer: PairTokenizer, fingerprin
 
 def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: int | None = None) -> None:
     """infer.py's work: find the checkpoint, then re-rank and evaluate every dataset of eval.dataset."""
-    from crossrank.naming import find_model, model_label, objective_chain
-
     keys = dataset_keys(cfg.eval.dataset)
     if cfg.eval.score_cache:
         check_score_cache(cfg.eval.score_cache)

@@ -45,6 +45,7 @@ from crossrank.io import (CrossrankError, Run, atomic_write, load_corpus, load_r
                           run_problems, sort_ranking, write_run)
 from crossrank.models import MonoEncoder, resolve_model_path, score_first_token_only
 from crossrank.scorer import load_scorer
+from crossrank.set_encoder import INTERACTION_TOKEN, encode_lists
 from crossrank.precision import autocast_dtype, cpu_flags, resolve_precision
 
 SCORE_DECIMALS = 6  # scores are rounded so that runs from different batchings and shards are identical
@@ -228,8 +229,6 @@ def prepare_block(pairs: list[tuple[str, str]], candidates: Candidates, tokenize
     index = {q: i for i, q in enumerate(dict.fromkeys(q for q, _ in pairs))}
     groups = [index[q] for q, _ in pairs]
     if kind == "set-encoder":
-        from crossrank.set_encoder import INTERACTION_TOKEN, encode_lists
-
         interaction_id = tokenizer.fields.token_to_id(INTERACTION_TOKEN)
         return [(rows, encode_lists(tokenizer, interaction_id, [candidates.queries[pairs[rows[0]][0]]],
                                     [[candidates.texts[pairs[i][1]] for i in rows]]))

@@ -1,9 +1,10 @@
 """Fine-tuning a cross-encoder: one plain-PyTorch loop, `train(cfg)`, read top to bottom.
 
-`model.kind` picks the model: `mono` (pointwise, one score per pair) or `set-encoder` (listwise,
-`crossrank.set_encoder`: every query's list in one forward pass). They differ only in `load_model` and in how
-a micro-batch is scored (`mono_backward`: length-sorted chunks of `train.batch_tokens`; `batch_loss`: whole
-lists); the loop, resume, validation and checkpoints are the same.
+`model.kind` picks the model (`crossrank.scorer.load_scorer`): `mono` (pointwise, one score per pair) or
+`set-encoder` (listwise, `crossrank.set_encoder`: every query's list in one forward pass). They differ only in
+how a micro-batch is scored, which the model's `listwise` attribute selects (`mono_backward`: length-sorted
+chunks of `train.batch_tokens`; `batch_loss`: whole lists); the loop, resume, validation and checkpoints are
+the same.
 
     setup (processes, seeds, data, model, optimiser) -> resume from checkpoint/ if there is one -> loop:
     accumulate micro-batches -> clip -> step -> log -> validate (keep the best as model/) -> checkpoint

@@ -23,7 +23,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import datetime
 import hashlib
 import json
 import os
@@ -36,17 +35,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from crossrank.config import EvalConfig, ModelConfig
-from crossrank.encoding import PairTokenizer
-from crossrank.distributed import Distributed, setup_distributed
+from crossrank.encoding import INTERACTION_TOKEN, PairTokenizer, encode_lists
+from crossrank.distributed import Distributed
 from crossrank.io import (CrossrankError, Run, atomic_write, load_corpus, load_run, qid_order, read_topics,
                           run_problems, sort_ranking, write_run)
-from crossrank.models import MonoEncoder, load_tokenizer, resolve_model_path
-from crossrank.precision import autocast_dtype, cpu_flags, cpu_model, resolve_precision, slow_precision_note
+from crossrank.models import MonoEncoder, resolve_model_path, score_first_token_only
+from crossrank.scorer import load_scorer
+from crossrank.precision import autocast_dtype, cpu_flags, resolve_precision
 
 SCORE_DECIMALS = 6  # scores are rounded so that runs from different batchings and shards are identical
 ScoredPair = tuple[str, str, float]  # (qid, docno, score)
@@ -113,70 +112,23 @@ def load_candidates(run_path: str, topics: str, corpus: str, depth: int, lenient
 
 
 def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.device,
-               compile: bool = False) -> tuple[MonoEncoder, PairTokenizer]:
-    """The checkpoint in eval mode on `device` and its pair tokenizer. SDPA attention on CUDA; `compile` wraps
-    it in `torch.compile` (dynamic shapes)."""
-    from crossrank.set_encoder import CONFIG_FILE
-
-    if model_cfg.kind != "set-encoder" and (Path(resolve_model_path(str(path))) / CONFIG_FILE).is_file():
-        raise CrossrankError(f"{path}: is a Set-Encoder checkpoint ({CONFIG_FILE}) loaded as model.kind="
-                             f"{model_cfg.kind} (expected -c set-encoder, or model.kind=set-encoder "
-                             f"model.truncation=per_field)")
+               compile: bool = False) -> tuple[nn.Module, PairTokenizer]:
+    """The checkpoint (`load_scorer`) in eval mode on `device` and its pair tokenizer. SDPA attention on CUDA;
+    a mono model scores its last layer for the first token only; `compile` wraps it in `torch.compile`
+    (dynamic shapes)."""
     # A bare backbone (no trained head) gets a random head: seed it, so that every rank of a sharded run and
     # every resumed run has the same one (transformers reports the missing weights).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        if model_cfg.kind == "set-encoder":  # listwise: scored one whole query list per forward pass
-            from crossrank.encoding import load_set_tokenizer
-            from crossrank.set_encoder import SetEncoder
-
-            model_cfg = dataclasses.replace(model_cfg, truncation="per_field")  # the Set-Encoder's convention
-            set_model = SetEncoder.from_pretrained(path, sample_at_inference=model_cfg.sample_at_inference)
-            set_model = set_model.to(device).eval()
-            return (torch.compile(set_model, dynamic=True) if compile else set_model), \
-                PairTokenizer(load_set_tokenizer(path), model_cfg)
-        extra = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
-        model = MonoEncoder.from_pretrained(path, **extra).to(device).eval()
-    score_first_token_only(model)
+        model, tokenizer = load_scorer(path, model_cfg, sdpa=device.type == "cuda")
+        model = model.to(device).eval()
+    if model.listwise:  # scored one whole query list per forward pass, fields truncated on their own
+        model_cfg = dataclasses.replace(model_cfg, truncation="per_field")  # the Set-Encoder's convention
+    else:
+        score_first_token_only(model)
     if compile:  # fuses the element-wise ops around the GEMMs; a one-off compile, then faster steady state
         model = torch.compile(model, dynamic=True)
-    return model, PairTokenizer(load_tokenizer(path), model_cfg)
-
-
-class FirstTokenLayer(nn.Module):
-    """The last encoder layer computed for the first token only. A mono cross-encoder's head reads only the
-    final `[CLS]` state (BERT's pooler, ELECTRA's and RoBERTa's classification heads take row 0), so in the last
-    layer the other tokens' queries, attention outputs and feed-forward are wasted: keys and values still use
-    every token, the rest only row 0. Same scores (up to float rounding), ~1/7 fewer FLOPs for a 6-layer model."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer  # the original BertLayer / ElectraLayer / RobertaLayer, weights shared
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args,
-                **kwargs) -> torch.Tensor:
-        attention, N, L = self.layer.attention, hidden_states.shape[0], hidden_states.shape[1]
-        heads, size = attention.self.num_attention_heads, attention.self.attention_head_size
-        q = attention.self.query(hidden_states[:, :1]).view(N, 1, heads, size).transpose(1, 2)  # [N, h, 1, d]
-        k = attention.self.key(hidden_states).view(N, L, heads, size).transpose(1, 2)  # [N, h, L, d]
-        v = attention.self.value(hidden_states).view(N, L, heads, size).transpose(1, 2)  # [N, h, L, d]
-        mask = attention_mask[:, :, :1, :L] if attention_mask is not None else None  # [N, 1, 1, L]
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attention.self.scaling)
-        context = context.transpose(1, 2).reshape(N, 1, heads * size)  # [N, 1, H]
-        first = attention.output(context, hidden_states[:, :1])  # [N, 1, H]
-        return self.layer.output(self.layer.intermediate(first), first)  # [N, 1, H]
-
-
-def score_first_token_only(model: MonoEncoder) -> bool:
-    """Swap the last encoder layer instance for a `FirstTokenLayer` (BERT, ELECTRA, RoBERTa encoders; others
-    are left alone). Inference only: the swapped model is never saved or trained."""
-    base = model.encoder.base_model
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if base.config.model_type not in ("bert", "electra", "roberta") or base.config.is_decoder \
-            or not isinstance(layers, nn.ModuleList):
-        return False
-    layers[-1] = FirstTokenLayer(layers[-1])
-    return True
+    return model, PairTokenizer(tokenizer, model_cfg)
 
 
 def model_fingerprint(path: str | os.PathLike, model_cfg: ModelConfig) -> str:
@@ -276,8 +228,6 @@ def prepare_block(pairs: list[tuple[str, str]], candidates: Candidates, tokenize
     index = {q: i for i, q in enumerate(dict.fromkeys(q for q, _ in pairs))}
     groups = [index[q] for q, _ in pairs]
     if kind == "set-encoder":
-        from crossrank.encoding import INTERACTION_TOKEN, encode_lists
-
         interaction_id = tokenizer.fields.token_to_id(INTERACTION_TOKEN)
         return [(rows, encode_lists(tokenizer, interaction_id, [candidates.queries[pairs[rows[0]][0]]],
                                     [[candidates.texts[pairs[i][1]] for i in rows]]))
@@ -464,104 +414,3 @@ def merge_parts(parts: Path, num_blocks: int) -> Run:
 def _lines(path: Path) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
         yield from (line.rstrip("\n") for line in f if line.strip())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# infer.py: datasets in, runs + metrics out
-
-
-def dataset_keys(key: str) -> list[str]:
-    """`dl19`, `dl19,dl20`, or a list YAML under configs/datasets/ (`datasets: [dl19, dl20]`, e.g. indomain)."""
-    import yaml
-
-    from crossrank.config import resolve_config_file
-
-    if not key:
-        raise CrossrankError("config: eval.dataset is empty (expected a configs/datasets key, indomain or "
-                             "outofdomain, e.g. eval.dataset=dl19 or -d dl19)")
-    keys: list[str] = []
-    for part in (p.strip() for p in key.split(",") if p.strip()):
-        tree = yaml.safe_load(resolve_config_file(part, "datasets").read_text(encoding="utf-8")) or {}
-        keys.extend(str(k) for k in tree["datasets"]) if isinstance(tree, dict) and "datasets" in tree \
-            else keys.append(part)
-    return keys
-
-
-def model_run_name(model_path: str | os.PathLike) -> str:
-    """`models/bert.CL.f1.lr1e-05.s42/model` -> `bert.CL.f1.lr1e-05.s42`; other folders: their name."""
-    from crossrank.naming import backbone_name
-
-    path = Path(str(model_path).rstrip("/"))
-    return path.parent.name if path.name == "model" and path.parent.name else backbone_name(str(path))
-
-
-def rerank_dataset(cfg, model: MonoEncoder, tokenizer: PairTokenizer, fingerprint: str, model_name: str,
-                   key: str, dist: Distributed) -> str | None:
-    """Re-rank one dataset's first-stage run into runs/<dataset>.<first_stage>.<model>.run, evaluate it against
-    the first stage (cut at the same depth) with significance tests; returns the report on rank 0."""
-    from crossrank import config, evaluation
-    from crossrank.datasets import load_dataset
-    from crossrank.io import read_qrels
-
-    dataset = load_dataset(key)
-    e = cfg.eval
-    run_path = dataset.run(e.first_stage)
-    candidates = load_candidates(run_path, dataset.source("topics"), dataset.source("corpus"), e.depth, e.lenient)
-    out = config.ROOT / "runs" / f"{dataset.name}.{e.first_stage}.{model_name}.run"
-    run = rerank(model, tokenizer, candidates, out, e, fingerprint, dist, tag=model_name, kind=cfg.model.kind)
-    if not dist.is_main:
-        return None
-    config.save(cfg, out.with_suffix(".yaml"))
-    lines = [f"{dataset.name}: re-ranked {len(candidates.run)} queries, {candidates.num_pairs} pairs "
-             f"(top {e.depth} of {e.first_stage}) -> {out}", *(f"note: {n}" for n in candidates.notes)]
-    if not dataset.qrels:
-        return "\n".join(lines + [f"note: dataset {dataset.name} has no qrels; not evaluated"])
-    qrels, topics = read_qrels(dataset.source("qrels")), read_topics(dataset.source("topics"))
-    metrics = evaluation.parse_metrics(e.metrics, dataset.rel_level)
-    first = load_run(run_path, depth=e.depth, lenient=e.lenient)
-    runs = {f"{e.first_stage} (top {e.depth})": first, model_name: run}
-    evals = {name: evaluation.evaluate(r, qrels, metrics, topics, name) for name, r in runs.items()}
-    evaluation.write_per_query(evals[model_name], out.with_suffix(".perquery.csv"))
-    if "nDCG@10" in evals[model_name].per_query:
-        evaluation.plot_difference(evals[model_name], evals[next(iter(runs))], out.with_suffix(".ndcg10-diff.png"),
-                                   title=f"{dataset.name}: {model_name} vs {e.first_stage}")
-    table, notes = evaluation.compare(runs, qrels, metrics, topics, 0, e.correction or None)
-    lines += [f"note: {n}" for n in dict.fromkeys(notes)]
-    lines += [evaluation.format_table(table, metrics),
-              f"(* p < 0.05, paired two-sided t-test against {e.first_stage}{', Holm' if e.correction else ''}; "
-              f"{len(evaluation.judged_qids(qrels, topics))} judged queries; binary measures at rel >= "
-              f"{dataset.rel_level})"]
-    if e.novelty:
-        protocol = e.novelty_subtopics
-        texts = load_corpus(dataset.source("corpus"),
-                            evaluation.relevant_docnos(qrels, topics, dataset.rel_level, protocol), missing_ok=True)
-        subtopics = evaluation.cluster_subtopics(qrels, texts, dataset.rel_level, protocol)
-        lines.append(evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, protocol))
-    return "\n".join(lines)
-
-
-def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: int | None = None) -> None:
-    """infer.py's work: find the checkpoint, then re-rank and evaluate every dataset of eval.dataset."""
-    from crossrank.naming import find_model, model_label, objective_chain
-
-    keys = dataset_keys(cfg.eval.dataset)
-    if cfg.eval.score_cache:
-        check_score_cache(cfg.eval.score_cache)
-    dist = setup_distributed(timeout=datetime.timedelta(hours=12))  # shards may finish far apart
-    if model_path is None:
-        chain = objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
-        label = model_label(cfg.model.name, cfg.data.novelty)  # data.novelty: the novelty-trained variant
-        model_path = str(find_model(label, chain, cfg.train.stage, lr, seed))
-    model, tokenizer = load_model(model_path, cfg.model, dist.device, cfg.eval.compile)
-    fingerprint = model_fingerprint(model_path, cfg.model)
-    precision = resolve_precision(cfg.eval.precision, dist.device.type, cpu_flags(), cfg.model.kind)
-    if dist.is_main:
-        print(f"model: {model_path} (fingerprint {fingerprint[:12]}) on {dist.device} x {dist.world}, "
-              f"eval.precision={cfg.eval.precision} -> {precision}", file=sys.stderr)
-        note = slow_precision_note(precision, dist.device.type, cpu_flags(), cpu_model())
-        if note:
-            print(note, file=sys.stderr)
-    for key in keys:
-        report = rerank_dataset(cfg, model, tokenizer, fingerprint, model_run_name(model_path), key, dist)
-        if report:
-            print(report, flush=True)

@@ -167,6 +167,8 @@ class SetEncoder(nn.Module):
     Score = Linear(final [CLS]) without bias; `duplicate` = a separate Linear(final [CLS]) (with bias) whose
     logit says "this passage has a copy in the list" (the stage-1 auxiliary task)."""
 
+    listwise = True  # a query's passages attend to each other: one forward must hold the whole list
+
     def __init__(self, backbone: nn.Module, config: SetEncoderConfig):
         super().__init__()
         self.config = config

@@ -1,9 +1,10 @@
 """Fine-tuning a cross-encoder: one plain-PyTorch loop, `train(cfg)`, read top to bottom.
 
-`model.kind` picks the model: `mono` (pointwise, one score per pair) or `set-encoder` (listwise,
-`crossrank.set_encoder`: every query's list in one forward pass). They differ only in `load_model` and in how
-a micro-batch is scored (`mono_backward`: length-sorted chunks of `train.batch_tokens`; `batch_loss`: whole
-lists); the loop, resume, validation and checkpoints are the same.
+`model.kind` picks the model (`crossrank.scorer.load_scorer`): `mono` (pointwise, one score per pair) or
+`set-encoder` (listwise, `crossrank.set_encoder`: every query's list in one forward pass). They differ only in
+how a micro-batch is scored, which the model's `listwise` attribute selects (`mono_backward`: length-sorted
+chunks of `train.batch_tokens`; `batch_loss`: whole lists); the loop, resume, validation and checkpoints are
+the same.
 
     setup (processes, seeds, data, model, optimiser) -> resume from checkpoint/ if there is one -> loop:
     accumulate micro-batches -> clip -> step -> log -> validate (keep the best as model/) -> checkpoint
@@ -33,6 +34,7 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,9 +54,10 @@ from crossrank.encoding import PairTokenizer, load_set_tokenizer
 from crossrank.inference import Candidates, plan_batches, score_candidates
 from crossrank.io import FILE_MODE, CrossrankError, atomic_write, qid_order
 from crossrank.losses import LOSSES
-from crossrank.models import MonoEncoder, check_model_folder, freeze_position_embeddings, load_tokenizer
+from crossrank.models import check_model_folder
 from crossrank.novelty import duplicate_bce, novelty_targets
-from crossrank.preprocessing import TrainingQuery as QueryCandidates  # the name training.py still uses
+from crossrank.preprocessing import TrainingQuery
+from crossrank.scorer import load_scorer
 
 INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -114,28 +117,14 @@ def lr_at(step: int, optim: OptimConfig, total: int) -> float:
     return optim.lr * max(0.0, (total - step) / max(1, total - optim.warmup_steps))
 
 
-def load_model(path: str, cfg: RunConfig) -> tuple[PreTrainedTokenizerBase, nn.Module]:
-    """Tokenizer and model to train from `path` (backbone, stage-1 model or checkpoint). The Set-Encoder adds
-    [INT]; outside stage 1 its duplicate head gets no loss, so it is frozen (DDP then needs no
+def load_model(path: str, cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Model and tokenizer to train from `path` (backbone, stage-1 model or checkpoint), by `load_scorer`.
+    Outside stage 1 the Set-Encoder's duplicate head gets no loss, so it is frozen (DDP then needs no
     find_unused_parameters)."""
-    if cfg.model.kind == "mono":
-        model = MonoEncoder.from_pretrained(path)
-        if cfg.model.gradient_checkpointing:
-            model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.model.freeze_position_embeddings:
-            freeze_position_embeddings(model)
-        return load_tokenizer(path), model
-    from crossrank.set_encoder import SetEncoder
-
-    model = SetEncoder.from_pretrained(path, sample_missing_docs=cfg.model.sample_missing_docs,
-                                       sample_at_inference=cfg.model.sample_at_inference,
-                                       depth=cfg.model.depth)  # the [INT] set's size, whatever the list's
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.duplicate.requires_grad_(cfg.data.duplicate)
-    if cfg.model.freeze_position_embeddings:
-        freeze_position_embeddings(model)
-    return load_set_tokenizer(path), model
+    model, tokenizer = load_scorer(path, cfg.model, training=True)
+    if model.listwise:
+        model.duplicate.requires_grad_(cfg.data.duplicate)
+    return model, tokenizer
 
 
 def batch_loss(model: nn.Module, batch: Batch, loss_fn, cfg: RunConfig, device: torch.device
@@ -224,9 +213,94 @@ def _chunk_rng(device: torch.device, state: tuple | None = None) -> tuple | None
     return None
 
 
+@dataclasses.dataclass
+class Setup:
+    """What every step of a run works with, built once by `_setup` (the handles, not the state that resumes)."""
+
+    cfg: RunConfig
+    ddp: Distributed
+    data: TrainingData
+    valid: list[TrainingQuery]
+    folder: Path
+    total_steps: int
+    resume: bool  # checkpoint/ holds a state to continue from
+    tokenizer: PreTrainedTokenizerBase
+    raw_model: nn.Module  # the model itself (saved, validated, clipped)
+    model: nn.Module  # the same, wrapped in DDP with several processes (the forward that all-reduces)
+    pairs: PairTokenizer
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: torch.autocast
+    loss_fn: Callable
+
+    @property
+    def micro_steps(self) -> int:  # per process
+        return self.cfg.train.accumulation // self.ddp.world
+
+    @property
+    def global_queries(self) -> int:  # per optimiser step
+        return self.cfg.train.queries_per_batch * self.cfg.train.accumulation
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """One optimiser step's figures over all processes, from the step's one all-reduce."""
+
+    loss: float  # mean over the step's micro-batches and processes
+    pairs: int
+    tokens: int
+    stop: bool  # some process was asked to stop
+    parts: dict[str, float]  # the parts of a composite loss (Set-Encoder stage 1), means like `loss`
+
+
 def train(cfg: RunConfig) -> TrainState:
     """Fine-tune `cfg.model` on `cfg.data` with `cfg.train.loss`; see the module docstring."""
-    # --- setup ------------------------------------------------------------------------------------------
+    run = _setup(cfg)
+    cfg, ddp = run.cfg, run.ddp
+    state = _restore(run)
+    if ddp.is_main:
+        _open_run_folder(run, state)
+    reporters = _open_reporters(cfg, run.folder) if ddp.is_main else []
+    with _signals_caught() as interrupted:
+        run.model.train()
+        progress = tqdm(total=run.total_steps, initial=state.step, disable=not ddp.is_main, desc="train",
+                        unit="step")
+        window = _new_window()
+        loop_started, first_step = time.perf_counter(), state.step
+        while state.step < run.total_steps:
+            started = time.perf_counter()
+            lr = lr_at(state.step, cfg.optim, run.total_steps)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            record = _reduce_step(*_accumulate(run, state), interrupted["signal"] is not None, ddp)
+            _optimizer_step(run, record, state.step)
+            state.step += 1
+            state.cursor += run.global_queries
+            progress.update(1)
+            _add_to_window(window, record, time.perf_counter() - started)
+            if ddp.is_main and (state.step % cfg.train.log_every == 0 or state.step == run.total_steps):
+                # ETA from the wall time per step of this run so far: validation and checkpoints included
+                per_step = (time.perf_counter() - loop_started) / (state.step - first_step)
+                _log_window(run, state, window, lr, per_step, reporters, progress)
+                window = _new_window()
+            done = state.step == run.total_steps
+            _validate(run, state, done, reporters)
+            state.finished = done
+            if done or record.stop or state.step % cfg.train.save_every == 0:
+                _checkpoint(run, state)
+            if record.stop and not done:
+                if ddp.is_main:
+                    print(f"\ninterrupted by {interrupted['signal'] or 'a signal to another process'} at step "
+                          f"{state.step}: checkpoint saved in {run.folder / 'checkpoint'}; rerun the same command "
+                          f"to resume")
+                break
+        progress.close()
+    _finish(run, state, reporters)
+    return state
+
+
+def _setup(cfg: RunConfig) -> Setup:
+    """Processes, checks, data, the run folder, the model (from checkpoint/ when resuming) and its optimiser."""
     ddp = setup_distributed()
     if cfg.train.loss not in LOSSES:
         raise CrossrankError(f"config: train.loss is unknown (expected one of {', '.join(LOSSES)}, "
@@ -235,9 +309,6 @@ def train(cfg: RunConfig) -> TrainState:
         raise CrossrankError(f"config: train.accumulation={cfg.train.accumulation} is not divisible by the "
                              f"{ddp.world} processes (expected a multiple; the global batch is "
                              f"queries_per_batch x accumulation)")
-    micro_steps = cfg.train.accumulation // ddp.world  # per process
-    global_queries = cfg.train.queries_per_batch * cfg.train.accumulation  # per optimiser step
-    loss_fn = LOSSES[cfg.train.loss]
     cuda = ddp.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16,
                               enabled=cuda and cfg.train.precision != "fp32")
@@ -248,6 +319,7 @@ def train(cfg: RunConfig) -> TrainState:
     # checkpoint that started elsewhere is refused by the recipe check below before anything is loaded
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=initial_weights(cfg)))
     folder = run_folder(cfg)
+    global_queries = cfg.train.queries_per_batch * cfg.train.accumulation
     total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * len(data) // global_queries)
     resume = _recover_folder(folder / "checkpoint")
     if resume:
@@ -256,140 +328,159 @@ def train(cfg: RunConfig) -> TrainState:
     init = str(folder / "checkpoint") if resume else cfg.train.init_from
 
     torch.manual_seed(cfg.train.seed)  # the same fresh head on every process
-    listwise = cfg.model.kind == "set-encoder"
-    tokenizer, raw_model = load_model(init, cfg)
+    raw_model, tokenizer = load_model(init, cfg)
     raw_model.to(ddp.device)
-    pairs = PairTokenizer(tokenizer, cfg.model)
     model = DistributedDataParallel(raw_model, device_ids=[ddp.device] if cuda else None) \
         if ddp.world > 1 else raw_model
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    return Setup(cfg, ddp, data, valid, folder, total_steps, resume, tokenizer, raw_model, model,
+                 PairTokenizer(tokenizer, cfg.model), optimizer, scaler, autocast, LOSSES[cfg.train.loss])
 
-    # --- resume -----------------------------------------------------------------------------------------
-    state = TrainState()
-    if resume:
-        saved = _load_state(folder / "checkpoint" / "state.pt", ddp.device)
-        optimizer.load_state_dict(saved["optimizer"])
-        if saved["scaler"]:  # empty when saved by a disabled (non-fp16) scaler
-            scaler.load_state_dict(saved["scaler"])
-        state = TrainState(**saved["state"])
-        _set_rng(state.rng, ddp)
-    else:
-        random.seed(cfg.train.seed + ddp.rank)
-        torch.manual_seed(cfg.train.seed + ddp.rank)  # dropout differs per process, as it would per batch
-    if ddp.is_main:
-        _truncate_metrics(folder / "metrics.jsonl", state.step)  # first: a damaged log stops before any write
-        folder.mkdir(parents=True, exist_ok=True)
-        config_io.save(cfg, folder / "crossrank.yaml")
-        print(f"training {folder.name}: {len(data)} queries ({data.dropped} without a usable example dropped), "
-              f"{len(valid)} validation queries, {total_steps} steps of {global_queries} queries, "
-              f"{ddp.world} process(es) on {ddp.device}" + (f", resuming at step {state.step}" if resume else ""))
-    reporters = _open_reporters(cfg, folder) if ddp.is_main else []
 
-    # --- loop -------------------------------------------------------------------------------------------
-    with _signals_caught() as interrupted:
-        model.train()
-        progress = tqdm(total=total_steps, initial=state.step, disable=not ddp.is_main, desc="train", unit="step")
-        window = {"loss": 0.0, "pairs": 0, "tokens": 0, "time": 0.0, "steps": 0}
-        loop_started, first_step = time.perf_counter(), state.step
-        while state.step < total_steps:
-            started = time.perf_counter()
-            lr = lr_at(state.step, cfg.optim, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, pair_count, token_count, part_sums = torch.zeros((), device=ddp.device), 0, 0, {}
-            for micro in range(micro_steps):
-                # micro-batches are interleaved over processes: the step's examples are the same for any world size
-                start = state.cursor + (micro * ddp.world + ddp.rank) * cfg.train.queries_per_batch
-                batch = data.batch(start, cfg.train.queries_per_batch, pairs, listwise)
-                last = micro == micro_steps - 1
-                if listwise:
-                    with model.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext():
-                        with autocast:  # the forward only; backward runs in the dtypes autocast chose
-                            loss, parts = batch_loss(model, batch, loss_fn, cfg, ddp.device)
-                        scaler.scale(loss / micro_steps).backward()
-                else:  # several backwards per micro-batch: only the step's very last one runs through DDP (syncs)
-                    loss, parts = mono_backward(raw_model, model if last else raw_model, batch, loss_fn, cfg, pairs,
-                                                ddp.device, autocast, lambda x: scaler.scale(x / micro_steps)), {}
-                loss_sum += loss.detach() / micro_steps
-                part_sums = {k: part_sums.get(k, 0.0) + v.detach() / micro_steps for k, v in parts.items()}
-                pair_count += batch.num_pairs
-                token_count += batch.num_tokens
-            # one collective per step: mean loss, pairs, whether any process was asked to stop, tokens, the parts
-            flags = torch.stack([loss_sum, torch.tensor(float(pair_count), device=ddp.device),
-                                 torch.tensor(float(interrupted["signal"] is not None), device=ddp.device),
-                                 torch.tensor(float(token_count), device=ddp.device), *part_sums.values()])
-            if ddp.world > 1:
-                dist.all_reduce(flags)
-            step_loss, stop = flags[0].item() / ddp.world, flags[2].item() > 0
-            if not math.isfinite(step_loss):
-                raise CrossrankError(f"step {state.step + 1}: the loss is {step_loss} (training diverged; the last "
-                                     f"checkpoint is intact: lower optim.lr (now {cfg.optim.lr:g}), keep "
-                                     f"optim.grad_clip, or use train.precision=fp32)")
-            if cfg.optim.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.cursor += global_queries
-            progress.update(1)
+def _restore(run: Setup) -> TrainState:
+    """The saved optimiser, scaler, TrainState and RNG states when resuming; else a fresh state and seeds."""
+    if not run.resume:
+        random.seed(run.cfg.train.seed + run.ddp.rank)
+        torch.manual_seed(run.cfg.train.seed + run.ddp.rank)  # dropout differs per process, as it would per batch
+        return TrainState()
+    saved = _load_state(run.folder / "checkpoint" / "state.pt", run.ddp.device)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    if saved["scaler"]:  # empty when saved by a disabled (non-fp16) scaler
+        run.scaler.load_state_dict(saved["scaler"])
+    state = TrainState(**saved["state"])
+    _set_rng(state.rng, run.ddp)
+    return state
 
-            window["loss"] += step_loss
-            for i, name in enumerate(part_sums):  # the parts of a composite loss (Set-Encoder stage 1), logged too
-                window[name] = window.get(name, 0.0) + flags[4 + i].item() / ddp.world
-            window["pairs"] += int(flags[1].item())
-            window["tokens"] += int(flags[3].item())
-            window["time"] += time.perf_counter() - started
-            window["steps"] += 1
-            if ddp.is_main and (state.step % cfg.train.log_every == 0 or state.step == total_steps):
-                # ETA from the wall time per step of this run so far: validation and checkpoints included
-                per_step = (time.perf_counter() - loop_started) / (state.step - first_step)
-                row = {"step": state.step, "epoch": round(state.cursor / len(data), 4), "lr": lr,
-                       "loss": window["loss"] / window["steps"], "pairs_per_s": window["pairs"] / window["time"],
-                       "tokens_per_s": window["tokens"] / window["time"],
-                       "eta_s": round(per_step * (total_steps - state.step), 1),
-                       **{k: v / window["steps"] for k, v in window.items() if k in part_sums}}
-                _log(folder, row, reporters)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.1f}",
-                                     tok_s=f"{row['tokens_per_s']:.0f}", eta=_duration(row["eta_s"]))
-                window = {"loss": 0.0, "pairs": 0, "tokens": 0, "time": 0.0, "steps": 0}
 
-            done = state.step == total_steps
-            if valid and (state.step % cfg.train.eval_every == 0 or done):
-                value = evaluate(raw_model, pairs, valid, data, cfg, ddp)
-                model.train()
-                if ddp.is_main:
-                    _log(folder, {"step": state.step, f"valid_{cfg.train.select_metric}": value}, reporters)
-                if value > state.best_metric:
-                    state.best_metric, state.best_step = value, state.step
-                    if ddp.is_main:
-                        save_model(raw_model, tokenizer, cfg, folder / "model", state)
-            if done and not valid and ddp.is_main:  # nothing to select by: the last weights are the model
-                state.best_step = state.step
-                save_model(raw_model, tokenizer, cfg, folder / "model", state)
-            state.finished = done
-            if done or stop or state.step % cfg.train.save_every == 0:
-                state.rng = _gather_rng(ddp)
-                if ddp.is_main:
-                    save_checkpoint(raw_model, tokenizer, optimizer, scaler, cfg, state, folder / "checkpoint")
-                    _plot(folder, cfg.train.select_metric)
-            if stop and not done:
-                if ddp.is_main:
-                    print(f"\ninterrupted by {interrupted['signal'] or 'a signal to another process'} at step "
-                          f"{state.step}: checkpoint saved in {folder / 'checkpoint'}; rerun the same command "
-                          f"to resume")
-                break
-        progress.close()
+def _open_run_folder(run: Setup, state: TrainState) -> None:
+    """Main process: the log cut back to the checkpoint, the resolved config, and what the run will do."""
+    _truncate_metrics(run.folder / "metrics.jsonl", state.step)  # first: a damaged log stops before any write
+    run.folder.mkdir(parents=True, exist_ok=True)
+    config_io.save(run.cfg, run.folder / "crossrank.yaml")
+    print(f"training {run.folder.name}: {len(run.data)} queries ({run.data.dropped} without a usable example "
+          f"dropped), {len(run.valid)} validation queries, {run.total_steps} steps of {run.global_queries} queries, "
+          f"{run.ddp.world} process(es) on {run.ddp.device}"
+          + (f", resuming at step {state.step}" if run.resume else ""))
+
+
+def _accumulate(run: Setup, state: TrainState) -> tuple[torch.Tensor, int, int, dict[str, torch.Tensor]]:
+    """This process's micro-batches of the step, backpropagated into .grad: (mean loss, pairs, tokens, parts)."""
+    cfg, ddp, micro_steps = run.cfg, run.ddp, run.micro_steps
+    listwise = run.raw_model.listwise  # Set-Encoder: whole lists per forward
+    loss_sum, pair_count, token_count, part_sums = torch.zeros((), device=ddp.device), 0, 0, {}
+    for micro in range(micro_steps):
+        # micro-batches are interleaved over processes: the step's examples are the same for any world size
+        start = state.cursor + (micro * ddp.world + ddp.rank) * cfg.train.queries_per_batch
+        batch = run.data.batch(start, cfg.train.queries_per_batch, run.pairs, listwise)
+        last = micro == micro_steps - 1
+        if listwise:
+            with run.model.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext():
+                with run.autocast:  # the forward only; backward runs in the dtypes autocast chose
+                    loss, parts = batch_loss(run.model, batch, run.loss_fn, cfg, ddp.device)
+                run.scaler.scale(loss / micro_steps).backward()
+        else:  # several backwards per micro-batch: only the step's very last one runs through DDP (syncs)
+            loss, parts = mono_backward(run.raw_model, run.model if last else run.raw_model, batch, run.loss_fn,
+                                        cfg, run.pairs, ddp.device, run.autocast,
+                                        lambda x: run.scaler.scale(x / micro_steps)), {}
+        loss_sum += loss.detach() / micro_steps
+        part_sums = {k: part_sums.get(k, 0.0) + v.detach() / micro_steps for k, v in parts.items()}
+        pair_count += batch.num_pairs
+        token_count += batch.num_tokens
+    return loss_sum, pair_count, token_count, part_sums
+
+
+def _reduce_step(loss_sum: torch.Tensor, pair_count: int, token_count: int, part_sums: dict[str, torch.Tensor],
+                 stop: bool, ddp: Distributed) -> StepRecord:
+    """One collective per step: every process's mean loss, pairs, tokens, parts and stop request, summed."""
+    device = ddp.device
+    flags = torch.stack([loss_sum, torch.tensor(float(pair_count), device=device),
+                         torch.tensor(float(stop), device=device), torch.tensor(float(token_count), device=device),
+                         *part_sums.values()])
+    if ddp.world > 1:
+        dist.all_reduce(flags)
+    parts = {name: flags[4 + i].item() / ddp.world for i, name in enumerate(part_sums)}
+    return StepRecord(loss=flags[0].item() / ddp.world, pairs=int(flags[1].item()), tokens=int(flags[3].item()),
+                      stop=flags[2].item() > 0, parts=parts)
+
+
+def _optimizer_step(run: Setup, record: StepRecord, step: int) -> None:
+    """Refuse a diverged loss, then clip, step and clear the gradients."""
+    if not math.isfinite(record.loss):
+        raise CrossrankError(f"step {step + 1}: the loss is {record.loss} (training diverged; the last "
+                             f"checkpoint is intact: lower optim.lr (now {run.cfg.optim.lr:g}), keep "
+                             f"optim.grad_clip, or use train.precision=fp32)")
+    if run.cfg.optim.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.cfg.optim.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _new_window() -> dict:
+    """Sums over the steps since the last log row."""
+    return {"loss": 0.0, "pairs": 0, "tokens": 0, "time": 0.0, "steps": 0, "parts": {}}
+
+
+def _add_to_window(window: dict, record: StepRecord, seconds: float) -> None:
+    window["loss"] += record.loss
+    for name, value in record.parts.items():
+        window["parts"][name] = window["parts"].get(name, 0.0) + value
+    window["pairs"] += record.pairs
+    window["tokens"] += record.tokens
+    window["time"] += seconds
+    window["steps"] += 1
+
+
+def _log_window(run: Setup, state: TrainState, window: dict, lr: float, per_step: float, reporters: list,
+                progress: tqdm) -> None:
+    """One metrics row (means and rates over the window) to metrics.jsonl, the reporters and the bar."""
+    row = {"step": state.step, "epoch": round(state.cursor / len(run.data), 4), "lr": lr,
+           "loss": window["loss"] / window["steps"], "pairs_per_s": window["pairs"] / window["time"],
+           "tokens_per_s": window["tokens"] / window["time"],
+           "eta_s": round(per_step * (run.total_steps - state.step), 1),
+           **{k: v / window["steps"] for k, v in window["parts"].items()}}
+    _log(run.folder, row, reporters)
+    progress.set_postfix(loss=f"{row['loss']:.4f}", pairs_s=f"{row['pairs_per_s']:.1f}",
+                         tok_s=f"{row['tokens_per_s']:.0f}", eta=_duration(row["eta_s"]))
+
+
+def _validate(run: Setup, state: TrainState, done: bool, reporters: list) -> None:
+    """On validation steps: score the validation queries, log the metric and save a new best as model/.
+    Without validation queries the last weights are the model."""
+    cfg, ddp = run.cfg, run.ddp
+    if run.valid and (state.step % cfg.train.eval_every == 0 or done):
+        value = evaluate(run.raw_model, run.pairs, run.valid, run.data, cfg, ddp)
+        run.model.train()
+        if ddp.is_main:
+            _log(run.folder, {"step": state.step, f"valid_{cfg.train.select_metric}": value}, reporters)
+        if value > state.best_metric:
+            state.best_metric, state.best_step = value, state.step
+            if ddp.is_main:
+                save_model(run.raw_model, run.tokenizer, cfg, run.folder / "model", state)
+    if done and not run.valid and ddp.is_main:  # nothing to select by: the last weights are the model
+        state.best_step = state.step
+        save_model(run.raw_model, run.tokenizer, cfg, run.folder / "model", state)
+
+
+def _checkpoint(run: Setup, state: TrainState) -> None:
+    """Every process's RNG states into the state, then (main process) checkpoint/ and curve.png."""
+    state.rng = _gather_rng(run.ddp)
+    if run.ddp.is_main:
+        save_checkpoint(run.raw_model, run.tokenizer, run.optimizer, run.scaler, run.cfg, state,
+                        run.folder / "checkpoint")
+        _plot(run.folder, run.cfg.train.select_metric)
+
+
+def _finish(run: Setup, state: TrainState, reporters: list) -> None:
     for reporter in reporters:
         reporter.close()
-    if ddp.is_main and state.finished:
-        print(f"done: {folder / 'model'} (step {state.best_step}"
-              + (f", validation {cfg.train.select_metric} {state.best_metric:.4f})" if valid else ")"))
-    if ddp.world > 1:
+    if run.ddp.is_main and state.finished:
+        print(f"done: {run.folder / 'model'} (step {state.best_step}"
+              + (f", validation {run.cfg.train.select_metric} {state.best_metric:.4f})" if run.valid else ")"))
+    if run.ddp.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return state
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -397,7 +488,7 @@ def train(cfg: RunConfig) -> TrainState:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, pairs: PairTokenizer, valid: list[QueryCandidates], data: TrainingData,
+def evaluate(model: nn.Module, pairs: PairTokenizer, valid: list[TrainingQuery], data: TrainingData,
              cfg: RunConfig, ddp: Distributed) -> float:
     """`train.select_metric` of the model on the validation queries, computed as infer.py computes it: scores
     from the inference engine (`inference.score_candidates`: its blocks of `eval.block_queries`, batches of

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossrank import config, inference
+from crossrank import config, experiment, inference, models
 from crossrank.config import EvalConfig, ModelConfig
 from crossrank.io import CrossrankError, sort_ranking
 
@@ -72,7 +72,7 @@ def test_first_token_last_layer_gives_the_full_models_scores(tiny_models, kind):
     from crossrank.models import MonoEncoder
 
     model, tok = inference.load_model(tiny_models[kind], ModelConfig(), torch.device("cpu"))
-    assert isinstance(model.encoder.base_model.encoder.layer[-1], inference.FirstTokenLayer)
+    assert isinstance(model.encoder.base_model.encoder.layer[-1], models.FirstTokenLayer)
     full = MonoEncoder.from_pretrained(tiny_models[kind]).eval()
     batch = tok(["the cat sat", "what is a dog", "python"], ["on the mat", "a dog barks loudly in the house", "code"])
     assert batch["attention_mask"].sum(1).tolist() != [batch["attention_mask"].shape[1]] * 3  # padding present
@@ -268,7 +268,7 @@ def test_infer_end_to_end_and_error_exit(tiny_bert, collection, tmp_path, monkey
                        f"qrels: {collection['qrels.txt']}\nruns: {{bm25: {collection['run.txt']}}}\nrel_level: 2\n")
     monkeypatch.setattr(config, "ROOT", tmp_path)
     cfg = config.load_run_config(overrides=[f"eval.dataset={dataset}", "eval.block_queries=2"])
-    inference.run_inference(cfg, str(tiny_bert))
+    experiment.run_inference(cfg, str(tiny_bert))
     out = capsys.readouterr().out
     stem = tmp_path / "runs" / f"toy.bm25.{tiny_bert.name}"
     assert Path(f"{stem}.run").is_file() and Path(f"{stem}.perquery.csv").is_file()

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import interrupt_and_resume, write_tiny_collection
-from crossrank import compare, config, inference
+from crossrank import compare, config, experiment
 from crossrank.config import ROOT, load_run_config
 from crossrank.data import load_training_data
 from crossrank.encoding import PairTokenizer, encode_lists, load_set_tokenizer
@@ -126,7 +126,7 @@ def test_stage1_recipe_lists_attend_to_91_pseudo_states_like_a_top100(lively, co
     cfg = config_of(lively, collection["CL"], Path("unused"), "CL")
     assert (cfg.model.depth, cfg.model.sample_missing_docs, cfg.data.num_negatives) == (100, True, 7)
     data, _ = load_training_data(cfg)
-    _, model = load_model(str(lively), cfg)
+    model, _ = load_model(str(lively), cfg)
     batch = data.batch(0, 2, PairTokenizer(load_set_tokenizer(lively), cfg.model), listwise=True)
     model.train()
     layout = model.layout(batch.inputs["attention_mask"], batch.inputs["mask"])
@@ -171,7 +171,7 @@ def test_stage2_starts_from_stage1_and_freezes_the_duplicate_head(stage1, lively
     assert torch.equal(before["duplicate.weight"], after["duplicate.weight"])
     assert not torch.equal(before["score.weight"], after["score.weight"])
     assert all("loss_duplicate_bce" not in r for r in rows(stage2))
-    _, model = load_model(str(run / "model"), kd)
+    model, _ = load_model(str(run / "model"), kd)
     assert not any(p.requires_grad for p in model.duplicate.parameters())
 
 
@@ -234,7 +234,7 @@ def test_infer_scores_each_list_as_the_model_does_and_reports_alpha_ndcg(stage1,
     monkeypatch.setattr(config, "ROOT", tmp_path)
     cfg = load_run_config([ROOT / "configs" / "backbones" / "set-encoder.yaml"],
                           [f"eval.dataset={dataset}", "eval.block_queries=3", "eval.novelty=true"])
-    inference.run_inference(cfg, str(run / "model"))
+    experiment.run_inference(cfg, str(run / "model"))
     out = capsys.readouterr().out
     assert "alpha-nDCG@10" in out and "10 queries with a relevant passage" in out
     written: dict[str, dict[str, float]] = {}
@@ -254,13 +254,13 @@ def test_infer_scores_each_list_as_the_model_does_and_reports_alpha_ndcg(stage1,
 
     mono = load_run_config([], [f"eval.dataset={dataset}"])  # a Set-Encoder checkpoint is never read as mono
     with pytest.raises(CrossrankError, match=r"is a Set-Encoder checkpoint .* \(expected -c set-encoder"):
-        inference.run_inference(mono, str(run / "model"))
+        experiment.run_inference(mono, str(run / "model"))
 
 
 def test_novelty_variant_uses_na_rank_net_on_jaccard_clusters(lively, collection, tmp_path):
     cfg = config_of(lively, collection["KD"], tmp_path, "KD", "data.novelty=true", "train.max_steps=2")
     data, _ = load_training_data(cfg)
-    tokenizer, model = load_model(str(lively), cfg)
+    model, tokenizer = load_model(str(lively), cfg)
     batch = data.batch(0, 2, PairTokenizer(tokenizer, cfg.model), listwise=True)
     assert batch.clusters is not None and batch.clusters.shape == (2, 8)
     # the teacher's top-2 are the query's two relevant passages, which share most words: one cluster

@@ -375,11 +375,11 @@ def test_micro_batch_far_larger_than_batch_tokens_trains_in_bounded_chunks(quiet
     shapes, load = [], training.load_model
 
     def recording(path, cfg):
-        tokenizer, model = load(path, cfg)
+        model, tokenizer = load(path, cfg)
         model.register_forward_pre_hook(  # training forwards only (validation runs in eval mode)
             lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)) if m.training else None,
             with_kwargs=True)
-        return tokenizer, model
+        return model, tokenizer
 
     monkeypatch.setattr(training, "load_model", recording)
     state = train(config(quiet_bert, collection["CL"], tmp_path, "CL", "data.num_negatives=11",

@@ -143,8 +143,8 @@ def model_fingerprint(path: str | os.PathLike, model_cfg: ModelConfig) -> str:
                 digest.update(chunk)
     settings = (model_cfg.kind, model_cfg.truncation, model_cfg.max_length, model_cfg.query_length,
                 model_cfg.passage_length)
-    if model_cfg.kind == "set-encoder":  # pseudo-states at inference change the scores of lists shorter than depth
-        settings += (model_cfg.sample_at_inference, model_cfg.depth)
+    if model_cfg.kind == "set-encoder":  # pseudo-states at inference change the scores of short lists (the depth
+        settings += (model_cfg.sample_at_inference,)  # they fill up to is in set_encoder.json, hashed above)
     digest.update(repr(settings).encode())
     return digest.hexdigest()
 

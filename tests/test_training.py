@@ -148,7 +148,9 @@ def test_frozen_position_embeddings_stay_unchanged_after_a_step(tiny_bert, colle
 @pytest.mark.parametrize("batch_tokens", [4096, 48])  # one chunk (straight) | several (cached, many backwards)
 def test_two_process_ddp_matches_one_process(quiet_bert, collection, tmp_path, batch_tokens):
     """Same global batch (2 queries x accumulation 2): 2 gloo processes x 1 micro-step == 1 process x 2.
-    Dropout off; the sums run in another order, so weights agree to 1e-5, not bit for bit."""
+    Dropout off; the sums run in another order, so weights agree to 1e-4, not bit for bit: LCE is shift-invariant,
+    so the head's bias gets a gradient of ~0 whose rounding noise Adam scales up to steps of up to lr (1e-3); a
+    process that skipped the all-reduce would step on half the data and differ by ~lr almost everywhere."""
     model = quiet_bert
     args = [f"model.path={model}", "model.name=tiny", f"data.train={collection['CL']}", "data.num_negatives=7",
             "data.depth=14", "optim.lr=1e-3", "train.queries_per_batch=2", "train.accumulation=2",
@@ -162,7 +164,7 @@ def test_two_process_ddp_matches_one_process(quiet_bert, collection, tmp_path, b
     one, two = weights(tmp_path / "one" / "checkpoint"), weights(tmp_path / "ddp" / "checkpoint")
     initial = weights(model)
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-4  # training moved the weights
-    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
     saved = torch.load(tmp_path / "ddp" / "checkpoint" / "state.pt", weights_only=True)["state"]
     assert saved["cursor"] == 4 * 4 and len(saved["rng"]) == 2
 
@@ -340,10 +342,42 @@ def test_chunked_gradients_equal_one_padded_batch(quiet_bert, loss_name, checkpo
                                                       contextlib.nullcontext(), lambda x: 0.5 * x))
         chunks = [n for n, _ in shapes]
         assert all(n * length <= 40 for n, length in shapes) and len(chunks) >= 3  # really split
-        assert sum(chunks) == (11 if mode == "straight" else 22)  # cached: every chunk once without, once with grad
+        # cached: the first chunk keeps its graph, every other chunk runs once without and once with grad
+        assert sum(chunks) == (11 if mode == "straight" else 22 - chunks[0])
         assert got.keys() == reference.keys()
         for name in reference:
             assert torch.allclose(got[name], reference[name], atol=1e-5, rtol=1e-4), (mode, name)
+
+
+def test_first_token_last_layer_trains_like_the_full_model(quiet_bert, tmp_path):
+    """Training's `FirstTokenLayer` (last layer for [CLS] only): the same loss and gradients as the unmodified
+    model, the same parameter names, and a checkpoint that loads as a plain transformers model."""
+    from crossrank.losses import LOSSES
+    from crossrank.models import FirstTokenLayer, MonoEncoder, score_first_token_only
+
+    pairs, batch = _micro_batch(quiet_bert)
+    full, cut = (MonoEncoder.from_pretrained(quiet_bert).train() for _ in range(2))
+    assert score_first_token_only(cut) and not score_first_token_only(cut)  # swapped once
+    assert isinstance(cut.encoder.base_model.encoder.layer[-1], FirstTokenLayer)
+    assert list(cut.state_dict()) == list(full.state_dict())
+
+    def run(model):
+        def step():
+            flat = model(**pairs.pad(batch.pairs))
+            loss = LOSSES["lce"](torch.zeros(batch.mask.shape).masked_scatter(batch.mask, flat), batch.targets,
+                                 batch.mask)
+            loss.backward()
+            return loss
+        return _gradients(model, step)
+
+    reference, got = run(full), run(cut)
+    assert got.keys() == reference.keys()
+    for name in reference:
+        assert torch.allclose(got[name], reference[name], atol=1e-6, rtol=1e-4), name
+    cut.save_pretrained(tmp_path / "saved")
+    reloaded = MonoEncoder.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**pairs.pad(batch.pairs)), full.eval()(**pairs.pad(batch.pairs)), atol=1e-6)
 
 
 def test_cached_gradients_replay_dropout(tiny_bert):
@@ -377,7 +411,8 @@ def test_micro_batch_far_larger_than_batch_tokens_trains_in_bounded_chunks(quiet
     def recording(path, cfg):
         model, tokenizer = load(path, cfg)
         model.register_forward_pre_hook(  # training forwards only (validation runs in eval mode)
-            lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)) if m.training else None,
+            lambda m, args, kwargs: shapes.append((*kwargs["input_ids"].shape, torch.is_grad_enabled()))
+            if m.training else None,
             with_kwargs=True)
         return model, tokenizer
 
@@ -385,8 +420,12 @@ def test_micro_batch_far_larger_than_batch_tokens_trains_in_bounded_chunks(quiet
     state = train(config(quiet_bert, collection["CL"], tmp_path, "CL", "data.num_negatives=11",
                          "train.queries_per_batch=4", "train.accumulation=1", "train.max_steps=2",
                          "train.batch_tokens=48", "train.eval_every=100"))
-    assert state.finished and all(n * length <= 48 for n, length in shapes) and len(shapes) > 2 * 2 * 4
-    assert sum(n for n, _ in shapes) == 2 * 2 * 4 * 12  # 2 steps x (no-grad + grad pass) x 48 pairs
+    assert state.finished and all(n * length <= 48 for n, length, _ in shapes) and len(shapes) > 2 * 2 * 4
+    assert sum(n for n, _, grad in shapes if grad) == 2 * 4 * 12  # 2 steps x 48 pairs, each once with grad
+    # and once more without grad before it, except each micro-batch's first chunk, which keeps its graph: the
+    # grad forward right before the no-grad ones
+    kept = [n for (n, _, grad), (_, _, next_grad) in zip(shapes, shapes[1:]) if grad and not next_grad]
+    assert len(kept) == 2 and sum(n for n, _, grad in shapes if not grad) == 2 * 4 * 12 - sum(kept)
     row = json.loads((tmp_path / "tiny.CL.f1.lr0.003.s42" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["pairs_per_s"] > 0 and row["tokens_per_s"] > row["pairs_per_s"] and row["eta_s"] >= 0
 

@@ -324,14 +324,14 @@ def test_chunked_gradients_equal_one_padded_batch(quiet_bert, loss_name, checkpo
         model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def one_batch() -> torch.Tensor:
-        flat = model(**pairs.pad(batch.pairs))  # [N]: all 11 pairs padded to the longest
+        flat = model(**pairs.pad_list(batch.pairs))[0]  # [N]: all 11 pairs padded to the longest
         loss = loss_fn(torch.zeros(batch.mask.shape).masked_scatter(batch.mask, flat), batch.targets, batch.mask)
         (0.5 * loss).backward()
         return loss
 
     reference = _gradients(model, one_batch)
     shapes = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape[1:])),
                                     with_kwargs=True)
     for mode in ("straight", "cached"):
         cfg = load_run_config([], ["train.batch_tokens=40", f"train.score_grad={mode}"])
@@ -377,7 +377,7 @@ def test_micro_batch_far_larger_than_batch_tokens_trains_in_bounded_chunks(quiet
     def recording(path, cfg):
         model, tokenizer = load(path, cfg)
         model.register_forward_pre_hook(  # training forwards only (validation runs in eval mode)
-            lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)) if m.training else None,
+            lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape[1:])) if m.training else None,
             with_kwargs=True)
         return model, tokenizer
 

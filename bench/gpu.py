@@ -18,8 +18,8 @@ Sections (`--sections`, default all; 5 comes with 1 and 2), every figure from th
                 negatives and its minimum of 1 in-batch negative, so it scores 101 pairs per query; KD:
                 RankNetLoss on the 20 teacher targets), bf16 autocast on both sides. pairs/s, peak GPU memory.
   3 set-encoder one training step (`train(cfg)`, configs/set-encoder/KD.yaml: gradient checkpointing, a
-                100-passage list) and re-ranking 50 queries x 100 passages (`score_candidates`, kind
-                set-encoder), ELECTRA-base shape: time and peak GPU memory.
+                100-passage list) and re-ranking 50 queries x 100 passages (`score_candidates` on the
+                Set-Encoder), ELECTRA-base shape: time and peak GPU memory.
   4 torchrun    `torchrun --standalone --nproc_per_node 1 train.py ...` on a tiny generated collection: two steps
                 and a checkpoint, then the same command resumes (step 3); plus a DDP + all_reduce probe in a
                 one-process NCCL group, because crossrank's `setup_distributed` joins no process group for a
@@ -564,10 +564,10 @@ def set_encoder_section(folder: str, data: dict[str, Path], candidates, plan: Pl
                f"loss {result['loss']:.3f}", "runs, finite loss", result["loss"] == result["loss"])
     model, tokenizer = load_model(folder, ModelConfig(kind="set-encoder", truncation="per_field"), device)
     cfg = EvalConfig(precision="bf16", batch_tokens=plan.batch_tokens)
-    score_candidates(model, tokenizer, candidates, cfg, kind="set-encoder")  # warm-up
+    score_candidates(model, tokenizer, candidates, cfg)  # warm-up
     with PeakMemory(device) as peak:
         started = time.perf_counter()
-        run = score_candidates(model, tokenizer, candidates, cfg, kind="set-encoder")
+        run = score_candidates(model, tokenizer, candidates, cfg)
         sync(device)
         seconds = time.perf_counter() - started
     scored = sum(len(r) for r in run.values())

@@ -63,7 +63,8 @@ def build(kind: str, passage_length: int):
     if kind == "mono":
         model = MonoEncoder.from_pretrained(BACKBONE).eval()
         pair_tokenizer = PairTokenizer(load_tokenizer(BACKBONE), config)
-        return model, lambda query, passages: pair_tokenizer([query] * len(passages), passages)
+        return model, lambda query, passages: pair_tokenizer.pad_list(pair_tokenizer.encode([query] * len(passages),
+                                                                                          passages))
     tokenizer = load_set_tokenizer(BACKBONE)
     model = SetEncoder.from_pretrained(BACKBONE).eval()
     pair_tokenizer, interaction = PairTokenizer(tokenizer, config), tokenizer.convert_tokens_to_ids(INTERACTION_TOKEN)

@@ -54,8 +54,7 @@ class Stats:
             out = dict(self.counts, malformed_by_problem=dict(self.problems),
                        retries_by_reason=dict(self.retry_reasons))
         out["seconds_waiting"] = round(out["seconds_waiting"], 3)
-        out["cost_estimate"] = round((out["prompt_tokens"] * cfg.price_prompt
-                                      + out["completion_tokens"] * cfg.price_completion) / 1e6, 6)
+        out["cost_estimate"] = cfg.cost(out["prompt_tokens"], out["completion_tokens"])
         return out
 
 

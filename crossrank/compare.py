@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run_main(_compare, argv)
 
 
-def _compare(argv: list[str] | None) -> int:
+def _parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="TREC run files; the first is the baseline by default")
     parser.add_argument("-d", "--dataset", help="a configs/datasets key (qrels, topics and rel_level from it)")
@@ -45,7 +45,11 @@ def _compare(argv: list[str] | None) -> int:
                         help="--novelty's subtopics: reference (the Set-Encoder's code: all judged passages, NLTK "
                         "tokens, grade >= 1 relevant) or relevant_words (grade >= rel-level passages, lower-cased words)")
     parser.add_argument("--corpus", help="corpus for --novelty (overrides the dataset's)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _sources(args) -> tuple[str | None, str | None, int | None, str | None]:
+    """(qrels, topics, rel_level, corpus): the flags, else the dataset's."""
     qrels_source, topics_source, rel_level, corpus = args.qrels, args.topics, args.rel_level, args.corpus
     if args.dataset:
         from crossrank.datasets import load_dataset
@@ -57,6 +61,46 @@ def _compare(argv: list[str] | None) -> int:
         corpus = corpus or (dataset.source("corpus") if args.novelty else None)
     if not qrels_source:
         raise CrossrankError("command line: no qrels (expected -d DATASET or --qrels PATH)")
+    return qrels_source, topics_source, rel_level, corpus
+
+
+def _baseline(baseline: str, paths: list[str]) -> int:
+    """`--baseline` as an index into the runs: a position, or one of the paths."""
+    base = int(baseline) if baseline.isdigit() else paths.index(baseline) if baseline in paths else None
+    if base is None or not 0 <= base < len(paths):
+        raise CrossrankError(f"command line: --baseline {baseline} is not one of the runs "
+                             f"(expected 0..{len(paths) - 1} or one of the paths)")
+    return base
+
+
+def _novelty(args, corpus: str | None, qrels, topics, rel_level: int, runs) -> str:
+    """The alpha-nDCG table of `--novelty` on Jaccard clusters of the judged passages."""
+    if not corpus:
+        raise CrossrankError("command line: --novelty needs passage texts (expected -d DATASET or --corpus)")
+    from crossrank.io import load_corpus
+
+    needed = evaluation.relevant_docnos(qrels, topics, rel_level, args.subtopics)
+    subtopics = evaluation.cluster_subtopics(qrels, load_corpus(corpus, needed, missing_ok=True), rel_level,
+                                             args.subtopics)
+    return evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, args.subtopics)
+
+
+def _write_per_run(args, runs, paths: dict[str, str], qrels, metrics, topics, base: int) -> None:
+    """`--per-query` CSVs and `--plot` difference plots next to each run."""
+    evals = {n: evaluation.evaluate(r, qrels, metrics, topics, n) for n, r in runs.items()}
+    baseline_name = list(runs)[base]
+    for name, result in evals.items():
+        stem = Path(paths[name]).with_suffix("")
+        if args.per_query:
+            evaluation.write_per_query(result, f"{stem}.perquery.csv")
+        if args.plot and name != baseline_name:
+            evaluation.plot_difference(result, evals[baseline_name], f"{stem}.ndcg10-diff.png",
+                                       title=f"{name} vs {baseline_name}")
+
+
+def _compare(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    qrels_source, topics_source, rel_level, corpus = _sources(args)
     qrels = read_qrels(qrels_source)
     topics = read_topics(topics_source) if topics_source else None
     metrics = evaluation.parse_metrics([m for m in args.metrics.split(",") if m], rel_level or 1)
@@ -64,32 +108,11 @@ def _compare(argv: list[str] | None) -> int:
     if len(runs) < len(args.runs):
         raise CrossrankError("command line: two runs have the same file name (expected distinct names)")
     paths = dict(zip(runs, args.runs))
-    base = int(args.baseline) if args.baseline.isdigit() else list(paths.values()).index(args.baseline) \
-        if args.baseline in args.runs else None
-    if base is None or not 0 <= base < len(runs):
-        raise CrossrankError(f"command line: --baseline {args.baseline} is not one of the runs "
-                             f"(expected 0..{len(runs) - 1} or one of the paths)")
-    novelty = ""
-    if args.novelty:
-        if not corpus:
-            raise CrossrankError("command line: --novelty needs passage texts (expected -d DATASET or --corpus)")
-        from crossrank.io import load_corpus
-
-        needed = evaluation.relevant_docnos(qrels, topics, rel_level or 1, args.subtopics)
-        texts = load_corpus(corpus, needed, missing_ok=True)
-        subtopics = evaluation.cluster_subtopics(qrels, texts, rel_level or 1, args.subtopics)
-        novelty = evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, args.subtopics)
+    base = _baseline(args.baseline, list(paths.values()))
+    novelty = _novelty(args, corpus, qrels, topics, rel_level or 1, runs) if args.novelty else ""
     table, notes = evaluation.compare(runs, qrels, metrics, topics, base, "holm" if args.holm else None)
     if args.per_query or args.plot:
-        evals = {n: evaluation.evaluate(r, qrels, metrics, topics, n) for n, r in runs.items()}
-        baseline_name = list(runs)[base]
-        for name, result in evals.items():
-            stem = Path(paths[name]).with_suffix("")
-            if args.per_query:
-                evaluation.write_per_query(result, f"{stem}.perquery.csv")
-            if args.plot and name != baseline_name:
-                evaluation.plot_difference(result, evals[baseline_name], f"{stem}.ndcg10-diff.png",
-                                           title=f"{name} vs {baseline_name}")
+        _write_per_run(args, runs, paths, qrels, metrics, topics, base)
     for note in dict.fromkeys(notes):
         print(f"note: {note}", file=sys.stderr)
     print(evaluation.format_table(table, metrics))

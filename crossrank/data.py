@@ -38,8 +38,9 @@ class Example:
 @dataclasses.dataclass
 class Batch:
     """Tokenised examples. Pointwise: only real pairs are encoded, unpadded: `pairs` has one entry per True entry
-    of `mask` in row-major (query, candidate) order, so `scores[mask] = model(**tokenizer.pad(pairs))` fills the
-    [Q, D] score matrix; the training loop pads them in length-sorted chunks (`train.batch_tokens`), not whole.
+    of `mask` in row-major (query, candidate) order, so `scores[mask] = model(**tokenizer.pad_list(pairs))[0]`
+    fills the [Q, D] score matrix; the training loop pads them in length-sorted chunks (`train.batch_tokens`),
+    not whole.
     Listwise (Set-Encoder): `inputs` are `encode_lists`' [Q, D, L] tensors and the [Q, D] `mask`."""
 
     inputs: dict[str, torch.Tensor]  # listwise: [Q, D, L] + mask [Q, D]; pointwise: empty (see `pairs`)

@@ -94,19 +94,44 @@ def _sentence(rng: random.Random, theme_words: list[str], aspect: str | None, fo
     return " . ".join(parts) + " ."
 
 
+Query = tuple[str, str, str, str, tuple[str, str]]  # qid, theme, aspect, text, the two theme words in it
+Doc = tuple[str, str, str | None, str, str]  # docno, theme, aspect, focus, text
+
+
 def generate(out: Path, seed: int = 13) -> dict[str, int]:
     """Write the demo collection to `out`; return the counts. Same seed, same files, byte for byte."""
     rng = random.Random(seed)
     themes = {name: words.split() for name, words in THEMES.items()}
-    # Each query: (theme, two of its words, aspect); all distinct, split into train and test.
+    queries = _queries(rng, themes)
+    docs = _documents(rng, themes, queries)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "corpus.tsv") as f:
+        f.writelines(f"{docno}\t{text}\n" for docno, _, _, _, text in docs)
+    train, test = queries[:N_TRAIN], queries[N_TRAIN:]
+    for name, split in (("train", train), ("test", test)):
+        with atomic_write(out / f"topics.{name}.tsv") as f:
+            f.writelines(f"{qid}\t{text}\n" for qid, _, _, text, _ in split)
+    words = [set(text.split()) for *_, text in docs]
+    n_qrels = sum(_write_qrels(out / f"qrels.{name}.txt", split, docs, words)
+                  for name, split in (("train", train), ("test", test)))
+    _write_teacher(out / "teacher.train.run", rng, train, docs, words)
+    return {"docs": len(docs), "train_queries": len(train), "test_queries": len(test), "qrels": n_qrels}
+
+
+def _queries(rng: random.Random, themes: dict[str, list[str]]) -> list[Query]:
+    """Each query: (theme, two of its words, aspect); all distinct, train first, then test."""
     combos = [(t, a) for t in themes for a in ASPECTS]
     rng.shuffle(combos)
     queries = []
     for number, (theme, aspect) in enumerate(combos[: N_TRAIN + N_TEST]):
         w1, w2 = rng.sample(themes[theme], 2)
         queries.append((f"q{number + 1}", theme, aspect, f"{w1} {w2} {aspect}", (w1, w2)))
+    return queries
 
-    docs: list[tuple[str, str, str | None, str, str]] = []  # docno, theme, aspect, focus, text
+
+def _documents(rng: random.Random, themes: dict[str, list[str]], queries: list[Query]) -> list[Doc]:
+    """Per query its relevant and related documents and distractors, then the background documents."""
+    docs: list[Doc] = []
 
     def add_doc(theme: str, aspect: str | None, focus: str, words: list[str]) -> None:
         docs.append((f"d{len(docs) + 1}", theme, aspect, focus, _sentence(rng, words, aspect, focus)))
@@ -125,44 +150,46 @@ def generate(out: Path, seed: int = 13) -> dict[str, int]:
     for _ in range(BACKGROUND_DOCS):
         theme = rng.choice(list(themes))
         add_doc(theme, rng.choice(ASPECTS + [None]), rng.choice(["strong", "weak"]), themes[theme])
+    return docs
 
-    def grade(q_theme: str, q_aspect: str, d_theme: str, d_aspect: str | None, focus: str) -> int:
-        if d_theme != q_theme:
-            return 0
-        if d_aspect != q_aspect:
-            return 1
-        return 3 if focus == "strong" else 2
 
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "corpus.tsv") as f:
-        f.writelines(f"{docno}\t{text}\n" for docno, _, _, _, text in docs)
-    train, test = queries[:N_TRAIN], queries[N_TRAIN:]
-    for name, split in (("train", train), ("test", test)):
-        with atomic_write(out / f"topics.{name}.tsv") as f:
-            f.writelines(f"{qid}\t{text}\n" for qid, _, _, text, _ in split)
-    n_qrels = 0
-    words = [set(text.split()) for *_, text in docs]
-    for name, split in (("train", train), ("test", test)):
-        with atomic_write(out / f"qrels.{name}.txt") as f:
-            for qid, q_theme, q_aspect, _, (w1, _) in split:
-                for (docno, d_theme, d_aspect, focus, _), doc_words in zip(docs, words):
-                    # judged: every same-theme document, and other-theme documents sharing a query word
-                    if d_theme == q_theme or w1 in doc_words:
-                        f.write(f"{qid} 0 {docno} {grade(q_theme, q_aspect, d_theme, d_aspect, focus)}\n")
-                        n_qrels += 1
-    with atomic_write(out / "teacher.train.run") as f:
-        for qid, q_theme, q_aspect, _, (w1, _) in train:
-            judged = [d for d, doc_words in zip(docs, words) if d[1] == q_theme or w1 in doc_words]
+def _grade(query: Query, doc: Doc) -> int:
+    """3: same theme and aspect, strong focus; 2: weak focus; 1: same theme, other aspect; 0: other theme."""
+    (_, q_theme, q_aspect, _, _), (_, d_theme, d_aspect, focus, _) = query, doc
+    if d_theme != q_theme:
+        return 0
+    if d_aspect != q_aspect:
+        return 1
+    return 3 if focus == "strong" else 2
+
+
+def _judged(query: Query, docs: list[Doc], words: list[set[str]]) -> list[Doc]:
+    """Every same-theme document, and other-theme documents sharing the query's first word."""
+    return [d for d, doc_words in zip(docs, words) if d[1] == query[1] or query[4][0] in doc_words]
+
+
+def _write_qrels(path: Path, queries: list[Query], docs: list[Doc], words: list[set[str]]) -> int:
+    """The graded qrels of `queries`; returns the number of lines."""
+    lines = [f"{query[0]} 0 {doc[0]} {_grade(query, doc)}\n" for query in queries
+             for doc in _judged(query, docs, words)]
+    with atomic_write(path) as f:
+        f.writelines(lines)
+    return len(lines)
+
+
+def _write_teacher(path: Path, rng: random.Random, queries: list[Query], docs: list[Doc],
+                   words: list[set[str]]) -> None:
+    """The simulated LLM teacher's top-`TEACHER_DEPTH` of every query: noisy grades, best first."""
+    with atomic_write(path) as f:
+        for query in queries:
+            judged = _judged(query, docs, words)
             # the teacher sees a first stage's candidates: all the good documents and then some
-            good = [d for d in judged if grade(q_theme, q_aspect, d[1], d[2], d[3]) >= 2][: TEACHER_DEPTH // 2]
+            good = [d for d in judged if _grade(query, d) >= 2][: TEACHER_DEPTH // 2]
             rest = [d for d in judged if d not in good]
             candidates = good + rng.sample(rest, min(TEACHER_DEPTH - len(good), len(rest)))
-            noisy = [(d[0], grade(q_theme, q_aspect, d[1], d[2], d[3]) + rng.gauss(0, TEACHER_NOISE))
-                     for d in candidates]
-            ranking = sort_ranking(noisy)
-            f.writelines(format_run_lines(qid, [(docno, float(len(ranking) - i)) for i, (docno, _) in
-                                                enumerate(ranking)], "demo-teacher"))
-    return {"docs": len(docs), "train_queries": len(train), "test_queries": len(test), "qrels": n_qrels}
+            ranking = sort_ranking([(d[0], _grade(query, d) + rng.gauss(0, TEACHER_NOISE)) for d in candidates])
+            f.writelines(format_run_lines(query[0], [(docno, float(len(ranking) - i)) for i, (docno, _) in
+                                                     enumerate(ranking)], "demo-teacher"))
 
 
 def main() -> int:

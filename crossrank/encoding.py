@@ -76,6 +76,11 @@ class PairTokenizer:
             batch["token_type_ids"] = token_type_ids
         return batch
 
+    def pad_list(self, pairs: list[Pair]) -> dict[str, torch.Tensor]:
+        """`pad` as one list of N pairs, [1, N, L] (views), every row a pair (no mask): how the engines hand a
+        pointwise model its token-budget chunks."""
+        return {key: value[None] for key, value in self.pad(pairs).items()}
+
     def __call__(self, queries: list[str], passages: list[str]) -> dict[str, torch.Tensor]:
         return self.pad(self.encode(queries, passages))
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from torch import nn
 
 from crossrank import config, evaluation
 from crossrank.config import resolve_config_file
@@ -17,7 +18,6 @@ from crossrank.datasets import load_dataset
 from crossrank.distributed import Distributed, setup_distributed
 from crossrank.inference import check_score_cache, load_candidates, load_model, model_fingerprint, rerank
 from crossrank.io import CrossrankError, load_corpus, load_run, read_qrels, read_topics
-from crossrank.models import MonoEncoder
 from crossrank.naming import backbone_name, find_model, model_label, objective_chain
 from crossrank.precision import cpu_flags, cpu_model, resolve_precision, slow_precision_note
 
@@ -41,7 +41,7 @@ def model_run_name(model_path: str | os.PathLike) -> str:
     return path.parent.name if path.name == "model" and path.parent.name else backbone_name(str(path))
 
 
-def rerank_dataset(cfg, model: MonoEncoder, tokenizer: PairTokenizer, fingerprint: str, model_name: str,
+def rerank_dataset(cfg, model: nn.Module, tokenizer: PairTokenizer, fingerprint: str, model_name: str,
                    key: str, dist: Distributed) -> str | None:
     """Re-rank one dataset's first-stage run into runs/<dataset>.<first_stage>.<model>.run, evaluate it against
     the first stage (cut at the same depth) with significance tests; returns the report on rank 0."""
@@ -50,7 +50,7 @@ def rerank_dataset(cfg, model: MonoEncoder, tokenizer: PairTokenizer, fingerprin
     run_path = dataset.run(e.first_stage)
     candidates = load_candidates(run_path, dataset.source("topics"), dataset.source("corpus"), e.depth, e.lenient)
     out = config.ROOT / "runs" / f"{dataset.name}.{e.first_stage}.{model_name}.run"
-    run = rerank(model, tokenizer, candidates, out, e, fingerprint, dist, tag=model_name, kind=cfg.model.kind)
+    run = rerank(model, tokenizer, candidates, out, e, fingerprint, dist, tag=model_name)
     if not dist.is_main:
         return None
     config.save(cfg, out.with_suffix(".yaml"))
@@ -93,8 +93,8 @@ def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: in
         label = model_label(cfg.model.name, cfg.data.novelty)  # data.novelty: the novelty-trained variant
         model_path = str(find_model(label, chain, cfg.train.stage, lr, seed))
     model, tokenizer = load_model(model_path, cfg.model, dist.device, cfg.eval.compile)
-    fingerprint = model_fingerprint(model_path, cfg.model)
-    precision = resolve_precision(cfg.eval.precision, dist.device.type, cpu_flags(), cfg.model.kind)
+    fingerprint = model_fingerprint(model_path, cfg.model, model.listwise)
+    precision = resolve_precision(cfg.eval.precision, dist.device.type, cpu_flags(), model.listwise)
     if dist.is_main:
         print(f"model: {model_path} (fingerprint {fingerprint[:12]}) on {dist.device} x {dist.world}, "
               f"eval.precision={cfg.eval.precision} -> {precision}", file=sys.stderr)

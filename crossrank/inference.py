@@ -15,7 +15,7 @@ little compute is spent on padding. Because a block's batches depend only on the
 Scores in the written run are rounded to 6 decimals before sorting, so the file's order is exactly what
 trec_eval reads back (ties: score desc, docno desc, see `crossrank.io.sort_ranking`).
 
-Listwise models (`model.kind: set-encoder`, `crossrank.set_encoder`) need all passages of a query in one
+Listwise models (`model.listwise`: the Set-Encoder, `crossrank.set_encoder`) need all passages of a query in one
 forward pass: their blocks are batched one whole query list at a time (`prepare_block`), per-field truncation.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from crossrank.encoding import INTERACTION_TOKEN, PairTokenizer, encode_lists
 from crossrank.distributed import Distributed
 from crossrank.io import (CrossrankError, Run, atomic_write, load_corpus, load_run, qid_order, read_topics,
                           run_problems, sort_ranking, write_run)
-from crossrank.models import MonoEncoder, resolve_model_path, score_first_token_only
+from crossrank.models import resolve_model_path, score_first_token_only
 from crossrank.scorer import load_scorer
 from crossrank.precision import autocast_dtype, cpu_flags, resolve_precision
 
@@ -131,8 +131,9 @@ def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.de
     return model, PairTokenizer(tokenizer, model_cfg)
 
 
-def model_fingerprint(path: str | os.PathLike, model_cfg: ModelConfig) -> str:
-    """sha256 of the weights, tokenizer files and the truncation settings: what determines a pair's score."""
+def model_fingerprint(path: str | os.PathLike, model_cfg: ModelConfig, listwise: bool = False) -> str:
+    """sha256 of the weights, tokenizer files and the truncation settings: what determines a pair's score.
+    `listwise` (the loaded model's): the Set-Encoder's `model.sample_at_inference` counts too."""
     folder = Path(resolve_model_path(str(path)))
     digest = hashlib.sha256()
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".txt", ".model"))
@@ -143,7 +144,7 @@ def model_fingerprint(path: str | os.PathLike, model_cfg: ModelConfig) -> str:
                 digest.update(chunk)
     settings = (model_cfg.kind, model_cfg.truncation, model_cfg.max_length, model_cfg.query_length,
                 model_cfg.passage_length)
-    if model_cfg.kind == "set-encoder":  # pseudo-states at inference change the scores of short lists (the depth
+    if listwise:  # pseudo-states at inference change the scores of short lists (the depth
         settings += (model_cfg.sample_at_inference,)  # they fill up to is in set_encoder.json, hashed above)
     digest.update(repr(settings).encode())
     return digest.hexdigest()
@@ -201,11 +202,13 @@ class ScoreCache:
 # Batching and scoring
 
 
-def plan_batches(lengths: list[int], groups: list[int], batch_tokens: int, kind: str = "mono") -> list[list[int]]:
-    """Indices of pairs per batch. Mono: pairs sorted by length (longest first, so an out-of-memory error shows
-    at once), each batch as many pairs as fit `batch_tokens` padded tokens. Set-Encoder: whole queries
-    (`groups[i]` = query index of pair i) per batch, because a query's passages attend to each other."""
-    if kind == "set-encoder":
+def plan_batches(lengths: list[int], groups: list[int], batch_tokens: int,
+                 listwise: bool = False) -> list[list[int]]:
+    """Indices of pairs per batch. Pointwise: pairs sorted by length (longest first, so an out-of-memory error
+    shows at once), each batch as many pairs as fit `batch_tokens` padded tokens. `listwise` (the Set-Encoder):
+    whole queries (`groups[i]` = query index of pair i) per batch, because a query's passages attend to each
+    other."""
+    if listwise:
         by_query: dict[int, list[int]] = {}
         for i, g in enumerate(groups):
             by_query.setdefault(g, []).append(i)
@@ -222,19 +225,19 @@ def plan_batches(lengths: list[int], groups: list[int], batch_tokens: int, kind:
 
 
 def prepare_block(pairs: list[tuple[str, str]], candidates: Candidates, tokenizer: PairTokenizer,
-                  batch_tokens: int, kind: str = "mono") -> list[tuple[list[int], dict[str, torch.Tensor]]]:
-    """Tokenise a block's (qid, docno) pairs and pad them into batches: [(pair indices, tensors [N, L])];
-    for the Set-Encoder one batch per query: tensors [1, D, L] and its list mask [1, D]."""
+                  batch_tokens: int, listwise: bool = False) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Tokenise a block's (qid, docno) pairs and pad them into batches: [(pair indices, tensors [1, N, L])],
+    every row a pair; `listwise`: one batch per query, tensors [1, D, L] and its list mask [1, D]."""
     index = {q: i for i, q in enumerate(dict.fromkeys(q for q, _ in pairs))}
     groups = [index[q] for q, _ in pairs]
-    if kind == "set-encoder":
+    if listwise:
         interaction_id = tokenizer.fields.token_to_id(INTERACTION_TOKEN)
         return [(rows, encode_lists(tokenizer, interaction_id, [candidates.queries[pairs[rows[0]][0]]],
                                     [[candidates.texts[pairs[i][1]] for i in rows]]))
-                for rows in plan_batches([], groups, batch_tokens, kind)]
+                for rows in plan_batches([], groups, batch_tokens, listwise)]
     encoded = tokenizer.encode([candidates.queries[q] for q, _ in pairs], [candidates.texts[d] for _, d in pairs])
-    batches = plan_batches([len(ids) for ids, _ in encoded], groups, batch_tokens, kind)
-    return [(batch, tokenizer.pad([encoded[i] for i in batch])) for batch in batches]
+    batches = plan_batches([len(ids) for ids, _ in encoded], groups, batch_tokens)
+    return [(batch, tokenizer.pad_list([encoded[i] for i in batch])) for batch in batches]
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -267,7 +270,7 @@ def int8_model(model: nn.Module) -> nn.Module:
 
 
 @torch.inference_mode()
-def score_batches(model: MonoEncoder, batches: list[tuple[list[int], dict[str, torch.Tensor]]], n: int,
+def score_batches(model: nn.Module, batches: list[tuple[list[int], dict[str, torch.Tensor]]], n: int,
                   device: torch.device, progress: tqdm | None = None,
                   dtype: torch.dtype | None = None) -> list[float]:
     """Scores of the `n` pairs of a block, in pair order, under autocast to `dtype` (None: fp32)."""
@@ -275,8 +278,8 @@ def score_batches(model: MonoEncoder, batches: list[tuple[list[int], dict[str, t
     for indices, batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out = model(**batch)  # mono: [N]; Set-Encoder: [Q, D]
-        values = (out[batch["mask"]] if "mask" in batch else out).float().cpu().tolist()  # [N]
+            out = model(**batch)  # [Q, D]
+        values = (out[batch["mask"]] if "mask" in batch else out.reshape(-1)).float().cpu().tolist()  # [N]
         for i, value in zip(indices, values):
             scores[i] = value
         if progress is not None:
@@ -305,9 +308,9 @@ def parts_folder(out: Path, fingerprint: str, candidates: Candidates, eval_cfg: 
     return out.parent / f".{out.name}.parts-{digest.hexdigest()[:12]}"
 
 
-def score_blocks(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates, blocks: list[list[str]],
+def score_blocks(model: nn.Module, tokenizer: PairTokenizer, candidates: Candidates, blocks: list[list[str]],
                  todo: list[int], eval_cfg: EvalConfig, device: torch.device, cache: ScoreCache | None = None,
-                 progress: tqdm | None = None, kind: str = "mono") -> Iterator[tuple[int, list[ScoredPair]]]:
+                 progress: tqdm | None = None) -> Iterator[tuple[int, list[ScoredPair]]]:
     """Yield (block index, [(qid, docno, score)]) for the blocks in `todo`, in order. On CUDA the next block's
     cache look-up and tokenisation run in a background thread while the model scores the current one (the fast
     tokenizer and torch both release the GIL)."""
@@ -322,9 +325,10 @@ def score_blocks(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candi
         keys = [key(q, d) for q, d in pairs]
         cached = cache.get(keys) if cache else {}
         uncached = [p for p, k in zip(pairs, keys) if k not in cached]
-        return pairs, cached, uncached, prepare_block(uncached, candidates, tokenizer, eval_cfg.batch_tokens, kind)
+        return pairs, cached, uncached, prepare_block(uncached, candidates, tokenizer, eval_cfg.batch_tokens,
+                                                      model.listwise)
 
-    precision = resolve_precision(eval_cfg.precision, device.type, cpu_flags(), kind)
+    precision = resolve_precision(eval_cfg.precision, device.type, cpu_flags(), model.listwise)
     if precision == "int8":
         model = int8_model(model)
     # On CUDA the next block is prepared in a thread while the GPU works; on CPU the model already uses every
@@ -346,28 +350,28 @@ def score_blocks(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candi
             yield b, [(q, d, merged[key(q, d)]) for q, d in pairs]
 
 
-def score_candidates(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates, eval_cfg: EvalConfig,
-                     kind: str = "mono") -> Run:
+def score_candidates(model: nn.Module, tokenizer: PairTokenizer, candidates: Candidates,
+                     eval_cfg: EvalConfig) -> Run:
     """Re-rank in memory (no files): the same blocks and batches as `rerank`, so the same scores."""
     blocks = blocks_of(candidates, eval_cfg.block_queries)
     device = next(model.parameters()).device
     run: Run = {}
     for _, scored in score_blocks(model, tokenizer, candidates, blocks, list(range(len(blocks))), eval_cfg,
-                                  device, kind=kind):
+                                  device):
         for q, d, s in scored:
             run.setdefault(q, []).append((d, round(s, SCORE_DECIMALS)))
     return {q: sort_ranking(r) for q, r in run.items()}
 
 
-def rerank(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates, out: str | os.PathLike,
-           eval_cfg: EvalConfig, fingerprint: str, dist: Distributed | None = None, tag: str = "crossrank",
-           kind: str = "mono") -> Run | None:
+def rerank(model: nn.Module, tokenizer: PairTokenizer, candidates: Candidates, out: str | os.PathLike,
+           eval_cfg: EvalConfig, fingerprint: str, dist: Distributed | None = None,
+           tag: str = "crossrank") -> Run | None:
     """Re-rank `candidates` into the run file `out` (atomically). With several ranks each scores its blocks and
     rank 0 merges; returns the run on rank 0 and None elsewhere. Interrupted runs resume from the parts."""
     dist = dist or Distributed(device=next(model.parameters()).device)
     # from here on the precision is concrete (never auto): it keys the parts (resume) and the score cache
     eval_cfg = dataclasses.replace(eval_cfg, precision=resolve_precision(eval_cfg.precision, dist.device.type,
-                                                                         cpu_flags(), kind))
+                                                                         cpu_flags(), model.listwise))
     out = Path(out)
     parts = parts_folder(out, fingerprint, candidates, eval_cfg)  # made by the first finished block's write
     blocks = blocks_of(candidates, eval_cfg.block_queries)
@@ -376,7 +380,7 @@ def rerank(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates,
     if len(todo) < len(mine):
         print(f"rank {dist.rank}: resuming, {len(mine) - len(todo)} of {len(mine)} blocks already in {parts}",
               file=sys.stderr)
-    if eval_cfg.score_cache and kind == "set-encoder":
+    if eval_cfg.score_cache and model.listwise:
         raise CrossrankError("eval.score_cache cannot be used with model.kind set-encoder (a passage's score "
                              "depends on the whole list; expected eval.score_cache empty)")
     # scores depend on the (resolved) precision too: it is part of the cache key
@@ -385,7 +389,7 @@ def rerank(model: MonoEncoder, tokenizer: PairTokenizer, candidates: Candidates,
     with tqdm(total=total, unit="pair", desc=f"re-rank {out.name}", disable=not dist.is_main, file=sys.stderr,
               dynamic_ncols=True) as progress:
         for b, scored in score_blocks(model, tokenizer, candidates, blocks, todo, eval_cfg, dist.device, cache,
-                                      progress, kind):
+                                      progress):
             with atomic_write(parts / f"{b:06d}.tsv") as f:  # a finished block, all or nothing
                 f.writelines(f"{q}\t{d}\t{s!r}\n" for q, d, s in scored)
     if dist.world > 1:

@@ -1,5 +1,9 @@
-"""Cross-encoder models. A model maps a batch of tokenised (query, passage) pairs to one score per pair; plus the
-inference-only surgery on them (`FirstTokenLayer`)."""
+"""Cross-encoder models and the inference-only surgery on them (`FirstTokenLayer`).
+
+Every scorer (`MonoEncoder` here, `crossrank.set_encoder.SetEncoder`) has one contract:
+`scores[Q, D] = model(input_ids[Q, D, L], attention_mask[Q, D, L], mask[Q, D], token_type_ids[Q, D, L])`,
+Q queries with lists of D passages, `mask` False (score 0) at padding. Its class attribute `listwise` says
+whether a query's list may be split across calls (False: each pair is scored on its own)."""
 from __future__ import annotations
 
 import os
@@ -68,12 +72,22 @@ class MonoEncoder(nn.Module):
         encoder = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
         return cls(encoder)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """[N, L] token ids -> [N] scores (raw logits)."""
-        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        logits = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).logits  # [N, 1]
-        return logits.squeeze(-1)  # [N]
+        """input_ids/attention_mask/token_type_ids [Q, D, L], mask [Q, D] (False = padding in the list) -> scores
+        [Q, D] (raw logits, 0 at padding). Without a mask every row is a pair: the engines hand their flat
+        token-budget chunks over as one list [1, N, L] (a view), scored with no gather and no scatter."""
+        Q, D, L = input_ids.shape
+        tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            tokens["token_type_ids"] = token_type_ids
+        if mask is None:
+            flat = {k: v.reshape(Q * D, L) for k, v in tokens.items()}  # [N, L]
+            return self.encoder(**flat).logits.view(Q, D)  # [N, 1] -> [Q, D]
+        rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] flat index of each real pair
+        flat = {k: v.reshape(Q * D, L)[rows] for k, v in tokens.items()}  # [N, L]
+        logits = self.encoder(**flat).logits.squeeze(-1)  # [N]
+        return logits.new_zeros(Q * D).index_copy(0, rows, logits).view(Q, D)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         self.encoder.save_pretrained(folder, safe_serialization=True)

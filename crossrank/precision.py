@@ -71,10 +71,10 @@ def cpu_auto_precision(flags: Iterable[str]) -> str:
     return "bf16" if set(flags) & BF16_FLAGS else "fp32"
 
 
-def resolve_precision(requested: str, device_type: str, flags: Iterable[str] = (), kind: str = "mono") -> str:
+def resolve_precision(requested: str, device_type: str, flags: Iterable[str] = (), listwise: bool = False) -> str:
     """`eval.precision` made concrete for `device_type` ("cpu", "cuda", ...): never "auto". Pure: `flags` are
-    the CPU's (`cpu_flags()`), passed in so that tests can fake a processor. The listwise Set-Encoder
-    (`kind="set-encoder"`) stays fp32 under auto on a CPU: its rankings at lower precision are not measured."""
+    the CPU's (`cpu_flags()`), passed in so that tests can fake a processor. A listwise model (`model.listwise`,
+    the Set-Encoder) stays fp32 under auto on a CPU: its rankings at lower precision are not measured."""
     if requested not in PRECISIONS:
         raise CrossrankError(f"config: eval.precision is invalid (expected {', '.join(PRECISIONS)}, "
                              f"got {requested!r})")
@@ -85,7 +85,7 @@ def resolve_precision(requested: str, device_type: str, flags: Iterable[str] = (
         return "bf16" if requested == "auto" else requested
     if requested != "auto":
         return requested
-    return cpu_auto_precision(flags) if kind == "mono" else "fp32"
+    return "fp32" if listwise else cpu_auto_precision(flags)
 
 
 def slow_precision_note(precision: str, device_type: str, flags: Iterable[str], model: str = "") -> str | None:

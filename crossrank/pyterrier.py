@@ -53,7 +53,7 @@ class CrossEncoderReranker(pt.Transformer):
         candidates = Candidates(run={q: sort_ranking(r) for q, r in run.items()},
                                 queries=dict(zip(qids, inp["query"].astype(str))),
                                 texts=dict(zip(docnos, inp["text"].astype(str))))
-        scores = score_candidates(self.model, self.tokenizer, candidates, self.eval_config, self.model_config.kind)
+        scores = score_candidates(self.model, self.tokenizer, candidates, self.eval_config)
         rows = [(q, d, s, r) for q, ranking in scores.items() for r, (d, s) in enumerate(ranking)]
         ranked = pd.DataFrame(rows, columns=["qid", "docno", "score", "rank"])
         rest = inp.drop(columns=[c for c in ("score", "rank") if c in inp.columns]).assign(qid=qids, docno=docnos)

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,12 @@ class ListLayout:
     num_slots: int  # M
     sample: bool  # fill the non-real slots with pseudo-states
     generator: torch.Generator | None = None  # eval mode: a fresh fixed-seed one per forward (reproducible)
+
+
+class ListScores(NamedTuple):
+    """What `SetEncoder.scores_and_duplicates` returns: both heads' outputs for one [Q, D] batch."""
+    scores: torch.Tensor  # [Q, D], as `forward` gives them
+    duplicate_logits: torch.Tensor  # [Q, D]: "this passage has a copy in its list" (stage 1's auxiliary task)
 
 
 class InterPassageAttention(nn.Module):
@@ -165,7 +172,7 @@ class SetEncoder(nn.Module):
     """Listwise cross-encoder: Q queries x D passages ([Q, D] mask for padded lists) -> scores [Q, D].
 
     Score = Linear(final [CLS]) without bias; `duplicate` = a separate Linear(final [CLS]) (with bias) whose
-    logit says "this passage has a copy in the list" (the stage-1 auxiliary task)."""
+    logit says "this passage has a copy in the list" (the stage-1 auxiliary task; `scores_and_duplicates`)."""
 
     listwise = True  # a query's passages attend to each other: one forward must hold the whole list
 
@@ -245,14 +252,27 @@ class SetEncoder(nn.Module):
         return ListLayout(rows=rows, spans=spans, real_slots=real_slots, additive_mask=additive,
                           num_queries=Q, list_width=D, num_slots=M, sample=sample, generator=generator)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None, duplicates: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """input_ids/attention_mask/token_type_ids [Q, D, L], mask [Q, D] (False = padding in the list) ->
-        scores [Q, D] (0 at padding), and with `duplicates=True` also the duplicate logits [Q, D]. One call
-        must hold every passage of a query: splitting a list changes its scores."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids/attention_mask/token_type_ids [Q, D, L], mask [Q, D] (False = padding in the list; None: no
+        padding) -> scores [Q, D] (0 at padding). One call must hold every passage of a query: splitting a list
+        changes its scores."""
+        cls, layout = self.encode(input_ids, attention_mask, mask, token_type_ids)
+        return self.scatter(self.score(cls).squeeze(-1), layout)
+
+    def scores_and_duplicates(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              mask: torch.Tensor | None = None,
+                              token_type_ids: torch.Tensor | None = None) -> ListScores:
+        """`forward`'s scores and the duplicate head's logits [Q, D] from the same pass (0 at padding)."""
+        cls, layout = self.encode(input_ids, attention_mask, mask, token_type_ids)
+        return ListScores(self.scatter(self.score(cls).squeeze(-1), layout),
+                          self.scatter(self.duplicate(cls).squeeze(-1), layout))
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor | None,
+               token_type_ids: torch.Tensor | None) -> tuple[torch.Tensor, ListLayout]:
+        """The final [CLS] states [N, H] of the real passages of a [Q, D] batch, and their layout."""
         Q, D, L = input_ids.shape
-        mask = mask.bool()
+        mask = torch.ones(Q, D, dtype=torch.bool, device=input_ids.device) if mask is None else mask.bool()
         length = int(attention_mask.sum(-1).max())  # trim the padding every row shares
         input_ids, attention_mask = input_ids[..., :length], attention_mask[..., :length]
         layout = self.layout(attention_mask, mask)
@@ -261,13 +281,10 @@ class SetEncoder(nn.Module):
             extra["token_type_ids"] = token_type_ids[..., :length].reshape(Q * D, length)[layout.rows]  # [N, L]
         hidden = self.backbone(input_ids=input_ids.reshape(Q * D, length)[layout.rows],  # [N, L]
                                attention_mask=None, list_layout=layout, **extra).last_hidden_state  # [N, L, H]
-        cls = hidden[:, 0]  # [N, H]
-        scores = self.scatter(self.score(cls).squeeze(-1), layout, Q, D)  # [Q, D]
-        if not duplicates:
-            return scores
-        return scores, self.scatter(self.duplicate(cls).squeeze(-1), layout, Q, D)
+        return hidden[:, 0], layout  # [N, H]
 
     @staticmethod
-    def scatter(values: torch.Tensor, layout: ListLayout, Q: int, D: int) -> torch.Tensor:
+    def scatter(values: torch.Tensor, layout: ListLayout) -> torch.Tensor:
         """[N] values of the real passages -> [Q, D], 0 at padding."""
+        Q, D = layout.num_queries, layout.list_width
         return values.new_zeros(Q * D).index_copy(0, layout.rows, values).view(Q, D)

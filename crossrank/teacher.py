@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from crossrank.chat import ChatClient, JsonlLog, Stats, api_key_for
-from crossrank.io import (CrossrankError, qid_order, atomic_write, load_corpus, read_topics, read_run_queries,
-                          remove_stale_temporaries, write_run)
+from crossrank.io import (CrossrankError, qid_order, atomic_write, clean_tag, load_corpus, read_topics,
+                          read_run_queries, remove_stale_temporaries, write_run)
 from crossrank.rankgpt import fit_messages, parse_permutation, sliding_windows, token_counter
 from crossrank.runs import top_k_docnos
 from crossrank.teacher_config import RESUME_KEYS, TeacherConfig
@@ -103,8 +103,7 @@ def dry_run(cfg: TeacherConfig, queries: dict[str, tuple[str, list[str]]], texts
     completion_tokens = requests * cfg.max_completion_tokens  # an upper bound: the reserve
     return {"state": "dry run", "token_counting": counting, "queries": len(queries), "requests": requests,
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "cost_estimate": round((prompt_tokens * cfg.price_prompt + completion_tokens * cfg.price_completion)
-                                   / 1e6, 6)}
+            "cost_estimate": cfg.cost(prompt_tokens, completion_tokens)}
 
 
 def resume_point(files: dict[str, Path], settings: dict) -> tuple[Path | None, dict]:
@@ -198,7 +197,7 @@ def rank(cfg: TeacherConfig) -> dict:
     cfg.validate()
     # a refused key stops the run before anything is touched
     key_env = api_key_for(cfg.base_url, cfg.api_key_env)[0] if not cfg.dry_run else ""
-    tag = "".join(cfg.tag.split()) or "rankgpt"
+    tag = clean_tag(cfg.tag, "rankgpt")
     files = paths(cfg.output)
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
     clear_outputs(cfg, files)

@@ -44,6 +44,10 @@ class TeacherConfig:
     dry_run: bool = False  # count requests and prompt tokens, send nothing, write nothing
     progress: bool = True
 
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """The estimate at `price_prompt` / `price_completion` (per million tokens), rounded to 6 decimals."""
+        return round((prompt_tokens * self.price_prompt + completion_tokens * self.price_completion) / 1e6, 6)
+
     def validate(self) -> "TeacherConfig":
         checks = [(self.k >= 1, "--k", "a positive integer", self.k),
                   (self.window >= 2, "--window", "at least 2", self.window),

@@ -58,6 +58,7 @@ from crossrank.models import check_model_folder, score_first_token_only
 from crossrank.novelty import duplicate_bce, novelty_targets
 from crossrank.preprocessing import TrainingQuery
 from crossrank.scorer import load_scorer
+from crossrank.set_encoder import ListScores
 
 INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -130,18 +131,30 @@ def load_model(path: str, cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenize
     return model, tokenizer
 
 
+class WithDuplicates(nn.Module):
+    """A Set-Encoder whose forward is `scores_and_duplicates`: what stage 1 (`data.duplicate`) trains through.
+    DDP all-reduces the gradients of what runs through the forward it wraps, so the duplicate head's logits
+    must come from a forward, not from a method called beside it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> ListScores:
+        return self.model.scores_and_duplicates(**inputs)
+
+
 def batch_loss(model: nn.Module, batch: Batch, loss_fn, cfg: RunConfig, device: torch.device
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one Set-Encoder micro-batch, and its parts (for the log): all lists in one call, scores
-    [Q, D] and in stage 1 the duplicate head's logits [Q, D]: loss = ranking loss + train.duplicate_weight x
-    duplicate BCE. (Mono micro-batches go through `mono_backward`, which splits them.)"""
+    [Q, D]; in stage 1 (`model` is `WithDuplicates`) also the duplicate head's logits [Q, D]: loss = ranking
+    loss + train.duplicate_weight x duplicate BCE. (Mono micro-batches go through `mono_backward`.)"""
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-    out = model(**inputs, duplicates=batch.duplicates is not None)
-    scores, logits = out if batch.duplicates is not None else (out, None)  # [Q, D] each
-    loss = ranking_loss(scores.float(), batch, loss_fn, device)
-    if logits is None:
-        return loss, {}
-    duplicate = duplicate_bce(logits.float(), batch.duplicates.to(device), batch.mask.to(device))
+    if batch.duplicates is None:
+        return ranking_loss(model(**inputs).float(), batch, loss_fn, device), {}
+    out = model(**inputs)
+    loss = ranking_loss(out.scores.float(), batch, loss_fn, device)
+    duplicate = duplicate_bce(out.duplicate_logits.float(), batch.duplicates.to(device), batch.mask.to(device))
     return loss + cfg.train.duplicate_weight * duplicate, {f"loss_{cfg.train.loss}": loss,
                                                           "loss_duplicate_bce": duplicate}
 
@@ -157,8 +170,8 @@ def ranking_loss(scores: torch.Tensor, batch: Batch, loss_fn, device: torch.devi
     return loss_fn(scores, targets, ranked)
 
 
-def mono_backward(model: nn.Module, final: nn.Module, batch: Batch, loss_fn, cfg: RunConfig, pairs: PairTokenizer,
-                  device: torch.device, autocast, scale) -> torch.Tensor:
+def mono_backward(model: nn.Module, final: nn.Module, batch: Batch, loss_fn, cfg: RunConfig,
+                  tokenizer: PairTokenizer, device: torch.device, autocast, scale) -> torch.Tensor:
     """Score one mono micro-batch, backpropagate `scale(loss)` into the weights' .grad, return the loss.
 
     The pairs are sorted by length and padded per chunk of at most `train.batch_tokens` tokens
@@ -173,11 +186,11 @@ def mono_backward(model: nn.Module, final: nn.Module, batch: Batch, loss_fn, cfg
     cached = cfg.train.score_grad == "cached" or (cfg.train.score_grad == "auto" and len(chunks) > 1)
     unsort = torch.argsort(torch.tensor([i for rows in chunks for i in rows], device=device))  # chunk -> pair order
     nets = [model] * (len(chunks) - 1) + [final]
-    inputs = [pairs.pad([batch.pairs[i] for i in rows]) for rows in chunks]  # [n_k, L_k] each, padded once
+    inputs = [tokenizer.pad_list([batch.pairs[i] for i in rows]) for rows in chunks]  # [1, n_k, L_k]: padded once
 
-    def forward(k: int) -> torch.Tensor:  # [n_k] scores of chunk k
+    def forward(k: int) -> torch.Tensor:  # [n_k] scores of chunk k, scored as one list [1, n_k]
         with autocast:
-            return nets[k](**{key: v.to(device) for key, v in inputs[k].items()}).float()
+            return nets[k](**{key: v.to(device) for key, v in inputs[k].items()})[0].float()
 
     def loss_of(flat: torch.Tensor) -> torch.Tensor:  # flat [N] in chunk order
         mask = batch.mask.to(device)
@@ -233,8 +246,8 @@ class Setup:
     resume: bool  # checkpoint/ holds a state to continue from
     tokenizer: PreTrainedTokenizerBase
     raw_model: nn.Module  # the model itself (saved, validated, clipped)
-    model: nn.Module  # the same, wrapped in DDP with several processes (the forward that all-reduces)
-    pairs: PairTokenizer
+    model: nn.Module  # what runs the forward: the same (stage 1: `WithDuplicates`), in DDP with several processes
+    pair_tokenizer: PairTokenizer
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: torch.autocast
@@ -337,8 +350,8 @@ def _setup(cfg: RunConfig) -> Setup:
     torch.manual_seed(cfg.train.seed)  # the same fresh head on every process
     raw_model, tokenizer = load_model(init, cfg)
     raw_model.to(ddp.device)
-    model = DistributedDataParallel(raw_model, device_ids=[ddp.device] if cuda else None) \
-        if ddp.world > 1 else raw_model
+    forward = WithDuplicates(raw_model) if cfg.data.duplicate else raw_model  # stage 1: the duplicate head trains
+    model = DistributedDataParallel(forward, device_ids=[ddp.device] if cuda else None) if ddp.world > 1 else forward
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     return Setup(cfg, ddp, data, valid, folder, total_steps, resume, tokenizer, raw_model, model,
                  PairTokenizer(tokenizer, cfg.model), optimizer, scaler, autocast, LOSSES[cfg.train.loss])
@@ -378,7 +391,7 @@ def _accumulate(run: Setup, state: TrainState) -> tuple[torch.Tensor, int, int, 
     for micro in range(micro_steps):
         # micro-batches are interleaved over processes: the step's examples are the same for any world size
         start = state.cursor + (micro * ddp.world + ddp.rank) * cfg.train.queries_per_batch
-        batch = run.data.batch(start, cfg.train.queries_per_batch, run.pairs, listwise)
+        batch = run.data.batch(start, cfg.train.queries_per_batch, run.pair_tokenizer, listwise)
         last = micro == micro_steps - 1
         if listwise:
             with run.model.no_sync() if ddp.world > 1 and not last else contextlib.nullcontext():
@@ -387,7 +400,7 @@ def _accumulate(run: Setup, state: TrainState) -> tuple[torch.Tensor, int, int, 
                 run.scaler.scale(loss / micro_steps).backward()
         else:  # several backwards per micro-batch: only the step's very last one runs through DDP (syncs)
             loss, parts = mono_backward(run.raw_model, run.model if last else run.raw_model, batch, run.loss_fn,
-                                        cfg, run.pairs, ddp.device, run.autocast,
+                                        cfg, run.pair_tokenizer, ddp.device, run.autocast,
                                         lambda x: run.scaler.scale(x / micro_steps)), {}
         loss_sum += loss.detach() / micro_steps
         part_sums = {k: part_sums.get(k, 0.0) + v.detach() / micro_steps for k, v in parts.items()}
@@ -457,7 +470,7 @@ def _validate(run: Setup, state: TrainState, done: bool, reporters: list) -> Non
     Without validation queries the last weights are the model."""
     cfg, ddp = run.cfg, run.ddp
     if run.valid and (state.step % cfg.train.eval_every == 0 or done):
-        value = evaluate(run.raw_model, run.pairs, run.valid, run.data, cfg, ddp)
+        value = evaluate(run.raw_model, run.pair_tokenizer, run.valid, run.data, cfg, ddp)
         run.model.train()
         if ddp.is_main:
             _log(run.folder, {"step": state.step, f"valid_{cfg.train.select_metric}": value}, reporters)
@@ -495,7 +508,7 @@ def _finish(run: Setup, state: TrainState, reporters: list) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, pairs: PairTokenizer, valid: list[TrainingQuery], data: TrainingData,
+def evaluate(model: nn.Module, tokenizer: PairTokenizer, valid: list[TrainingQuery], data: TrainingData,
              cfg: RunConfig, ddp: Distributed) -> float:
     """`train.select_metric` of the model on the validation queries, computed as infer.py computes it: scores
     from the inference engine (`inference.score_candidates`: its blocks of `eval.block_queries`, batches of
@@ -508,7 +521,7 @@ def evaluate(model: nn.Module, pairs: PairTokenizer, valid: list[TrainingQuery],
     mine = {qid for block in blocks[ddp.rank:: ddp.world] for qid in block}
     candidates = Candidates({q.qid: list(zip(q.docnos, q.scores)) for q in valid if q.qid in mine}, data.topics,
                             data.passages)
-    run = score_candidates(model, pairs, candidates, cfg.eval, kind=cfg.model.kind) if mine else {}
+    run = score_candidates(model, tokenizer, candidates, cfg.eval) if mine else {}
     if ddp.world > 1:
         shares = [None] * ddp.world
         dist.all_gather_object(shares, run)

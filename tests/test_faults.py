@@ -106,11 +106,11 @@ def test_checkpoint_files_get_the_umask_mode(tiny_bert, tmp_path):
 
 
 def test_a_failed_rerank_start_leaves_no_parts_folder(tiny_bert, tmp_path):
-    model, tokenizer = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    model, tokenizer = inference.load_model(tiny_bert, ModelConfig(kind="set-encoder"), torch.device("cpu"))
     candidates = inference.Candidates({"1": [("d1", 1.0)]}, {"1": "a query"}, {"d1": "a passage"})
     cfg = EvalConfig(score_cache=str(tmp_path / "cache"))
     with pytest.raises(CrossrankError, match="eval.score_cache cannot be used with model.kind set-encoder"):
-        inference.rerank(model, tokenizer, candidates, tmp_path / "out.run", cfg, "fp", kind="set-encoder")
+        inference.rerank(model, tokenizer, candidates, tmp_path / "out.run", cfg, "fp")
     assert list(tmp_path.iterdir()) == []
 
 

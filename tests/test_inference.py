@@ -63,7 +63,7 @@ def test_plan_batches_respects_the_token_budget():
     for b in batches:
         assert len(b) == 1 or len(b) * lengths[b[0]] <= 80
     assert [len(b) for b in batches] == [2, 2, 4]  # 40,40 | 33,19 | 12,7,5,2
-    assert inference.plan_batches(lengths, [0, 0, 1, 1, 1, 2, 2, 2], 80, kind="set-encoder") == \
+    assert inference.plan_batches(lengths, [0, 0, 1, 1, 1, 2, 2, 2], 80, listwise=True) == \
         [[0, 1], [2, 3, 4], [5, 6, 7]]
 
 
@@ -76,8 +76,9 @@ def test_first_token_last_layer_gives_the_full_models_scores(tiny_models, kind):
     full = MonoEncoder.from_pretrained(tiny_models[kind]).eval()
     batch = tok(["the cat sat", "what is a dog", "python"], ["on the mat", "a dog barks loudly in the house", "code"])
     assert batch["attention_mask"].sum(1).tolist() != [batch["attention_mask"].shape[1]] * 3  # padding present
+    one_list = {k: v[None] for k, v in batch.items()}  # [1, 3, L]
     with torch.inference_mode():
-        assert torch.allclose(model(**batch), full(**batch), atol=1e-6)
+        assert torch.allclose(model(**one_list), full(**one_list), atol=1e-6)
 
 
 def test_reranked_order_follows_scores_with_deterministic_ties(tiny_bert, collection, tmp_path):
@@ -86,7 +87,7 @@ def test_reranked_order_follows_scores_with_deterministic_ties(tiny_bert, collec
     run = inference.rerank(model, tok, cands, tmp_path / "out.run", _eval_cfg(), "fp")
     # every score equals the model's score for that pair alone (no batch or padding effects beyond fp noise)
     q = "3"
-    alone = {d: model(**tok([cands.queries[q]], [cands.texts[d]])).item() for d, _ in cands.run[q]}
+    alone = {d: model(**tok.pad_list(tok.encode([cands.queries[q]], [cands.texts[d]]))).item() for d, _ in cands.run[q]}
     assert {d: s for d, s in run[q]} == pytest.approx(alone, abs=2e-6)
     lines = [line.split() for line in (tmp_path / "out.run").read_text().splitlines()]
     assert [int(x[0]) for x in lines] == sorted(int(x[0]) for x in lines)
@@ -127,6 +128,7 @@ class _Interrupting(torch.nn.Module):
     def __init__(self, model, fail_at: int):
         super().__init__()
         self.model, self.fail_at, self.calls = model, fail_at, 0
+        self.listwise = model.listwise
 
     def forward(self, **batch):
         self.calls += 1
@@ -158,6 +160,7 @@ class _Killing(torch.nn.Module):
     def __init__(self, model, kill_at: int):
         super().__init__()
         self.model, self.kill_at, self.calls = model, kill_at, 0
+        self.listwise = model.listwise
 
     def forward(self, **batch):
         self.calls += 1
@@ -221,7 +224,7 @@ def test_set_encoder_scores_each_query_list_in_one_pass(tiny_bert, collection, t
     model_cfg = ModelConfig(kind="set-encoder")
     model, tok = inference.load_model(tmp_path / "se", model_cfg, torch.device("cpu"))
     cands = _candidates(collection)
-    run = inference.rerank(model, tok, cands, tmp_path / "se.run", _eval_cfg(), "fp", kind="set-encoder")
+    run = inference.rerank(model, tok, cands, tmp_path / "se.run", _eval_cfg(), "fp")
     q = "4"
     docnos = [d for d, _ in cands.run[q]]
     direct = model(**encode_lists(tok, model.config.interaction_token_id, [cands.queries[q]],
@@ -231,11 +234,10 @@ def test_set_encoder_scores_each_query_list_in_one_pass(tiny_bert, collection, t
     reversed_run = {qid: sort_ranking([(d, -s) for d, s in r]) for qid, r in cands.run.items()}
     assert [d for d, _ in reversed_run[q]] == docnos[::-1]
     flipped = inference.Candidates(reversed_run, cands.queries, cands.texts)
-    again = inference.rerank(model, tok, flipped, tmp_path / "se2.run", _eval_cfg(), "fp", kind="set-encoder")
+    again = inference.rerank(model, tok, flipped, tmp_path / "se2.run", _eval_cfg(), "fp")
     assert dict(again[q]) == pytest.approx(dict(run[q]), abs=2e-6)
     with pytest.raises(CrossrankError, match="score_cache cannot be used"):
-        inference.rerank(model, tok, cands, tmp_path / "se3.run", _eval_cfg(score_cache=str(tmp_path / "c")), "fp",
-                         kind="set-encoder")
+        inference.rerank(model, tok, cands, tmp_path / "se3.run", _eval_cfg(score_cache=str(tmp_path / "c")), "fp")
 
 
 def test_bad_input_messages_with_counts_and_lenient(collection):

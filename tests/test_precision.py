@@ -32,8 +32,8 @@ def test_explicit_and_cuda_choices():
         assert precision.resolve_precision(p, "cpu", OLD) == p  # an explicit choice is kept
     assert precision.resolve_precision("auto", "cuda", set()) == "bf16"
     assert precision.resolve_precision("fp32", "cuda", set()) == "fp32"
-    assert precision.resolve_precision("auto", "cpu", ZEN4, kind="set-encoder") == "fp32"
-    assert precision.resolve_precision("int8", "cpu", ZEN4, kind="set-encoder") == "int8"
+    assert precision.resolve_precision("auto", "cpu", ZEN4, listwise=True) == "fp32"
+    assert precision.resolve_precision("int8", "cpu", ZEN4, listwise=True) == "int8"
     with pytest.raises(CrossrankError, match=r"eval.precision=int8 runs on the CPU only .*got int8"):
         precision.resolve_precision("int8", "cuda", SAPPHIRE_RAPIDS)
     with pytest.raises(CrossrankError, match=r"expected auto, fp32, bf16, fp16, int8, got 'int4'"):
@@ -100,10 +100,10 @@ class _Counting(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.model, self.pairs = model, 0
+        self.model, self.pairs, self.listwise = model, 0, model.listwise
 
     def forward(self, **batch):
-        self.pairs += batch["input_ids"].shape[0]
+        self.pairs += batch["input_ids"].shape[:-1].numel()  # [Q, D, L]: Q x D pairs
         return self.model(**batch)
 
 

@@ -91,8 +91,8 @@ def test_shuffling_permutes_scores_and_changes_nothing_else(bert):
     order = [2, 0, 3, 1]
     shuffled = [[PASSAGES[0][i] for i in order], PASSAGES[1]]
     with torch.no_grad():
-        scores, dups = model(**encode(QUERIES, PASSAGES), duplicates=True)
-        scores2, dups2 = model(**encode(QUERIES, shuffled), duplicates=True)
+        scores, dups = model.scores_and_duplicates(**encode(QUERIES, PASSAGES))
+        scores2, dups2 = model.scores_and_duplicates(**encode(QUERIES, shuffled))
     torch.testing.assert_close(scores2[0], scores[0, order], atol=1e-5, rtol=0)
     torch.testing.assert_close(dups2[0], dups[0, order], atol=1e-5, rtol=0)
     torch.testing.assert_close(scores2[1], scores[1], atol=1e-5, rtol=0)
@@ -119,7 +119,7 @@ def test_backbones_forward_backward(tiny_models, kind):
     model.train()
     batch = encode(QUERIES, PASSAGES)
     assert tokenizer.convert_ids_to_tokens(batch["input_ids"][0, 0, :2].tolist())[1] == INTERACTION_TOKEN
-    scores, dups = model(**batch, duplicates=True)
+    scores, dups = model.scores_and_duplicates(**batch)
     assert scores.shape == dups.shape == (2, 4)
     (scores.sum() + dups.sum()).backward()
     for layer in model.backbone.encoder.layer:
@@ -164,13 +164,13 @@ def test_duplicate_head_learns_toy_set(tiny_bert):
     score_head = model.score.weight.detach().clone()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(200):  # eval mode: no dropout, so the toy fit is quick and deterministic
-        _, logits = model(**batch, duplicates=True)
+        _, logits = model.scores_and_duplicates(**batch)
         loss = duplicate_bce(logits, targets, batch["mask"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        _, logits = model(**batch, duplicates=True)
+        _, logits = model.scores_and_duplicates(**batch)
     # The best a pointwise model can do: predict each text's duplicate rate over all its occurrences.
     labels: dict[str, list[float]] = {}
     for q, passages in enumerate(lists):
@@ -256,7 +256,7 @@ def test_save_load_round_trip(bert, tmp_path):
     assert loaded.config == model.config
     batch = encode(QUERIES, PASSAGES)
     with torch.no_grad():
-        for a, b in zip(model(**batch, duplicates=True), loaded(**batch, duplicates=True)):
+        for a, b in zip(model.scores_and_duplicates(**batch), loaded.scores_and_duplicates(**batch)):
             assert torch.equal(a, b)
     # The backbone part is a plain encoder folder, [INT] embedding included.
     plain = AutoModel.from_pretrained(tmp_path)
@@ -268,6 +268,6 @@ def test_bf16_autocast_with_pseudo_states(tiny_bert):
     model, _, encode = load(tiny_bert, sample_missing_docs=True, depth=6)
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        scores, dups = model(**encode(QUERIES, PASSAGES), duplicates=True)
+        scores, dups = model.scores_and_duplicates(**encode(QUERIES, PASSAGES))
     (scores.float().sum() + dups.float().sum()).backward()
     assert torch.isfinite(scores.float()).all() and model.score.weight.grad.abs().sum() > 0

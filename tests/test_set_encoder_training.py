@@ -192,26 +192,41 @@ def test_resume_after_sigterm_gives_identical_weights(tiny_bert, collection, tmp
     assert (resumed.best_step, resumed.best_metric) == (straight.best_step, straight.best_metric)
 
 
-def test_two_process_ddp_with_the_frozen_duplicate_head_matches_one_process(lively, collection, tmp_path):
-    """Stage 2 under torchrun (2 gloo processes x 1 query) == 1 process x 2 micro-steps: the frozen duplicate
-    head must not make DDP wait for gradients that never come (no find_unused_parameters)."""
-    files = ["configs/backbones/set-encoder.yaml", "configs/objectives/KD.yaml", "configs/set-encoder/KD.yaml"]
+def _one_and_two_processes(objective: str, data: Path, model: Path, tmp_path: Path, *overrides: str):
+    """The same run under torchrun (2 gloo processes x 1 query per micro-step) and in 1 process (2 micro-steps):
+    the weights of both checkpoints and the start."""
+    files = ["configs/backbones/set-encoder.yaml", f"configs/objectives/{objective}.yaml",
+             f"configs/set-encoder/{objective}.yaml"]
     args = [a for f in files for a in ("--config", str(ROOT / f))] + [
-        f"model.path={lively}", "model.name=tiny", f"data.train={collection['KD']}", "data.depth=8",
-        "data.num_negatives=7", "optim.lr=1e-3", "train.queries_per_batch=1", "train.accumulation=2",
-        "train.max_steps=2", "train.eval_every=2",
-        "model.sample_missing_docs=false"]  # pseudo-states are random, drawn per process like dropout
+        f"model.path={model}", "model.name=tiny", f"data.train={data}", "optim.lr=1e-3",
+        "train.queries_per_batch=1", "train.accumulation=2", "train.max_steps=2", "train.eval_every=2",
+        "model.sample_missing_docs=false", *overrides]  # pseudo-states are random, drawn per process like dropout
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(ROOT / "train.py"), *args, f"train.output_dir={tmp_path / 'ddp'}"],
                    check=True, env=env, capture_output=True)
     subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"train.output_dir={tmp_path / 'one'}"],
                    check=True, env=env, capture_output=True)
-    one, two, start = (weights(folder) for folder in (tmp_path / "one" / "checkpoint",
-                                                      tmp_path / "ddp" / "checkpoint", lively))
+    return tuple(weights(folder) for folder in (tmp_path / "one" / "checkpoint", tmp_path / "ddp" / "checkpoint",
+                                                model))
+
+
+def test_two_process_ddp_with_the_frozen_duplicate_head_matches_one_process(lively, collection, tmp_path):
+    """Stage 2 under torchrun (2 gloo processes x 1 query) == 1 process x 2 micro-steps: the frozen duplicate
+    head must not make DDP wait for gradients that never come (no find_unused_parameters)."""
+    one, two, start = _one_and_two_processes("KD", collection["KD"], lively, tmp_path, "data.depth=8",
+                                             "data.num_negatives=7")
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     assert torch.equal(one["duplicate.weight"], start["duplicate.weight"])
+
+
+def test_two_process_ddp_all_reduces_the_duplicate_head_like_one_process(lively, collection, tmp_path):
+    """Stage 1 (InfoNCE + duplicate BCE) under torchrun == 1 process: the duplicate head's logits come from the
+    forward DDP wraps (`WithDuplicates`), so its gradient is all-reduced with the rest."""
+    one, two, start = _one_and_two_processes("CL", collection["CL"], lively, tmp_path, "data.depth=14")
+    assert (one["duplicate.weight"] - start["duplicate.weight"]).abs().max().item() > 1e-4
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
 
 
 def _write_dataset(collection: dict[str, Path], tmp_path: Path) -> Path:

@@ -326,14 +326,14 @@ def test_chunked_gradients_equal_one_padded_batch(quiet_bert, loss_name, checkpo
         model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def one_batch() -> torch.Tensor:
-        flat = model(**pairs.pad(batch.pairs))  # [N]: all 11 pairs padded to the longest
+        flat = model(**pairs.pad_list(batch.pairs))[0]  # [N]: all 11 pairs padded to the longest
         loss = loss_fn(torch.zeros(batch.mask.shape).masked_scatter(batch.mask, flat), batch.targets, batch.mask)
         (0.5 * loss).backward()
         return loss
 
     reference = _gradients(model, one_batch)
     shapes = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape[1:])),
                                     with_kwargs=True)
     for mode in ("straight", "cached"):
         cfg = load_run_config([], ["train.batch_tokens=40", f"train.score_grad={mode}"])
@@ -363,7 +363,7 @@ def test_first_token_last_layer_trains_like_the_full_model(quiet_bert, tmp_path)
 
     def run(model):
         def step():
-            flat = model(**pairs.pad(batch.pairs))
+            flat = model(**pairs.pad_list(batch.pairs))[0]  # [N]
             loss = LOSSES["lce"](torch.zeros(batch.mask.shape).masked_scatter(batch.mask, flat), batch.targets,
                                  batch.mask)
             loss.backward()
@@ -377,7 +377,8 @@ def test_first_token_last_layer_trains_like_the_full_model(quiet_bert, tmp_path)
     cut.save_pretrained(tmp_path / "saved")
     reloaded = MonoEncoder.from_pretrained(tmp_path / "saved").eval()
     with torch.no_grad():
-        assert torch.allclose(reloaded(**pairs.pad(batch.pairs)), full.eval()(**pairs.pad(batch.pairs)), atol=1e-6)
+        assert torch.allclose(reloaded(**pairs.pad_list(batch.pairs)), full.eval()(**pairs.pad_list(batch.pairs)),
+                              atol=1e-6)
 
 
 def test_cached_gradients_replay_dropout(tiny_bert):
@@ -411,7 +412,7 @@ def test_micro_batch_far_larger_than_batch_tokens_trains_in_bounded_chunks(quiet
     def recording(path, cfg):
         model, tokenizer = load(path, cfg)
         model.register_forward_pre_hook(  # training forwards only (validation runs in eval mode)
-            lambda m, args, kwargs: shapes.append((*kwargs["input_ids"].shape, torch.is_grad_enabled()))
+            lambda m, args, kwargs: shapes.append((*kwargs["input_ids"].shape[1:], torch.is_grad_enabled()))
             if m.training else None,
             with_kwargs=True)
         return model, tokenizer

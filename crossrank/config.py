@@ -290,7 +290,7 @@ class TrainConfig:
     report_to: list[str] = dataclasses.field(default_factory=list)  # tensorboard and/or wandb (if installed)
     duplicate_weight: float = 1.0  # Set-Encoder stage 1: loss = ranking loss + duplicate_weight x duplicate BCE
     batch_tokens: int = 4096  # mono: a micro-batch is scored in length-sorted chunks of at most this many padded tokens
-    score_grad: str = "auto"  # mono: straight (one graph) | cached (GradCache: memory of one chunk) | auto (cached if >1 chunk)
+    score_grad: str = "auto"  # mono: straight (one graph) | cached (GradCache: one chunk's memory) | auto (per query group)
 
 
 @dataclasses.dataclass

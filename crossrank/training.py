@@ -2,9 +2,9 @@
 
 `model.kind` picks the model (`crossrank.scorer.load_scorer`): `mono` (pointwise, one score per pair) or
 `set-encoder` (listwise, `crossrank.set_encoder`: every query's list in one forward pass). They differ only in
-how a micro-batch is scored, which the model's `listwise` attribute selects (`mono_backward`: length-sorted
-chunks of `train.batch_tokens`; `batch_loss`: whole lists); the loop, resume, validation and checkpoints are
-the same.
+how a micro-batch is scored, which the model's `listwise` attribute selects (`mono_backward`: parts of whole
+queries within `train.batch_tokens`, in length-sorted chunks; `batch_loss`: whole lists); the loop, resume,
+validation and checkpoints are the same.
 
     setup (processes, seeds, data, model, optimiser) -> resume from checkpoint/ if there is one -> loop:
     accumulate micro-batches -> clip -> step -> log -> validate (keep the best as model/) -> checkpoint
@@ -61,6 +61,10 @@ from crossrank.scorer import load_scorer
 from crossrank.set_encoder import ListScores
 
 INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# A straight part's chunks hold at most train.batch_tokens / this padded tokens each: small enough that a short
+# pair is rarely padded to a long one, large enough for efficient GEMMs. Measured (bench/training.py, KD 16 x 20,
+# DL19 text, 2 CPUs, batch_tokens 4096): / 2 11.3, / 4 12.4-12.6, / 8 12.8-13.9, / 16 11.5 pairs/s.
+STRAIGHT_CHUNK_SHARE = 8
 
 
 @dataclasses.dataclass
@@ -170,56 +174,120 @@ def ranking_loss(scores: torch.Tensor, batch: Batch, loss_fn, device: torch.devi
     return loss_fn(scores, targets, ranked)
 
 
+@dataclasses.dataclass
+class ScorePart:
+    """Whole queries of a micro-batch that are backpropagated together: their pairs (indices into
+    `batch.pairs`) in length-sorted chunks, and whether the gradient reaches them straight or cached."""
+
+    chunks: list[list[int]]
+    cached: bool
+
+
+def plan_score_parts(lengths: list[int], pairs_per_query: list[int], batch_tokens: int, score_grad: str
+                     ) -> list[ScorePart]:
+    """How `mono_backward` scores a micro-batch (`lengths`: tokens of each pair, in `batch.pairs` order).
+
+    straight / cached: the whole micro-batch is one part, in chunks of at most `batch_tokens` padded tokens.
+    auto: consecutive queries are packed into parts whose graphs fit `batch_tokens` padded tokens together (in
+    chunks of at most batch_tokens / `STRAIGHT_CHUNK_SHARE`) and run straight: every listwise loss is a sum over
+    queries, so a part's gradient needs no other part's scores, and nothing runs twice. A query that does not
+    fit alone is a cached part of its own."""
+    if score_grad != "auto":
+        return [ScorePart(plan_batches(lengths, [], batch_tokens), score_grad == "cached")]
+
+    def chunks_of(rows: list[int], budget: int) -> list[list[int]]:
+        return [[rows[i] for i in chunk] for chunk in plan_batches([lengths[i] for i in rows], [], budget)]
+
+    def padded(chunks: list[list[int]]) -> int:
+        return sum(len(chunk) * max(lengths[i] for i in chunk) for chunk in chunks)
+
+    small = batch_tokens // STRAIGHT_CHUNK_SHARE  # a straight part's chunk budget
+    parts: list[ScorePart] = []
+    open_rows: list[int] = []  # the straight part being packed
+    start = 0
+    for count in pairs_per_query:
+        rows, start = list(range(start, start + count)), start + count
+        if padded(chunks_of(rows, small)) > batch_tokens:  # too big alone: a cached part
+            if open_rows:
+                parts.append(ScorePart(chunks_of(open_rows, small), False))
+            parts.append(ScorePart(chunks_of(rows, batch_tokens), True))
+            open_rows = []
+        elif padded(chunks_of(open_rows + rows, small)) > batch_tokens:
+            parts.append(ScorePart(chunks_of(open_rows, small), False))
+            open_rows = rows
+        else:
+            open_rows += rows
+    if open_rows:
+        parts.append(ScorePart(chunks_of(open_rows, small), False))
+    return parts
+
+
 def mono_backward(model: nn.Module, final: nn.Module, batch: Batch, loss_fn, cfg: RunConfig,
                   tokenizer: PairTokenizer, device: torch.device, autocast, scale) -> torch.Tensor:
     """Score one mono micro-batch, backpropagate `scale(loss)` into the weights' .grad, return the loss.
 
-    The pairs are sorted by length and padded per chunk of at most `train.batch_tokens` tokens
-    (`plan_batches`, as inference batches them), so short pairs are not padded to the longest one of the
-    micro-batch; the loss still sees all [Q, D] scores at once. Gradients either flow straight through the
-    chunks' graphs (memory grows with the micro-batch) or, `cached` (GradCache, Gao et al., RepL4NLP 2021,
-    arXiv:2101.06983), every chunk but the first runs once without grad, the loss gradient w.r.t. the scores is
-    taken, and each chunk runs (again) with grad and `backward(its score gradient)`: the same gradient, with the
-    memory of one chunk. The RNG state is replayed per chunk, so dropout in the re-run is the dropout of the first.
+    The pairs are sorted by length and padded per chunk (`plan_batches`, as inference batches them), so short
+    pairs are not padded to the longest one of the micro-batch; the loss sees all [Q, D] scores of a part's
+    queries at once (`plan_score_parts`). A straight part keeps its chunks' graphs and backpropagates once. A
+    cached part (GradCache, Gao et al., RepL4NLP 2021, arXiv:2101.06983) runs every chunk but the first once
+    without grad, takes the loss gradient w.r.t. the scores, and runs each chunk (again) with grad and
+    `backward(its score gradient)`: the same gradient, with the memory of one chunk. The RNG state is replayed per
+    chunk, so dropout in the re-run is the dropout of the first pass.
+    A part's loss is the micro-batch's loss with zeros for the other parts' scores: the losses are sums over
+    queries with a score-independent normaliser (`crossrank.losses`), so its gradient is the part's exact share.
     `final` runs the very last forward (the DDP wrapper when this backward must all-reduce), `model` the rest."""
-    chunks = plan_batches([len(ids) for ids, _ in batch.pairs], [], cfg.train.batch_tokens)
-    cached = cfg.train.score_grad == "cached" or (cfg.train.score_grad == "auto" and len(chunks) > 1)
-    unsort = torch.argsort(torch.tensor([i for rows in chunks for i in rows], device=device))  # chunk -> pair order
-    nets = [model] * (len(chunks) - 1) + [final]
-    inputs = [tokenizer.pad_list([batch.pairs[i] for i in rows]) for rows in chunks]  # [1, n_k, L_k]: padded once
+    lengths = [len(ids) for ids, _ in batch.pairs]
+    parts = plan_score_parts(lengths, batch.mask.sum(1).tolist(), cfg.train.batch_tokens, cfg.train.score_grad)
+    mask = batch.mask.to(device)
+    scores = torch.zeros(mask.shape, device=device)  # [Q, D], filled part by part (detached): the logged loss
+    position = mask.flatten().nonzero().squeeze(1)  # pair i -> its flat index in [Q, D]
+    for p, part in enumerate(parts):
+        rows = torch.tensor([i for chunk in part.chunks for i in chunk], device=device)  # chunk order
+
+        def loss_of(flat: torch.Tensor) -> torch.Tensor:  # flat [n] in chunk order -> the part's loss
+            return ranking_loss(torch.zeros_like(scores).flatten().index_put((position[rows],), flat)
+                                .view(mask.shape), batch, loss_fn, device)
+
+        last = final if p == len(parts) - 1 else model
+        flat = _part_backward(model, last, part, batch, tokenizer, device, autocast, lambda f: scale(loss_of(f)))
+        scores.view(-1)[position[rows]] = flat
+    return ranking_loss(scores, batch, loss_fn, device)
+
+
+def _part_backward(model: nn.Module, final: nn.Module, part: ScorePart, batch: Batch, tokenizer: PairTokenizer,
+                   device: torch.device, autocast, scaled_loss: Callable[[torch.Tensor], torch.Tensor]
+                   ) -> torch.Tensor:
+    """Backpropagate `scaled_loss` of one part's scores [n] (chunk order); return them, detached."""
+    nets = [model] * (len(part.chunks) - 1) + [final]
+    inputs = [tokenizer.pad_list([batch.pairs[i] for i in rows]) for rows in part.chunks]  # [1, n_k, L_k]
 
     def forward(k: int) -> torch.Tensor:  # [n_k] scores of chunk k, scored as one list [1, n_k]
         with autocast:
             return nets[k](**{key: v.to(device) for key, v in inputs[k].items()})[0].float()
 
-    def loss_of(flat: torch.Tensor) -> torch.Tensor:  # flat [N] in chunk order
-        mask = batch.mask.to(device)
-        return ranking_loss(flat.new_zeros(mask.shape).masked_scatter(mask, flat[unsort]), batch, loss_fn, device)
-
-    if not cached:
-        loss = loss_of(torch.cat([forward(k) for k in range(len(chunks))]))
-        scale(loss).backward()
-        return loss.detach()
+    if not part.cached:
+        flat = torch.cat([forward(k) for k in range(len(part.chunks))])
+        scaled_loss(flat).backward()
+        return flat.detach()
     # The first chunk keeps its graph (one chunk's memory, as in the re-runs; the longest, so the largest
     # saving), the others run without grad; only the very last forward may run through DDP (`final`)
     states = [_chunk_rng(device)]
     kept = forward(0)
     with torch.no_grad():
         flat = [kept.detach()]
-        for k in range(1, len(chunks)):
+        for k in range(1, len(part.chunks)):
             states.append(_chunk_rng(device))
             flat.append(forward(k))
-    flat = torch.cat(flat).requires_grad_()  # [N]: a leaf, so the loss's backward stops at the scores
-    loss = loss_of(flat)
-    scale(loss).backward()
-    grads = flat.grad.split([len(rows) for rows in chunks])  # [n_k] each
+    flat = torch.cat(flat).requires_grad_()  # [n]: a leaf, so the loss's backward stops at the scores
+    scaled_loss(flat).backward()
+    grads = flat.grad.split([len(rows) for rows in part.chunks])  # [n_k] each
     kept.backward(grads[0])
     after = _chunk_rng(device)
-    for k in range(1, len(chunks)):
+    for k in range(1, len(part.chunks)):
         _chunk_rng(device, states[k])
         forward(k).backward(grads[k])
     _chunk_rng(device, after)  # continue from where the first pass ended, as a straight run would
-    return loss.detach()
+    return flat.detach()
 
 
 def _chunk_rng(device: torch.device, state: tuple | None = None) -> tuple | None:

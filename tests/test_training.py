@@ -314,11 +314,12 @@ def _gradients(model, run) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("loss_name,checkpointing", [("lce", False), ("rank_net", False), ("lce", True)])
 def test_chunked_gradients_equal_one_padded_batch(quiet_bert, loss_name, checkpointing):
-    """straight and cached, in chunks of <= 40 padded tokens, give the gradient of one padded forward/backward
-    (also with gradient checkpointing on)."""
+    """straight, cached and auto (parts of whole queries: at 40 tokens one query cached and two straight, at 64
+    two straight parts of several queries), in chunks of <= 40 / 64 padded tokens, give the gradient of one
+    padded forward/backward (also with gradient checkpointing on)."""
     from crossrank.losses import LOSSES
     from crossrank.models import MonoEncoder
-    from crossrank.training import mono_backward
+    from crossrank.training import mono_backward, plan_score_parts
 
     pairs, batch = _micro_batch(quiet_bert)
     model, loss_fn = MonoEncoder.from_pretrained(quiet_bert).train(), LOSSES[loss_name]
@@ -335,18 +336,68 @@ def test_chunked_gradients_equal_one_padded_batch(quiet_bert, loss_name, checkpo
     shapes = []
     model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape[1:])),
                                     with_kwargs=True)
-    for mode in ("straight", "cached"):
-        cfg = load_run_config([], ["train.batch_tokens=40", f"train.score_grad={mode}"])
+    lengths, per_query = [len(ids) for ids, _ in batch.pairs], batch.mask.sum(1).tolist()
+    for mode, budget in (("straight", 40), ("cached", 40), ("auto", 40), ("auto", 64)):
+        parts = plan_score_parts(lengths, per_query, budget, mode)
+        assert len(parts) == {"straight": 1, "cached": 1, "auto": 3 if budget == 40 else 2}[mode]
+        if mode == "auto":  # really mixed: 40 caches the first query only, 64 packs queries together
+            assert [p.cached for p in parts] == ([True, False, False] if budget == 40 else [False, False])
+        cfg = load_run_config([], [f"train.batch_tokens={budget}", f"train.score_grad={mode}"])
         shapes.clear()
         got = _gradients(model, lambda: mono_backward(model, model, batch, loss_fn, cfg, pairs, torch.device("cpu"),
                                                       contextlib.nullcontext(), lambda x: 0.5 * x))
-        chunks = [n for n, _ in shapes]
-        assert all(n * length <= 40 for n, length in shapes) and len(chunks) >= 3  # really split
-        # cached: the first chunk keeps its graph, every other chunk runs once without and once with grad
-        assert sum(chunks) == (11 if mode == "straight" else 22 - chunks[0])
+        assert all(n * length <= budget for n, length in shapes) and len(shapes) >= 3  # really split
+        # straight parts score each pair once; cached ones every pair twice but their first chunk (kept graph)
+        assert sum(n for n, _ in shapes) == sum(
+            2 * sum(map(len, p.chunks)) - len(p.chunks[0]) if p.cached else sum(map(len, p.chunks)) for p in parts)
         assert got.keys() == reference.keys()
         for name in reference:
-            assert torch.allclose(got[name], reference[name], atol=1e-5, rtol=1e-4), (mode, name)
+            assert torch.allclose(got[name], reference[name], atol=1e-5, rtol=1e-4), (mode, budget, name)
+
+
+def test_score_parts_pack_whole_queries_and_cache_only_a_query_too_big_alone():
+    """plan_score_parts by hand: chunks of <= budget / 8 padded tokens inside a straight part, <= budget in a
+    cached one; a part's chunks hold at most budget padded tokens together."""
+    from crossrank.training import plan_score_parts
+
+    def plan(lengths, per_query, budget, mode="auto"):
+        return [(p.chunks, p.cached) for p in plan_score_parts(lengths, per_query, budget, mode)]
+
+    # 2 queries x 2 pairs of 4 tokens: chunks of 2 pairs (8 <= 64 / 8), one straight part
+    assert plan([4, 4, 4, 4], [2, 2], 64) == [([[0, 1], [2, 3]], False)]
+    # pairs of 8 tokens, one per chunk (> 32 / 8): each query 16 padded tokens; two fit 32, the third opens a part
+    assert plan([8] * 6, [2, 2, 2], 32) == [([[0], [1], [2], [3]], False), ([[4], [5]], False)]
+    # the middle query (3 x 30 = 90 > 64 padded tokens) is cached alone, in chunks of <= 64
+    assert plan([10, 10, 30, 30, 30, 5], [2, 3, 1], 64) == [([[0], [1]], False), ([[2, 3], [4]], True),
+                                                             ([[5]], False)]
+    # straight / cached: the micro-batch is one part in chunks of <= budget, longest first (a chunk is padded to
+    # its first pair: [30, 10] is 60 tokens, [30, 10, 10] would be 90)
+    assert plan([10, 10, 30, 30, 30, 5], [2, 3, 1], 64, "cached") == [([[2, 3], [4, 0], [1, 5]], True)]
+    assert plan([10, 10, 30, 30, 30, 5], [2, 3, 1], 64, "straight") == [([[2, 3], [4, 0], [1, 5]], False)]
+
+
+@pytest.mark.parametrize("loss_name", ["lce", "bce", "rank_net", "list_net", "adr_mse", "margin_mse", "novelty"])
+def test_every_loss_is_a_sum_over_queries(loss_name):
+    """What packing queries into parts relies on: the gradient of the loss with zeros for every other query's
+    scores is exactly that query's share of the whole micro-batch's gradient (so the parts' gradients add up to
+    it), for every loss and for novelty-aware targets, with padding (lists of 4, 2 and 3)."""
+    from crossrank.data import Batch
+    from crossrank.losses import LOSSES
+    from crossrank.training import ranking_loss
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    targets = torch.tensor([[3.0, 1, 0, 2], [0, 1, 0, 0], [2, 2, 0, 0]])
+    clusters = torch.tensor([[0, 0, 1, 2], [0, 1, 0, 0], [0, 1, 1, 0]]) if loss_name == "novelty" else None
+    batch = Batch({}, targets, mask, clusters=clusters)
+    loss_fn = LOSSES["rank_net" if loss_name == "novelty" else loss_name]
+    scores = torch.randn(3, 4, requires_grad=True)
+    whole, = torch.autograd.grad(ranking_loss(scores, batch, loss_fn, torch.device("cpu")), scores)
+    summed = torch.zeros_like(whole)
+    for q in range(3):
+        alone = torch.where(torch.arange(3)[:, None] == q, scores, torch.zeros(()))
+        summed += torch.autograd.grad(ranking_loss(alone, batch, loss_fn, torch.device("cpu")), scores)[0]
+    assert whole[mask].abs().sum() > 0 and torch.allclose(summed, whole, atol=1e-7)
 
 
 def test_first_token_last_layer_trains_like_the_full_model(quiet_bert, tmp_path):
@@ -404,10 +455,11 @@ def test_cached_gradients_replay_dropout(tiny_bert):
 
 def test_micro_batch_far_larger_than_batch_tokens_trains_in_bounded_chunks(quiet_bert, collection, tmp_path,
                                                                           monkeypatch):
-    """4 queries x 12 candidates in chunks of <= 48 padded tokens: every forward stays under the budget."""
+    """4 queries x 12 candidates in chunks of <= 48 padded tokens: every forward stays under the budget; each
+    query (about 120 tokens) is too big for 48 alone, so each is a cached part."""
     import crossrank.training as training
 
-    shapes, load = [], training.load_model
+    shapes, plans, load, plan = [], [], training.load_model, training.plan_score_parts
 
     def recording(path, cfg):
         model, tokenizer = load(path, cfg)
@@ -418,15 +470,18 @@ def test_micro_batch_far_larger_than_batch_tokens_trains_in_bounded_chunks(quiet
         return model, tokenizer
 
     monkeypatch.setattr(training, "load_model", recording)
+    monkeypatch.setattr(training, "plan_score_parts", lambda *args: plans.append(plan(*args)) or plans[-1])
     state = train(config(quiet_bert, collection["CL"], tmp_path, "CL", "data.num_negatives=11",
                          "train.queries_per_batch=4", "train.accumulation=1", "train.max_steps=2",
                          "train.batch_tokens=48", "train.eval_every=100"))
     assert state.finished and all(n * length <= 48 for n, length, _ in shapes) and len(shapes) > 2 * 2 * 4
+    assert [[p.cached for p in parts] for parts in plans] == [[True] * 4] * 2  # 2 steps x 4 queries
     assert sum(n for n, _, grad in shapes if grad) == 2 * 4 * 12  # 2 steps x 48 pairs, each once with grad
-    # and once more without grad before it, except each micro-batch's first chunk, which keeps its graph: the
-    # grad forward right before the no-grad ones
+    # and once more without grad before it, except each cached part's first chunk, which keeps its graph: the
+    # grad forward right before the part's no-grad ones
     kept = [n for (n, _, grad), (_, _, next_grad) in zip(shapes, shapes[1:]) if grad and not next_grad]
-    assert len(kept) == 2 and sum(n for n, _, grad in shapes if not grad) == 2 * 4 * 12 - sum(kept)
+    assert kept == [len(p.chunks[0]) for parts in plans for p in parts]
+    assert sum(n for n, _, grad in shapes if not grad) == 2 * 4 * 12 - sum(kept)
     row = json.loads((tmp_path / "tiny.CL.f1.lr0.003.s42" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["pairs_per_s"] > 0 and row["tokens_per_s"] > row["pairs_per_s"] and row["eta_s"] >= 0
 

@@ -203,23 +203,24 @@ def plan_score_parts(lengths: list[int], pairs_per_query: list[int], batch_token
 
     small = batch_tokens // STRAIGHT_CHUNK_SHARE  # a straight part's chunk budget
     parts: list[ScorePart] = []
-    open_rows: list[int] = []  # the straight part being packed
+    open_rows: list[int] = []  # the straight part being packed, and its chunks
+    open_chunks: list[list[int]] = []
     start = 0
     for count in pairs_per_query:
         rows, start = list(range(start, start + count)), start + count
-        if padded(chunks_of(rows, small)) > batch_tokens:  # too big alone: a cached part
-            if open_rows:
-                parts.append(ScorePart(chunks_of(open_rows, small), False))
+        alone = chunks_of(rows, small)
+        if padded(alone) > batch_tokens:  # too big alone: a cached part
+            parts += [ScorePart(open_chunks, False)] if open_rows else []
             parts.append(ScorePart(chunks_of(rows, batch_tokens), True))
-            open_rows = []
-        elif padded(chunks_of(open_rows + rows, small)) > batch_tokens:
-            parts.append(ScorePart(chunks_of(open_rows, small), False))
-            open_rows = rows
+            open_rows, open_chunks = [], []
+            continue
+        joined = chunks_of(open_rows + rows, small)
+        if padded(joined) > batch_tokens:
+            parts.append(ScorePart(open_chunks, False))
+            open_rows, open_chunks = rows, alone
         else:
-            open_rows += rows
-    if open_rows:
-        parts.append(ScorePart(chunks_of(open_rows, small), False))
-    return parts
+            open_rows, open_chunks = open_rows + rows, joined
+    return parts + ([ScorePart(open_chunks, False)] if open_rows else [])
 
 
 def mono_backward(model: nn.Module, final: nn.Module, batch: Batch, loss_fn, cfg: RunConfig,
@@ -242,15 +243,15 @@ def mono_backward(model: nn.Module, final: nn.Module, batch: Batch, loss_fn, cfg
     scores = torch.zeros(mask.shape, device=device)  # [Q, D], filled part by part (detached): the logged loss
     position = mask.flatten().nonzero().squeeze(1)  # pair i -> its flat index in [Q, D]
     for p, part in enumerate(parts):
-        rows = torch.tensor([i for chunk in part.chunks for i in chunk], device=device)  # chunk order
+        where = position[torch.tensor([i for chunk in part.chunks for i in chunk], device=device)]  # chunk order
 
         def loss_of(flat: torch.Tensor) -> torch.Tensor:  # flat [n] in chunk order -> the part's loss
-            return ranking_loss(torch.zeros_like(scores).flatten().index_put((position[rows],), flat)
-                                .view(mask.shape), batch, loss_fn, device)
+            part_scores = torch.zeros_like(scores).flatten().index_put((where,), flat).view(mask.shape)
+            return ranking_loss(part_scores, batch, loss_fn, device)
 
         last = final if p == len(parts) - 1 else model
         flat = _part_backward(model, last, part, batch, tokenizer, device, autocast, lambda f: scale(loss_of(f)))
-        scores.view(-1)[position[rows]] = flat
+        scores.view(-1)[where] = flat
     return ranking_loss(scores, batch, loss_fn, device)
 
 

@@ -26,4 +26,4 @@ while getopts ":d:k:t:o:lh" opt; do
 done
 [[ -n "$dataset" ]] || { echo "error: command line: -d DATASET is required (see $0 -h)" >&2; exit 2; }
 cd "$(dirname "$0")"
-exec python -m crossrank.bm25 --dataset "$dataset" --k "$k" --threads "$threads" ${out:+--out "$out"} "${lenient[@]}"
+exec python -m crossrank bm25 --dataset "$dataset" --k "$k" --threads "$threads" ${out:+--out "$out"} "${lenient[@]}"

@@ -54,5 +54,5 @@ if [[ ! -f "$env/.crossrank-ready" ]]; then  # the marker is written only after 
   "$env/bin/pip" install -r requirements-colbert.txt
   touch "$env/.crossrank-ready"
 fi
-exec "$env/bin/python" -m crossrank.colbert --dataset "$dataset" --k "$k" --checkpoint "$model" --devices "$devices" \
+exec "$env/bin/python" -m crossrank colbert --dataset "$dataset" --k "$k" --checkpoint "$model" --devices "$devices" \
   --batch-size "$batch" --shard-docs "$shard" ${out:+--out "$out"} ${indexes:+--indexes "$indexes"} "${extra[@]}"

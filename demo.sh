@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_HUB_DISABLE_PROGRESS_BARS=1
 
 echo "== 1. Generate the demo collection (data/demo/)"
-python -m crossrank.demo
+python -m crossrank demo
 
 echo "== 2. BM25 first stage for the training and test topics (PISA; index cached in data/indexes/)"
 ./create_bm25_baseline_run.sh -d demo -k 1000 2>/dev/null
@@ -17,7 +17,7 @@ python preprocessing.py --dataset demo --objective CL --evalperc 10
 python preprocessing.py --dataset demo --objective KD --evalperc 10
 
 echo "== 4. Evaluate the BM25 baseline on the test topics"
-python -m crossrank.compare --dataset demo-test runs/demo-test.bm25.run
+python -m crossrank compare --dataset demo-test runs/demo-test.bm25.run
 
 echo "== 5. Fine-tune MiniLM, stage 1: CL on BM25 negatives (the seed's recipe, shortened for a CPU: 60 steps,"
 echo "      3 negatives per query, lr 1e-4); the best validation checkpoint goes to models/bert.CL.f1.lr0.0001.s42/model"
@@ -39,4 +39,4 @@ for spec in "1 CL $backbone.CL.f1" "2 KD $backbone.CL-KD.f2"; do
     echo "   no stage-$stage checkpoint (models/$prefix.*/model): run the training steps first; not re-ranked"
   fi
 done
-python -m crossrank.compare -d demo-test --depth 100 --holm "${runs[@]}"
+python -m crossrank compare -d demo-test --depth 100 --holm "${runs[@]}"

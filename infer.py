@@ -1,4 +1,4 @@
-"""Re-rank first-stage runs with a cross-encoder checkpoint and evaluate them (see crossrank/experiment.py).
+"""Re-rank first-stage runs with a cross-encoder checkpoint and evaluate them (see crossrank/inference/pipeline.py).
 
     python infer.py --config configs/backbones/electra.yaml train.stage=1 train.objective=CL eval.dataset=dl19
     python infer.py --model models/bert.CL.f1.lr1e-05.s42/model eval.dataset=indomain eval.first_stage=colbert
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from crossrank import cli
 from crossrank.config import load_run_config
-from crossrank.io import CrossrankError
+from crossrank.errors import CrossrankError
 
 
 def main() -> int:
@@ -25,7 +25,7 @@ def main() -> int:
     cfg = load_run_config(args.config, args.overrides + (["eval.lenient=true"] if args.lenient else []))
     if args.model and args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().exists():
         raise CrossrankError(f"{args.model}: no such model folder (expected a checkpoint folder or a hub id)")
-    from crossrank.experiment import run_inference  # torch and transformers: only once the config is valid
+    from crossrank.inference.pipeline import run_inference  # torch and transformers: only once the config is valid
 
     run_inference(cfg, args.model, args.lr, args.seed)
     return 0

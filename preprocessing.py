@@ -3,7 +3,7 @@
 import sys
 
 from crossrank import cli
-from crossrank.preprocessing import PRESETS, load_meta, prepare
+from crossrank.training.preprocessing import PRESETS, load_meta, prepare
 
 
 def main() -> int:

@@ -6,20 +6,13 @@ chat endpoint (OpenAI, vLLM, ...). The API key is read from $OPENAI_API_KEY (or 
         --model gpt-3.5-turbo -o runs/msmarco-train.rankgpt.run
 
 A killed run resumes where it stopped when started again with the same arguments. See the README,
-"Teacher rankings (rank_gpt.py)", and `crossrank/teacher.py` (the run), `rankgpt.py`
-(prompts, parsing), `chat.py` (the client), `teacher_cli.py` (the flags).
+"Teacher rankings (rank_gpt.py)", and `crossrank/teacher/run.py` (the run), `rankgpt.py`
+(prompts, parsing), `chat.py` (the client), `cli.py` (the flags).
 """
 import sys
 
 from crossrank import cli
-from crossrank.teacher_cli import format_summary, main as rank_main
-
-
-def main() -> int:
-    summary = rank_main(sys.argv[1:])
-    print(format_summary(summary))
-    return 0
-
+from crossrank.teacher.__main__ import main
 
 if __name__ == "__main__":
     sys.exit(cli.run_main(main))

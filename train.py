@@ -16,7 +16,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-5 train.max_steps=100")
     args = parser.parse_args()
     cfg = load_run_config(args.config, args.overrides)
-    from crossrank.training import train  # torch and transformers: only once the config is valid
+    from crossrank.training.loop import train# torch and transformers: only once the config is valid
 
     return 0 if train(cfg).finished else 3
 

@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 
-from crossrank import io  # noqa: E402
+from crossrank.data.qrels import Qrels, read_qrels
+from crossrank.data.runs import Run
+from crossrank.data.texts import read_corpus, read_topics
 
 
-def evaluate(run: io.Run, qrels: io.Qrels) -> float:
+def evaluate(run: Run, qrels: Qrels) -> float:
     import ir_measures
     from ir_measures import nDCG
 
@@ -30,7 +31,7 @@ def evaluate(run: io.Run, qrels: io.Qrels) -> float:
     return ir_measures.calc_aggregate([nDCG @ 10], judged, results)[nDCG @ 10]
 
 
-def pisa(corpus: list[tuple[str, str]], topics: dict[str, str], k: int) -> io.Run:
+def pisa(corpus: list[tuple[str, str]], topics: dict[str, str], k: int) -> Run:
     import pandas as pd
     from pyterrier_pisa import PisaIndex
 
@@ -38,13 +39,13 @@ def pisa(corpus: list[tuple[str, str]], topics: dict[str, str], k: int) -> io.Ru
         index = PisaIndex(tmp + "/idx", text_field="text", stemmer="porter2", stops="terrier")
         index.index({"docno": d, "text": t} for d, t in corpus)
         res = index.bm25(k1=0.9, b=0.4, num_results=k)(pd.DataFrame({"qid": list(topics), "query": list(topics.values())}))
-    run: io.Run = {}
+    run: Run = {}
     for q, d, s in zip(res["qid"], res["docno"], res["score"]):
         run.setdefault(q, []).append((d, float(s)))
     return run
 
 
-def bm25s_run(corpus: list[tuple[str, str]], topics: dict[str, str], k: int) -> io.Run:
+def bm25s_run(corpus: list[tuple[str, str]], topics: dict[str, str], k: int) -> Run:
     import bm25s
     import Stemmer
 
@@ -66,9 +67,9 @@ def main() -> None:
     totals = {"pisa": 0.0, "bm25s": 0.0}
     quality = {"pisa": [], "bm25s": []}
     for name, folder in collections.items():
-        corpus = list(io.read_corpus(folder / "corpus.jsonl", lenient=True))
-        topics = io.read_topics(folder / "queries.jsonl")
-        qrels = io.read_qrels(folder / "qrels.tsv")
+        corpus = list(read_corpus(folder / "corpus.jsonl", lenient=True))
+        topics = read_topics(folder / "queries.jsonl")
+        qrels = read_qrels(folder / "qrels.tsv")
         topics = {q: t for q, t in topics.items() if q in qrels}
         for engine, fn in (("pisa", pisa), ("bm25s", bm25s_run)):
             start = time.perf_counter()

@@ -3,7 +3,7 @@
 background tokenisation) run and measured against the peers, in one command that prints one table.
 
 Sections (`--sections`, default all; 5 comes with 1 and 2), every figure from the project's public code paths:
-  1 rerank      `crossrank.inference.load_model` + `score_candidates` (eager, and `eval.compile=true` for
+  1 rerank      `crossrank.inference.rerank.load_model` + `score_candidates` (eager, and `eval.compile=true` for
                 ELECTRA-base) against sentence-transformers' `CrossEncoder.predict` with the model cast to bf16
                 (batch size 32, its default, and 128; the faster is the peer), same pairs, same max length
                 (256, pair truncation). pairs/s (best of `rounds`, contenders alternated), peak extra GPU memory,
@@ -11,7 +11,7 @@ Sections (`--sections`, default all; 5 comes with 1 and 2), every figure from th
                 random weights (built from configs, no download) and the real packaged MiniLM; the tau gate
                 (>= --min-tau) is on MiniLM only: a random network's scores are near-noise, so its tau says
                 little about bf16 (0.93-0.98 measured for random ELECTRA-base on CPU); it is printed as info.
-  2 train       `crossrank.training.train(cfg)` (configs + overrides, so it follows the loop however it scores
+  2 train       `crossrank.training.loop.train(cfg)` (configs + overrides, so it follows the loop however it scores
                 micro-batches) on ELECTRA-base: the CL recipe's micro-batch (4 queries x 100) and KD's (16 x 20),
                 bf16, `warmup` steps then `steps` timed (from metrics.jsonl), against sentence-transformers'
                 `CrossEncoderTrainer` on the same examples (CL: MultipleNegativesRankingLoss with the 99 hard
@@ -56,7 +56,6 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -176,7 +175,7 @@ def gib(value: float | None) -> str:
 
 
 def minilm_path(given: str) -> str:
-    from crossrank.models import resolve_model_path
+    from crossrank.models.mono import resolve_model_path
 
     if given:
         return given
@@ -232,8 +231,9 @@ def float32_copy(path: str, folder: Path) -> str:
 def workload(data: Path, n_queries: int, depth: int, seed: int = 0):
     """(Candidates, description): DL19 BM25 top-`depth` when present (queries repeated under new qids to reach
     `n_queries`), else synthetic MS MARCO-like text."""
-    from crossrank.inference import Candidates
-    from crossrank.io import load_corpus, load_run, qid_order, read_topics
+    from crossrank.inference.candidates import Candidates
+    from crossrank.data.texts import load_corpus, read_topics
+    from crossrank.data.runs import load_run, qid_order
 
     if (data / "runs" / "bm25.top100.run").is_file():
         run = load_run(data / "runs" / "bm25.top100.run", depth=depth)
@@ -258,9 +258,9 @@ def workload(data: Path, n_queries: int, depth: int, seed: int = 0):
 
 
 def write_training_data(root: Path, candidates) -> dict[str, Path]:
-    """The workload as preprocessed CL and KD folders (crossrank.preprocessing's layout, no validation split):
+    """The workload as preprocessed CL and KD folders (crossrank.training.preprocessing's layout, no validation split):
     CL marks one random candidate of each query relevant; KD reads the candidate order as a teacher ranking."""
-    from crossrank.preprocessing import TrainingQuery, write_meta, write_split
+    from crossrank.training.preprocessing import TrainingQuery, write_meta, write_split
 
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
@@ -365,7 +365,7 @@ def rerank_model(name: str, folder: str, candidates, plan: Plan, device: torch.d
     from sentence_transformers import CrossEncoder
 
     from crossrank.config import EvalConfig, ModelConfig
-    from crossrank.inference import load_model, score_candidates
+    from crossrank.inference.rerank import load_model, score_candidates
 
     keys = [(q, d) for q, r in candidates.run.items() for d, _ in r]
     texts = [(candidates.queries[q], candidates.texts[d]) for q, d in keys]
@@ -446,7 +446,7 @@ def train_ours(files: list[Path], overrides: list[str], out: Path, warmup: int, 
     """`train(cfg)` as train.py runs it; pairs/s of the timed steps from metrics.jsonl (one row per step, the
     same number of pairs in each, so the harmonic mean of the rows' rates)."""
     from crossrank.config import load_run_config
-    from crossrank.training import train
+    from crossrank.training.loop import train
 
     cfg = load_run_config(files, [*overrides, "train.log_every=1", "train.eval_every=1000000",
                                   "train.save_every=1000000", f"train.output_dir={out}"])
@@ -509,9 +509,9 @@ def training_section(folder: str, data: dict[str, Path], plan: Plan, device: tor
                      report: Report) -> None:
     """Section 2: CL and KD micro-batches on the ELECTRA-base shape, crossrank vs the peer (+ section-5 rows)."""
     from crossrank.config import load_run_config
-    from crossrank.data import load_training_data
-    from crossrank.encoding import PairTokenizer
-    from crossrank.models import load_tokenizer
+    from crossrank.training.data import load_training_data
+    from crossrank.models.encoding import PairTokenizer
+    from crossrank.models.mono import load_tokenizer
 
     recipes = {"CL": (plan.cl_queries, plan.cl_passages), "KD": (plan.kd_queries, plan.kd_passages)}
     config = AutoConfig.from_pretrained(folder)
@@ -550,7 +550,7 @@ def set_encoder_section(folder: str, data: dict[str, Path], candidates, plan: Pl
                         tmp: Path, report: Report) -> None:
     """Section 3: one Set-Encoder training step on a `depth`-passage list, then re-ranking the workload."""
     from crossrank.config import EvalConfig, ModelConfig
-    from crossrank.inference import load_model, score_candidates
+    from crossrank.inference.rerank import load_model, score_candidates
 
     section = "3 set-encoder"
     files = [ROOT / "configs" / "backbones" / "set-encoder.yaml", ROOT / "configs" / "objectives" / "KD.yaml",
@@ -659,7 +659,7 @@ def pack(out: Path) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from crossrank.models import resolve_model_path
+    from crossrank.models.mono import resolve_model_path
 
     source, target = Path(resolve_model_path(MINILM)), out / "minilm"
     shutil.rmtree(target, ignore_errors=True)

@@ -40,15 +40,15 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
 from crossrank.config import EvalConfig, ModelConfig  # noqa: E402
 from crossrank.demo import ASPECTS, FILLER, THEMES  # noqa: E402
-from crossrank.inference import Candidates, load_candidates, load_model, score_candidates  # noqa: E402
-from crossrank.models import MonoEncoder, load_tokenizer, resolve_model_path  # noqa: E402
-from crossrank.precision import cpu_flags, cpu_model, relevant_flags, resolve_precision  # noqa: E402
+from crossrank.inference.candidates import Candidates, load_candidates  # noqa: E402
+from crossrank.inference.rerank import load_model, score_candidates
+from crossrank.models.mono import MonoEncoder, load_tokenizer, resolve_model_path  # noqa: E402
+from crossrank.models.precision import cpu_flags, cpu_model, relevant_flags, resolve_precision  # noqa: E402
 
 MAX_LENGTH = 256
 EXACT_ENOUGH = 0.98  # mean per-query Kendall tau against fp32
@@ -195,8 +195,9 @@ def timed(fn, rounds: int) -> tuple[float, list[float]]:
 
 def ndcg_report(model, tokenizer, eval_cfg: EvalConfig) -> None:
     """nDCG@10 of all 43 DL19 queries x BM25 top-100 at fp32, int8 and bf16, and tau against fp32."""
-    from crossrank.evaluation import evaluate, parse_metrics
-    from crossrank.io import read_qrels, read_topics
+    from crossrank.evaluation.metrics import evaluate, parse_metrics
+    from crossrank.data.qrels import read_qrels
+    from crossrank.data.texts import read_topics
 
     candidates = dl19_candidates()
     qrels, topics = read_qrels(str(DL19 / "qrels.tsv")), read_topics(str(DL19 / "queries.jsonl"))

@@ -21,8 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 OURS = """
 import json, resource, sys, time
-sys.path.insert(0, {root!r})
-from crossrank.preprocessing import preprocess_run
+from crossrank.training.preprocessing import preprocess_run
 qrels = {{str(q * 7): {{str(q * 11 % 8_841_823): 1}} for q in range(0, {queries}, 3)}}  # judged, as MS MARCO
 start = time.perf_counter()
 counts = preprocess_run({run!r}, qrels, {out!r}, evalperc=1.0, seed=42, progress=False)

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crossrank.config import ModelConfig  # noqa: E402
-from crossrank.encoding import INTERACTION_TOKEN, PairTokenizer, encode_lists, load_set_tokenizer  # noqa: E402
-from crossrank.models import MonoEncoder, load_tokenizer  # noqa: E402
-from crossrank.set_encoder import SetEncoder  # noqa: E402
+from crossrank.models.encoding import INTERACTION_TOKEN, PairTokenizer, encode_lists, load_set_tokenizer  # noqa: E402
+from crossrank.models.mono import MonoEncoder, load_tokenizer  # noqa: E402
+from crossrank.models.set_encoder import SetEncoder  # noqa: E402
 
 BACKBONE = "packaged:all-MiniLM-L6-v2"
 # ../shared/data next to the project (or next to the folder of git worktrees that holds it)
@@ -44,7 +43,8 @@ TARGET = 1.15
 def workload(num_queries: int, depth: int) -> tuple[list[str], list[list[str]], str]:
     """Queries and their top-`depth` passage texts: DL19 BM25 when available, else a synthetic stand-in."""
     if (DL19 / "runs" / "bm25.top100.run").is_file():
-        from crossrank.io import load_corpus, load_run, read_topics, sort_ranking
+        from crossrank.data.texts import load_corpus, read_topics
+        from crossrank.data.runs import load_run, sort_ranking
         run = load_run(DL19 / "runs" / "bm25.top100.run", depth=depth)
         qids = sorted(run)[:num_queries]
         topics = read_topics(DL19 / "queries.jsonl")

@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 DL19 = ROOT.parent / "shared" / "data" / "trec-dl" / "dl19"
 MODEL = "packaged:all-MiniLM-L6-v2"
 WARMUP_STEPS = 1
@@ -47,8 +46,10 @@ SPEED_TARGET, MEMORY_TARGET, PEER_TARGET = 2.0, 0.5, 1.5
 
 def build_data(folder: Path) -> tuple[Path, str]:
     """A preprocessed folder (crossrank's layout) of DL19 BM25 top-100 lists, or of the demo collection."""
-    from crossrank.io import load_run, read_qrels, read_topics
-    from crossrank.preprocessing import TrainingQuery, write_meta, write_split
+    from crossrank.data.runs import load_run
+    from crossrank.data.qrels import read_qrels
+    from crossrank.data.texts import read_topics
+    from crossrank.training.preprocessing import TrainingQuery, write_meta, write_split
 
     if (DL19 / "runs" / "bm25.top100.run").is_file():
         topics, corpus, source = DL19 / "queries.jsonl", DL19 / "corpus.jsonl", "TREC DL 2019 BM25 top-100 (real text)"
@@ -84,14 +85,14 @@ def config(data: Path, out: Path, recipe: str, steps: int, queries: int, extra: 
 
 
 def examples(data: Path, out: Path, recipe: str, steps: int, queries: int):
-    from crossrank.data import load_training_data
+    from crossrank.training.data import load_training_data
 
     stream, _ = load_training_data(config(data, out, recipe, steps, queries))
     return stream, [[stream.example(s * queries + i) for i in range(queries)] for s in range(steps)]
 
 
 def run_crossrank(data: Path, out: Path, recipe: str, steps: int, args) -> dict:
-    from crossrank.training import train
+    from crossrank.training.loop import train
 
     queries = RECIPES[recipe]["queries"]
     train(config(data, out, recipe, steps, queries, [f"train.batch_tokens={args.batch_tokens}"]))
@@ -105,8 +106,8 @@ def run_plain(data: Path, out: Path, recipe: str, steps: int, args) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from crossrank.losses import LOSSES
-    from crossrank.models import resolve_model_path
+    from crossrank.training.losses import LOSSES
+    from crossrank.models.mono import resolve_model_path
 
     queries = args.plain_queries or RECIPES[recipe]["plain_queries"]
     stream, batches = examples(data, out, recipe, steps, queries)
@@ -143,7 +144,7 @@ def run_st(data: Path, out: Path, recipe: str, steps: int, args) -> dict:
     from sentence_transformers.cross_encoder.losses import CachedMultipleNegativesRankingLoss, RankNetLoss
     from transformers import TrainerCallback
 
-    from crossrank.models import resolve_model_path
+    from crossrank.models.mono import resolve_model_path
 
     r = RECIPES[recipe]
     queries = r["queries"] if recipe == "CL" else (args.plain_queries or r["plain_queries"])

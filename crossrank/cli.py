@@ -21,7 +21,7 @@ import sqlite3
 import sys
 from collections.abc import Callable
 
-from crossrank.io import CrossrankError
+from crossrank.errors import CrossrankError
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -7,7 +7,7 @@ the dataclass field it lands in (`optim.lr=1e-5` is a float even though PyYAML r
 wrong type is an error that names the YAML `path:line` it came from.
 
 The machinery (`load`) works for any dataclass, so other components load their own configs the same way
-(`crossrank.datasets.DatasetConfig`); `RunConfig` below is what train.py and infer.py read.
+(`crossrank.data.datasets.DatasetConfig`); `RunConfig` below is what train.py and infer.py read.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from crossrank.io import CrossrankError, atomic_write
+from crossrank.errors import CrossrankError
+from crossrank.data.files import atomic_write
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent  # the project folder: configs/, models/, runs/, data/
@@ -219,15 +220,15 @@ class ModelConfig:
     # passages a training list holds; what re-ranking a top-100 sees
     depth: int = 100
     # Set-Encoder, training: fill the set's missing slots (depth - list length) with Gaussian pseudo-states
-    # (crossrank.set_encoder.pseudo_states), so that a stage-1 list of 9 attends to 99 others, as at inference
+    # (crossrank.models.set_encoder.pseudo_states), so that a stage-1 list of 9 attends to 99 others, as at inference
     sample_missing_docs: bool = False
     # Set-Encoder, inference: fill them too, as the reference does (noise from a fixed-seed generator per forward
     # pass, so scores are reproducible); default off: a list shorter than depth attends to its own passages only
     sample_at_inference: bool = False
 
 
-SAMPLINGS = ("single_relevant", "top", "random", "log_random")  # crossrank.data.sample_candidates
-TARGETS = ("relevance", "relevant", "teacher_rank", "teacher_score")  # crossrank.data.targets_of
+SAMPLINGS = ("single_relevant", "top", "random", "log_random")  # crossrank.training.data.sample_candidates
+TARGETS = ("relevance", "relevant", "teacher_rank", "teacher_score")  # crossrank.training.data.targets_of
 
 
 def either(values: tuple[str, ...]) -> str:
@@ -244,7 +245,7 @@ class DataConfig:
     depth: int = 200  # how deep into the first-stage run negatives are drawn from
     targets: str = "relevance"  # relevance | relevant (0/1 at relevant_level) | teacher_rank (depth + 1 - rank) | teacher_score
     # single_relevant's positives: qrels grade >= relevant_level; 0 = the dataset's rel_level as recorded by
-    # preprocessing.py (MS MARCO 1; graded TREC-style qrels 2) (crossrank.data.is_relevant)
+    # preprocessing.py (MS MARCO 1; graded TREC-style qrels 2) (crossrank.training.data.is_relevant)
     relevant_level: int = 0
     # single_relevant: draw the positive from all judged-relevant passages, also those the first stage missed (not
     # in its top depth or not retrieved at all), as the reference's add_docs_not_in_ranking
@@ -271,7 +272,7 @@ class TrainConfig:
     stage: int = 1
     objective: str = "CL"  # CL | KD | BCE
     previous: str = ""  # objective of the stage-1 model a stage-2 run starts from (default: the other one)
-    loss: str = "lce"  # a key of crossrank.losses.LOSSES
+    loss: str = "lce"  # a key of crossrank.training.losses.LOSSES
     queries_per_batch: int = 4  # per process and micro-step (-b)
     accumulation: int = 4  # micro-steps per optimiser step over all processes (divided by the number of GPUs)
     epochs: int = 1
@@ -305,7 +306,7 @@ class EvalConfig:
     correction: str = ""  # p-value correction over compared runs: "" or holm
     lenient: bool = False  # skip (and report) run lines whose qid/docno is unknown instead of failing
     compile: bool = False  # torch.compile the model: ~1 min to compile, then faster (worth it for big runs)
-    precision: str = "auto"  # auto (CUDA: bf16; CPU: by its flags, crossrank/precision.py) | bf16 | fp16 | fp32 | int8
+    precision: str = "auto"  # auto (CUDA: bf16; CPU: by its flags, crossrank/models/precision.py) | bf16 | fp16 | fp32 | int8
     novelty: bool = False  # also report α-nDCG@10 (α = 0.99) with Jaccard clusters of judged passages as subtopics
     # how those subtopics are made: reference (the Set-Encoder's code: all judged passages, NLTK tokens, grade >= 1
     # relevant) | relevant_words (crossrank's earlier one: grade >= rel_level passages, lower-cased words)

@@ -15,7 +15,7 @@ aspect word and one of its theme words (BM25 ranks them high). A cross-encoder c
 aspect match; BM25 cannot.
 
 The simulated teacher (for KD) ranks a query's 20 candidates by their true grade plus Gaussian noise, the way
-an LLM's ranking is good but imperfect. Files written to `data/demo/` (`python -m crossrank.demo`):
+an LLM's ranking is good but imperfect. Files written to `data/demo/` (`python -m crossrank demo`):
 
     corpus.tsv          docno<TAB>text
     topics.train.tsv    qid<TAB>text       (training queries; preprocessing holds out some for validation)
@@ -32,7 +32,8 @@ from pathlib import Path
 
 from crossrank import cli
 from crossrank.config import ROOT
-from crossrank.io import atomic_write, format_run_lines, sort_ranking
+from crossrank.data.files import atomic_write
+from crossrank.data.runs import format_run_lines, sort_ranking
 
 THEMES = {
     "ocean": "sea wave tide coral reef fish shore salt whale boat",

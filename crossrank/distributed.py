@@ -12,7 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from crossrank.io import CrossrankError
+from crossrank.errors import CrossrankError
 
 
 @dataclasses.dataclass

@@ -25,8 +25,8 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 from torch import Tensor
 
-from crossrank.io import CrossrankError
-from crossrank.losses import rank_net
+from crossrank.errors import CrossrankError
+from crossrank.training.losses import rank_net
 
 WORD = re.compile(r"\w+")
 REFERENCE_TOKENS = 512  # the reference clusters on the first 512 tokens of a passage

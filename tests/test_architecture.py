@@ -9,29 +9,40 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "crossrank"
-
-# Cycles another change is removing (name them here only with the issue that removes them): preprocessing <->
-# teacher is issue 14's teacher split (read_run_blocks / parse_permutation). Delete the entry when it is gone.
-KNOWN_CYCLES: set[frozenset[str]] = set()
+MAX_MODULE_LINES = 500
 
 
-def imports_of(path: Path) -> set[str]:
-    """The crossrank modules one file imports, at any depth of its code (`from crossrank.x import ...`,
-    `import crossrank.x`, `from crossrank import x`)."""
+def module_names(package: Path = PACKAGE) -> dict[str, Path]:
+    """Every module of the package by dotted name relative to it (`data.runs`, `config`); `__init__`/`__main__`
+    files are named by their folder (`data`) or `<folder>.__main__`."""
+    names = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts:
+            names[".".join(parts)] = path
+    return names
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The crossrank modules one file imports, at any depth of its code (`from crossrank.x.y import ...`,
+    `import crossrank.x`, `from crossrank.x import y` where y is a module)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module == "crossrank":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("crossrank."):
-            found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "crossrank":
+            base = node.module.split(".", 1)[1] if "." in node.module else ""
+            for alias in node.names:
+                child = f"{base}.{alias.name}" if base else alias.name
+                found.add(child if child in modules else base)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("crossrank.")}
-    return found - {path.stem}
+            found |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("crossrank.")}
+    return found & modules
 
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
-    modules = {p.stem: p for p in package.glob("*.py")}
-    return {name: imports_of(path) & modules.keys() for name, path in modules.items()}
+    modules = module_names(package)
+    return {name: imports_of(path, set(modules)) - {name} for name, path in modules.items()}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -70,17 +81,22 @@ def test_cycle_finder_sees_function_level_imports(tmp_path):
     (tmp_path / "a.py").write_text("from crossrank.b import f\n")
     (tmp_path / "b.py").write_text("def f():\n    from crossrank import a\n")
     (tmp_path / "c.py").write_text("import crossrank.a\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "__init__.py").write_text("")
+    (tmp_path / "sub" / "d.py").write_text("from crossrank.sub import e\nfrom crossrank import c\n")
+    (tmp_path / "sub" / "e.py").write_text("def g():\n    from crossrank.sub.d import x\n")
     graph = import_graph(tmp_path)
-    assert graph == {"a": {"b"}, "b": {"a"}, "c": {"a"}}
-    assert cycles(graph) == [["a", "b"]]
+    assert graph == {"a": {"b"}, "b": {"a"}, "c": {"a"}, "sub": set(), "sub.d": {"sub.e", "c"}, "sub.e": {"sub.d"}}
+    assert cycles(graph) == [["a", "b"], ["sub.d", "sub.e"]]
 
 
 def test_no_import_cycles():
-    found = cycles(import_graph())
-    new = [c for c in found if frozenset(c) not in KNOWN_CYCLES]
-    assert new == [], f"import cycles in crossrank/: {new}"
-    gone = [sorted(k) for k in KNOWN_CYCLES if list(sorted(k)) not in found]
-    assert gone == [], f"no longer cycles: delete {gone} from KNOWN_CYCLES in tests/test_architecture.py"
+    assert cycles(import_graph()) == [], "import cycles in crossrank/"
+
+
+def test_every_module_is_small():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in module_names().items()}
+    assert {name: n for name, n in sizes.items() if n >= MAX_MODULE_LINES} == {}
 
 
 if __name__ == "__main__":

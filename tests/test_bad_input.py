@@ -75,13 +75,13 @@ RESUME = TRAIN.replace("{c}/out", "{c}/trained")  # {c}/trained is a copy of a 2
 INFER = "{py} infer.py --model {w}/model eval.dataset={w}/toy.yaml"
 FT = "./ft-monoencoder.sh -c {w}/model -d {w}/coll/CL.yaml"
 INF_SH = "./inference-monoencoder.sh -M {w}/model -d {w}/toy.yaml"
-COMPARE = "{py} -m crossrank.compare --qrels {w}/coll/qrels.txt {w}/coll/run.txt"
+COMPARE = "{py} -m crossrank compare --qrels {w}/coll/qrels.txt {w}/coll/run.txt"
 PREP = "{py} preprocessing.py --dataset {w}/toy.yaml --objective CL --out {c}/prep"
 RANK_GPT = "{py} rank_gpt.py --run {w}/coll/run.txt --topics {w}/coll/topics.tsv --corpus {w}/coll/corpus.tsv " \
            "--model m --base-url http://127.0.0.1:9 -o {c}/teacher.run"
 BM25 = "./create_bm25_baseline_run.sh -d {w}/toy.yaml -o {c}/bm25.run"
 COLBERT = "./create_colbert_baseline_runs.sh -d {w}/toy.yaml -o {c}/colbert.run"
-IMPORT = "{py} -m crossrank.first_stage import {w}/coll/run.txt {c}/imported.run"
+IMPORT = "{py} -m crossrank first-stage import {w}/coll/run.txt {c}/imported.run"
 
 CASES = [
     # --- item 2: every number is range-checked where it enters: config fields ---
@@ -123,7 +123,7 @@ CASES = [
     Case("rank_gpt-retries-negative", f"{RANK_GPT} --retries -1", "--retries"),
     Case("import-depth-0", f"{IMPORT} --depth 0", "--depth"),
     Case("import-queries-0", f"{IMPORT} --queries 0", "--queries"),
-    Case("demo-seed-x", "{py} -m crossrank.demo --out {c}/demo --seed x", "--seed"),
+    Case("demo-seed-x", "{py} -m crossrank demo --out {c}/demo --seed x", "--seed"),
     # --- item 2: the shell wrappers' flags ---
     Case("ft-gpus-abc", f"{FT} -g abc", "-g abc"),
     Case("ft-gpus-trailing-comma", f"{FT} -g 0,", "-g 0,"),
@@ -152,23 +152,23 @@ CASES = [
     # --- item 4: missing files, folders for files, permissions, disk full, read-only file systems ---
     Case("compare-run-missing", f"{COMPARE} {{c}}/nothing.run", "{c}/nothing.run"),
     Case("compare-run-is-a-folder", f"{COMPARE} {{c}}", "{c}"),
-    Case("compare-qrels-is-a-folder", "{py} -m crossrank.compare --qrels {c} {w}/coll/run.txt", "{c}"),
+    Case("compare-qrels-is-a-folder", "{py} -m crossrank compare --qrels {c} {w}/coll/run.txt", "{c}"),
     Case("train-config-missing", f"{TRAIN} --config {{c}}/nothing.yaml", "{c}/nothing.yaml"),
     Case("train-config-is-a-folder", f"{TRAIN} --config {{c}}", "{c}"),
     Case("train-data-missing", f"{TRAIN} data.train={{c}}/nowhere", "{c}/nowhere/meta.yaml"),
     Case("infer-model-missing", "{py} infer.py --model {c}/nothing eval.dataset={w}/toy.yaml", "{c}/nothing"),
     Case("infer-dataset-missing", "{py} infer.py --model {w}/model eval.dataset={c}/nothing.yaml", "nothing"),
     Case("preprocessing-dataset-missing", f"{PREP.replace('{w}/toy.yaml', '{c}/nothing.yaml')}", "nothing"),
-    Case("import-source-missing", "{py} -m crossrank.first_stage import {c}/nothing.run", "{c}/nothing.run"),
+    Case("import-source-missing", "{py} -m crossrank first-stage import {c}/nothing.run", "{c}/nothing.run"),
     Case("rank_gpt-run-missing", f"{RANK_GPT.replace('{w}/coll/run.txt', '{c}/nothing.run')}", "{c}/nothing.run"),
-    Case("compare-qrels-unreadable", "{py} -m crossrank.compare --qrels {c}/qrels.txt {w}/coll/run.txt",
+    Case("compare-qrels-unreadable", "{py} -m crossrank compare --qrels {c}/qrels.txt {w}/coll/run.txt",
          "{c}/qrels.txt", lambda c: (write("qrels.txt", "q0 0 d0_0 2\n")(c), os.chmod(c / "qrels.txt", 0)),
          needs="unprivileged"),
-    Case("import-out-folder-not-writable", "{py} -m crossrank.first_stage import {w}/coll/run.txt {c}/ro/x.run",
+    Case("import-out-folder-not-writable", "{py} -m crossrank first-stage import {w}/coll/run.txt {c}/ro/x.run",
          "{c}/ro", lambda c: ((c / "ro").mkdir(), os.chmod(c / "ro", 0o555)), needs="unprivileged"),
-    Case("import-disk-full", "{py} -m crossrank.first_stage import {w}/coll/run.txt {c}/full/x.run", "{c}/full",
+    Case("import-disk-full", "{py} -m crossrank first-stage import {w}/coll/run.txt {c}/full/x.run", "{c}/full",
          needs="mount:full"),
-    Case("import-read-only-fs", "{py} -m crossrank.first_stage import {w}/coll/run.txt {c}/ro/x.run", "{c}/ro",
+    Case("import-read-only-fs", "{py} -m crossrank first-stage import {w}/coll/run.txt {c}/ro/x.run", "{c}/ro",
          needs="mount:ro"),
     Case("train-disk-full", f"{TRAIN.replace('{c}/out', '{c}/full/out')} train.max_steps=1", "{c}/full",
          needs="mount:full"),

@@ -5,7 +5,8 @@ import socket
 import subprocess
 from pathlib import Path
 
-from crossrank import bm25, io
+from crossrank.first_stage import bm25
+from crossrank.data.runs import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +41,7 @@ def test_create_bm25_baseline_run_script(tmp_path):
     result = subprocess.run(["./create_bm25_baseline_run.sh", "-d", str(dataset), "-k", "5", "-o", str(out)],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    run = io.load_run(out)
+    run = load_run(out)
     assert run["q1"][0][0] == "d7" and len(run["q2"]) == 5
     q2 = [line.split() for line in out.read_text().splitlines() if line.startswith("q2 ")]
     assert [cols[3] for cols in q2] == ["1", "2", "3", "4", "5"]
@@ -76,7 +77,7 @@ def test_empty_passage_fails_the_job_and_leaves_no_index_and_no_run(tmp_path):
         skipped = subprocess.run(script + ["-l"], cwd=ROOT, capture_output=True, text=True)
         assert skipped.returncode == 0, skipped.stderr
         assert f"skipped 1 malformed corpus line(s) in {corpus}" in skipped.stderr
-        assert [d for d, _ in io.load_run(out)["q1"]] == ["d3", "d1"]
+        assert [d for d, _ in load_run(out)["q1"]] == ["d3", "d1"]
         assert lenient.is_dir() and not strict.parent.exists()  # strict runs never use the lenient index
         out.unlink()
         again = subprocess.run(script, cwd=ROOT, capture_output=True, text=True)

@@ -49,7 +49,7 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
 
 
 def engine(collection: Path, tiny_bert: Path, indexes: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run([str(ENV / "bin" / "python"), "-m", "crossrank.colbert", "--dataset", str(collection / "tiny.yaml"),
+    return run([str(ENV / "bin" / "python"), "-m", "crossrank", "colbert", "--dataset", str(collection / "tiny.yaml"),
                 "--k", "5", "--checkpoint", str(tiny_bert), "--devices", "cpu", "--batch-size", "4",
                 "--shard-docs", SHARD, "--indexes", str(indexes), "--out", str(out), *extra])
 

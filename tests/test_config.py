@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from crossrank import config, datasets
-from crossrank.io import CrossrankError
+from crossrank import config
+from crossrank.data import datasets
+from crossrank.errors import CrossrankError
 
 
 def test_defaults_are_the_seed_recipe():

@@ -8,11 +8,11 @@ import pytest
 
 from conftest import write_tiny_collection
 from crossrank.config import DataConfig, ModelConfig, load_run_config
-from crossrank.data import TrainingData, collate, load_training_data, sample_candidates, targets_of
-from crossrank.encoding import PairTokenizer
-from crossrank.io import CrossrankError
-from crossrank.models import load_tokenizer
-from crossrank.preprocessing import TrainingQuery, write_meta, write_split
+from crossrank.training.data import TrainingData, collate, load_training_data, sample_candidates, targets_of
+from crossrank.models.encoding import PairTokenizer
+from crossrank.errors import CrossrankError
+from crossrank.models.mono import load_tokenizer
+from crossrank.training.preprocessing import TrainingQuery, write_meta, write_split
 
 # 12 candidates; within the top 8, d3 (grade 2) and d7 (grade 1) are relevant, d5 is judged non-relevant;
 # d10 is relevant but below the top 8
@@ -95,7 +95,7 @@ def test_stream_is_a_function_of_seed_and_position():
 
 
 def test_collate_pads_queries_and_encodes_only_real_pairs(tiny_bert):
-    from crossrank.data import Example
+    from crossrank.training.data import Example
 
     pairs = PairTokenizer(load_tokenizer(tiny_bert), ModelConfig())
     examples = [Example("q1", ["d1", "d2", "d3"], [1.0, 0.0, 0.0]), Example("q2", ["d2", "d1"], [0.0, 2.0])]

@@ -1,7 +1,10 @@
 """The demo collection is deterministic and has learnable signal a lexical ranker cannot fully use."""
 from __future__ import annotations
 
-from crossrank import demo, io
+from crossrank import demo
+from crossrank.data.qrels import read_qrels
+from crossrank.data.runs import load_run
+from crossrank.data.texts import read_topics
 
 
 def test_demo_is_deterministic_and_consistent(tmp_path):
@@ -10,15 +13,15 @@ def test_demo_is_deterministic_and_consistent(tmp_path):
     for name in ("corpus.tsv", "topics.train.tsv", "topics.test.tsv", "qrels.train.txt", "qrels.test.txt",
                  "teacher.train.run"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    train, test = io.read_topics(tmp_path / "a" / "topics.train.tsv"), io.read_topics(tmp_path / "a" / "topics.test.tsv")
+    train, test = read_topics(tmp_path / "a" / "topics.train.tsv"), read_topics(tmp_path / "a" / "topics.test.tsv")
     assert len(train) == counts["train_queries"] and len(test) == counts["test_queries"]
     assert not set(train) & set(test) and not set(train.values()) & set(test.values())
-    qrels = io.read_qrels(tmp_path / "a" / "qrels.test.txt")
+    qrels = read_qrels(tmp_path / "a" / "qrels.test.txt")
     assert set(qrels) == set(test)
     # every test query has highly relevant documents, and graded judgements 0..3 all occur
     assert all(any(rel == 3 for rel in judged.values()) for judged in qrels.values())
     assert {rel for judged in qrels.values() for rel in judged.values()} == {0, 1, 2, 3}
-    teacher = io.load_run(tmp_path / "a" / "teacher.train.run")
+    teacher = load_run(tmp_path / "a" / "teacher.train.run")
     assert set(teacher) == set(train) and all(len(r) == 20 for r in teacher.values())
 
 

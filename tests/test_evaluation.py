@@ -6,8 +6,10 @@ import math
 
 import pytest
 
-from crossrank import compare, evaluation
-from crossrank.io import load_run, read_qrels, sort_ranking
+from crossrank.evaluation import compare
+from crossrank.evaluation import metrics as evaluation
+from crossrank.data.runs import load_run, sort_ranking
+from crossrank.data.qrels import read_qrels
 
 QRELS = """q1 0 d1 3
 q1 0 d2 2
@@ -153,7 +155,7 @@ def test_alpha_ndcg_with_the_reference_subtopics_by_hand():
     0.5 from C), D = z1 z2 (grade 1, far from all). Reference: all judged passages are clustered, so A and C merge
     first, and {A, C} - B = max(0.45, 0.5) is not below 0.5: A and B are two subtopics. Clustering only the
     relevant passages (relevant_words, rel_level 1) merges A and B (0.45) into one."""
-    from crossrank.evaluation import alpha_ndcg_means, cluster_subtopics
+    from crossrank.evaluation.metrics import alpha_ndcg_means, cluster_subtopics
 
     words = [f"w{i}" for i in range(1, 13)]
     texts = {"A": " ".join(words[:10]), "C": " ".join(words[:11]), "B": " ".join(words[:6] + ["w12"]),

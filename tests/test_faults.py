@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossrank import inference, io, training
+from crossrank.inference import rerank as inference
+from crossrank.inference.candidates import Candidates
+from crossrank.data.files import FILE_MODE, remove_stale_temporaries
+from crossrank.data.runs import write_run
+from crossrank.training import checkpoint as training
 from crossrank.config import EvalConfig, ModelConfig, RunConfig
-from crossrank.io import CrossrankError
+from crossrank.errors import CrossrankError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,10 +33,11 @@ def fill_the_disk(limit=4096):
 
 RUN_WRITE = FULL_DISK + """
 import sys
-from crossrank import io
+from crossrank.data.files import FILE_MODE, remove_stale_temporaries
+from crossrank.data.runs import write_run
 fill_the_disk()
 try:
-    io.write_run(sys.argv[1], {str(q): [(f"d{d}", float(d)) for d in range(100)] for q in range(100)})
+    write_run(sys.argv[1], {str(q): [(f"d{d}", float(d)) for d in range(100)] for q in range(100)})
 except OSError as e:
     print(e.errno)
 """
@@ -40,9 +45,9 @@ except OSError as e:
 CHECKPOINT_SAVE = FULL_DISK + """
 import sys, torch
 from pathlib import Path
-from crossrank import training
+from crossrank.training import checkpoint as training
 from crossrank.config import RunConfig
-from crossrank.models import MonoEncoder, load_tokenizer
+from crossrank.models.mono import MonoEncoder, load_tokenizer
 model, tokenizer = MonoEncoder.from_pretrained(sys.argv[1]), load_tokenizer(sys.argv[1])
 optimizer, scaler = torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cuda", enabled=False)
 folder = Path(sys.argv[2])
@@ -59,7 +64,7 @@ except Exception as e:  # safetensors' SafetensorError is not an OSError
 
 def test_full_disk_during_a_run_write_keeps_the_old_run(tmp_path):
     out = tmp_path / "out.run"
-    io.write_run(out, {"1": [("old", 1.0)]})
+    write_run(out, {"1": [("old", 1.0)]})
     before = out.read_bytes()
     result = subprocess.run([sys.executable, "-c", RUN_WRITE, str(out)], cwd=ROOT, capture_output=True, text=True)
     assert result.stdout.strip() == str(errno.EFBIG), result.stderr
@@ -68,7 +73,7 @@ def test_full_disk_during_a_run_write_keeps_the_old_run(tmp_path):
 
 
 def test_enospc_at_fsync_keeps_the_old_run(tmp_path, monkeypatch):
-    out = io.write_run(tmp_path / "out.run", {"1": [("old", 1.0)]})
+    out = write_run(tmp_path / "out.run", {"1": [("old", 1.0)]})
     before = out.read_bytes()
 
     def full(fd: int) -> None:
@@ -76,7 +81,7 @@ def test_enospc_at_fsync_keeps_the_old_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError, match="No space left"):
-        io.write_run(out, {"1": [("new", 2.0)]})
+        write_run(out, {"1": [("new", 2.0)]})
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["out.run"]
 
 
@@ -94,20 +99,20 @@ def test_full_disk_during_a_checkpoint_save_keeps_the_old_checkpoint(tiny_bert, 
 
 
 def test_checkpoint_files_get_the_umask_mode(tiny_bert, tmp_path):
-    from crossrank.models import MonoEncoder, load_tokenizer
+    from crossrank.models.mono import MonoEncoder, load_tokenizer
 
     model, tokenizer = MonoEncoder.from_pretrained(tiny_bert), load_tokenizer(tiny_bert)
     optimizer, scaler = torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cuda", enabled=False)
     folder = tmp_path / "checkpoint"
     training.save_checkpoint(model, tokenizer, optimizer, scaler, RunConfig(), training.TrainState(), folder)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
-    assert modes["model.safetensors"] == oct(io.FILE_MODE)  # safetensors itself writes 0o600
-    assert set(modes.values()) == {oct(io.FILE_MODE)}
+    assert modes["model.safetensors"] == oct(FILE_MODE)  # safetensors itself writes 0o600
+    assert set(modes.values()) == {oct(FILE_MODE)}
 
 
 def test_a_failed_rerank_start_leaves_no_parts_folder(tiny_bert, tmp_path):
     model, tokenizer = inference.load_model(tiny_bert, ModelConfig(kind="set-encoder"), torch.device("cpu"))
-    candidates = inference.Candidates({"1": [("d1", 1.0)]}, {"1": "a query"}, {"d1": "a passage"})
+    candidates = Candidates({"1": [("d1", 1.0)]}, {"1": "a query"}, {"d1": "a passage"})
     cfg = EvalConfig(score_cache=str(tmp_path / "cache"))
     with pytest.raises(CrossrankError, match="eval.score_cache cannot be used with model.kind set-encoder"):
         inference.rerank(model, tokenizer, candidates, tmp_path / "out.run", cfg, "fp")
@@ -125,5 +130,5 @@ def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
     other = tmp_path / f".y.run.{host}-{dead.pid}.abc123.tmp"
     for path in (stale, live, other):
         path.write_text("half")
-    assert io.remove_stale_temporaries(tmp_path / "x.run") == 1
+    assert remove_stale_temporaries(tmp_path / "x.run") == 1
     assert not stale.exists() and live.exists() and other.exists()

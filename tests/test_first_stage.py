@@ -1,11 +1,11 @@
-"""Importing precomputed first-stage runs (crossrank.first_stage): TREC and parquet inputs made by hand."""
+"""Importing precomputed first-stage runs (crossrank.first_stage.importing): TREC and parquet inputs made by hand."""
 from __future__ import annotations
 
 import pytest
 
 from conftest import DATA
-from crossrank.first_stage import import_run, main
-from crossrank.io import CrossrankError
+from crossrank.first_stage.importing import import_run, main
+from crossrank.errors import CrossrankError
 
 # tests/data/colbert.small.run, tab-separated like the Set-Encoder/Zenodo files: query 2 has a score tie
 # (d21, d22 at 8.25) and 4 candidates, query 10 is listed out of score order, query 1 has one candidate.

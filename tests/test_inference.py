@@ -15,9 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossrank import config, experiment, inference, models
+from crossrank import config
+from crossrank.inference import pipeline as experiment
+from crossrank.inference import rerank as inference
+from crossrank.inference.candidates import Candidates, load_candidates
+from crossrank.models import mono as models
 from crossrank.config import EvalConfig, ModelConfig
-from crossrank.io import CrossrankError, sort_ranking
+from crossrank.errors import CrossrankError
+from crossrank.data.runs import sort_ranking
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the cat dog mat sat bark river water fish boat sea ship city bank money loan paris france capital "
@@ -46,7 +51,7 @@ def collection(tmp_path) -> dict[str, Path]:
 
 
 def _candidates(c, **kwargs):
-    return inference.load_candidates(str(c["run.txt"]), str(c["topics.tsv"]), str(c["corpus.tsv"]), 100, **kwargs)
+    return load_candidates(str(c["run.txt"]), str(c["topics.tsv"]), str(c["corpus.tsv"]), 100, **kwargs)
 
 
 def _eval_cfg(**kwargs) -> EvalConfig:
@@ -69,7 +74,7 @@ def test_plan_batches_respects_the_token_budget():
 
 @pytest.mark.parametrize("kind", ["bert", "electra", "roberta"])
 def test_first_token_last_layer_gives_the_full_models_scores(tiny_models, kind):
-    from crossrank.models import MonoEncoder
+    from crossrank.models.mono import MonoEncoder
 
     model, tok = inference.load_model(tiny_models[kind], ModelConfig(), torch.device("cpu"))
     assert isinstance(model.encoder.base_model.encoder.layer[-1], models.FirstTokenLayer)
@@ -216,8 +221,8 @@ def test_bf16_precision_on_cpu_is_close_and_cached_apart(tiny_bert, collection, 
 
 
 def test_set_encoder_scores_each_query_list_in_one_pass(tiny_bert, collection, tmp_path):
-    from crossrank.encoding import encode_lists, load_set_tokenizer
-    from crossrank.set_encoder import SetEncoder
+    from crossrank.models.encoding import encode_lists, load_set_tokenizer
+    from crossrank.models.set_encoder import SetEncoder
 
     torch.manual_seed(0)
     SetEncoder.from_pretrained(tiny_bert).save_pretrained(tmp_path / "se", load_set_tokenizer(tiny_bert))
@@ -233,7 +238,7 @@ def test_set_encoder_scores_each_query_list_in_one_pass(tiny_bert, collection, t
     # the list is a set: another first-stage order gives the same scores
     reversed_run = {qid: sort_ranking([(d, -s) for d, s in r]) for qid, r in cands.run.items()}
     assert [d for d, _ in reversed_run[q]] == docnos[::-1]
-    flipped = inference.Candidates(reversed_run, cands.queries, cands.texts)
+    flipped = Candidates(reversed_run, cands.queries, cands.texts)
     again = inference.rerank(model, tok, flipped, tmp_path / "se2.run", _eval_cfg(), "fp")
     assert dict(again[q]) == pytest.approx(dict(run[q]), abs=2e-6)
     with pytest.raises(CrossrankError, match="score_cache cannot be used"):
@@ -291,7 +296,7 @@ def test_rerank_a_few_dl19_queries_with_minilm(shared_data, tmp_path):
     lines = (dl19 / "runs" / "bm25.top100.run").read_text().splitlines()
     qids = list(dict.fromkeys(line.split()[0] for line in lines))[:3]
     (tmp_path / "run.txt").write_text("".join(f"{line}\n" for line in lines if line.split()[0] in qids))
-    cands = inference.load_candidates(str(tmp_path / "run.txt"), str(dl19 / "queries.jsonl"),
+    cands = load_candidates(str(tmp_path / "run.txt"), str(dl19 / "queries.jsonl"),
                                       str(dl19 / "corpus.jsonl"), depth=20)
     assert cands.num_pairs == 60
     model, tok = inference.load_model("packaged:all-MiniLM-L6-v2", ModelConfig(), torch.device("cpu"))
@@ -308,4 +313,4 @@ def test_duplicate_count_reads_gzipped_runs(collection, tmp_path):
     zipped.write_bytes(gzip.compress("".join(lines + lines[:3]).encode()))  # 3 lines again
     with pytest.raises(CrossrankError, match=r"dup\.run\.gz:109: docno .* appears twice .*; 3 duplicate \(qid, docno\) "
                                              r"lines in all \(--lenient skips them\)"):
-        inference.load_candidates(str(zipped), str(collection["topics.tsv"]), str(collection["corpus.tsv"]), 100)
+        load_candidates(str(zipped), str(collection["topics.tsv"]), str(collection["corpus.tsv"]), 100)

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from crossrank import io
-from crossrank.io import CrossrankError
+from crossrank.data.files import atomic_write
+from crossrank.data.qrels import read_qrels
+from crossrank.data.runs import load_run, read_run, read_run_queries, run_problems, write_run
+from crossrank.data.texts import load_corpus, read_corpus, read_topics
+from crossrank.errors import CrossrankError
 
 from conftest import DATA
 
@@ -29,33 +32,33 @@ def assert_line_error(read, path: Path, line: int, message: str) -> None:
 
 
 def test_read_run_streams_file_order():
-    rows = list(io.read_run(DATA / "run.txt"))
+    rows = list(read_run(DATA / "run.txt"))
     assert rows[0] == ("q1", "d1", 1, 3.5)
     assert rows[-1] == ("q2", "d1", 2, -0.5)
     assert len(rows) == 5
 
 
 def test_load_run_sorts_by_score_with_trec_eval_ties():
-    run = io.load_run(DATA / "run.txt")
+    run = load_run(DATA / "run.txt")
     # d2 and d3 tie at 2.0: trec_eval orders ties by docno descending, so d3 comes before d2
     assert run["q1"] == [("d1", 3.5), ("d3", 2.0), ("d2", 2.0)]
-    assert io.load_run(DATA / "run.txt", depth=1)["q1"] == [("d1", 3.5)]
+    assert load_run(DATA / "run.txt", depth=1)["q1"] == [("d1", 3.5)]
 
 
 def test_write_run_round_trip_is_sorted_ranked_and_stable(tmp_path):
     run = {"10": [("b", 1.0), ("a", 1.0), ("c", 5.0)], "9": [("x", 0.5)]}
-    path = io.write_run(tmp_path / "out.run", run, tag="my tag")
+    path = write_run(tmp_path / "out.run", run, tag="my tag")
     lines = path.read_text().splitlines()
     # numeric qids in numeric order; score desc, ties docno desc; ranks 1..n; tag without spaces
     assert lines == ["9 Q0 x 1 0.5 mytag", "10 Q0 c 1 5.0 mytag", "10 Q0 b 2 1.0 mytag", "10 Q0 a 3 1.0 mytag"]
-    again = io.write_run(tmp_path / "again.run", io.load_run(path), tag="mytag")
+    again = write_run(tmp_path / "again.run", load_run(path), tag="mytag")
     assert again.read_text() == path.read_text()
 
 
 def test_written_scores_are_exact_so_no_tie_is_made_up(tmp_path):
     run = {"q": [("a", 0.1234567891), ("z", 0.1234567890), ("m", 9.4e-07), ("n", 9.3e-07)]}
-    path = io.write_run(tmp_path / "exact.run", run)
-    assert io.load_run(path) == {"q": sorted(run["q"], key=lambda p: -p[1])}
+    path = write_run(tmp_path / "exact.run", run)
+    assert load_run(path) == {"q": sorted(run["q"], key=lambda p: -p[1])}
     assert [line.split()[2] for line in path.read_text().splitlines()] == ["a", "z", "m", "n"]
 
 
@@ -64,7 +67,7 @@ def test_write_run_agrees_with_ir_measures_on_ties(tmp_path):
     from ir_measures import P
 
     # d1 (judged relevant) ties with d2 at the cut-off 1: trec_eval puts d2 first (docno descending)
-    path = io.write_run(tmp_path / "t.run", {"q": [("d1", 1.0), ("d2", 1.0)]})
+    path = write_run(tmp_path / "t.run", {"q": [("d1", 1.0), ("d2", 1.0)]})
     assert path.read_text().splitlines()[0].split()[2] == "d2"
     qrels = [ir_measures.Qrel("q", "d1", 1)]
     assert ir_measures.calc_aggregate([P @ 1], qrels, ir_measures.read_trec_run(str(path)))[P @ 1] == 0.0
@@ -79,33 +82,33 @@ def test_write_run_agrees_with_ir_measures_on_ties(tmp_path):
 ])
 def test_bad_run_line_names_file_and_line(tmp_path, line, message):
     path = write(tmp_path, "bad.run", f"q1 Q0 d0 1 9.5 t\n{line}\nq1 Q0 d9 3 1.0 t\n")
-    assert_line_error(lambda p: list(io.read_run(p)), path, 2, message)
+    assert_line_error(lambda p: list(read_run(p)), path, 2, message)
 
 
 def test_lenient_run_skips_and_reports(tmp_path, capsys):
     path = write(tmp_path, "bad.run", "q1 Q0 d1 1 1.0 t\nq1 Q0 d2 x 1.0 t\nq1 Q0 d3\nq1 Q0 d4 4 0.5 t\n")
-    assert [r[1] for r in io.read_run(path, lenient=True)] == ["d1", "d4"]
+    assert [r[1] for r in read_run(path, lenient=True)] == ["d1", "d4"]
     err = capsys.readouterr().err
     assert f"skipped 2 malformed run line(s) in {path}" in err and f"first: {path}:2:" in err
 
 
 def test_empty_run_is_an_error(tmp_path):
     with pytest.raises(CrossrankError, match="the run is empty"):
-        io.load_run(write(tmp_path, "empty.run", "\n"))
+        load_run(write(tmp_path, "empty.run", "\n"))
 
 
 def test_missing_file_is_a_crossrank_error(tmp_path):
     with pytest.raises(CrossrankError, match="no such file"):
-        list(io.read_run(tmp_path / "nope.run"))
+        list(read_run(tmp_path / "nope.run"))
 
 
 # --- qrels -----------------------------------------------------------------------------------------------
 
 
 def test_qrels_trec_and_beir_formats():
-    assert io.read_qrels(DATA / "qrels.txt") == {"q1": {"d1": 2, "d3": 0, "d9": 3}, "q2": {"d4": 1}}
-    assert io.read_qrels(DATA / "qrels.beir.tsv") == {"q1": {"d1": 2}, "q2": {"d4": 1}}
-    assert io.read_qrels(DATA / "beir") == {"q1": {"d1": 1}}
+    assert read_qrels(DATA / "qrels.txt") == {"q1": {"d1": 2, "d3": 0, "d9": 3}, "q2": {"d4": 1}}
+    assert read_qrels(DATA / "qrels.beir.tsv") == {"q1": {"d1": 2}, "q2": {"d4": 1}}
+    assert read_qrels(DATA / "beir") == {"q1": {"d1": 1}}
 
 
 @pytest.mark.parametrize("line, message", [
@@ -114,16 +117,16 @@ def test_qrels_trec_and_beir_formats():
     ("q1 0 d1 0", "docno d1 is judged twice for query q1"),
 ])
 def test_bad_qrels_line(tmp_path, line, message):
-    assert_line_error(io.read_qrels, write(tmp_path, "bad.qrels", f"q1 0 d1 1\n{line}\n"), 2, message)
+    assert_line_error(read_qrels, write(tmp_path, "bad.qrels", f"q1 0 d1 1\n{line}\n"), 2, message)
 
 
 # --- topics ----------------------------------------------------------------------------------------------
 
 
 def test_topics_tsv_jsonl_trec_and_beir():
-    assert io.read_topics(DATA / "topics.tsv") == {"q1": "what is a cat", "q2": "dogs that bark"}
-    assert io.read_topics(DATA / "beir") == {"q1": "what is a cat"}
-    assert io.read_topics(DATA / "topics.trec.txt") == {"301": "international organized crime",
+    assert read_topics(DATA / "topics.tsv") == {"q1": "what is a cat", "q2": "dogs that bark"}
+    assert read_topics(DATA / "beir") == {"q1": "what is a cat"}
+    assert read_topics(DATA / "topics.trec.txt") == {"301": "international organized crime",
                                                         "302": "poliomyelitis and post-polio"}
 
 
@@ -133,24 +136,24 @@ def test_topics_tsv_jsonl_trec_and_beir():
     ("q1\tagain", "qid q1 appears twice"),
 ])
 def test_bad_topics_line(tmp_path, line, message):
-    assert_line_error(io.read_topics, write(tmp_path, "bad.tsv", f"q1\tfirst\n{line}\n"), 2, message)
+    assert_line_error(read_topics, write(tmp_path, "bad.tsv", f"q1\tfirst\n{line}\n"), 2, message)
 
 
 # --- corpora ---------------------------------------------------------------------------------------------
 
 
 def test_corpus_tsv_jsonl_and_beir_with_titles():
-    assert dict(io.read_corpus(DATA / "corpus.tsv"))["d4"] == "the dog barks"
-    assert dict(io.read_corpus(DATA / "corpus.jsonl")) == {"d1": "the cat sat on the mat",
+    assert dict(read_corpus(DATA / "corpus.tsv"))["d4"] == "the dog barks"
+    assert dict(read_corpus(DATA / "corpus.jsonl")) == {"d1": "the cat sat on the mat",
                                                           "d2": "Dogs dogs bark loudly at night"}
-    assert dict(io.read_corpus(DATA / "beir")) == {"d1": "the cat sat on the mat", "d2": "Dogs dogs bark"}
+    assert dict(read_corpus(DATA / "beir")) == {"d1": "the cat sat on the mat", "d2": "Dogs dogs bark"}
 
 
 def test_load_corpus_keeps_only_wanted_and_reports_missing():
-    assert io.load_corpus(DATA / "corpus.tsv", ["d2", "d4"]) == {"d2": "dogs bark loudly at night",
+    assert load_corpus(DATA / "corpus.tsv", ["d2", "d4"]) == {"d2": "dogs bark loudly at night",
                                                                  "d4": "the dog barks"}
     with pytest.raises(CrossrankError, match=r"2 of 3 docnos are not in the corpus \(e.g. d7, d8\)"):
-        io.load_corpus(DATA / "corpus.tsv", ["d1", "d7", "d8"])
+        load_corpus(DATA / "corpus.tsv", ["d1", "d7", "d8"])
 
 
 @pytest.mark.parametrize("line, message", [
@@ -161,12 +164,12 @@ def test_load_corpus_keeps_only_wanted_and_reports_missing():
 ])
 def test_bad_jsonl_corpus_line(tmp_path, line, message):
     path = write(tmp_path, "bad.jsonl", '{"docno": "d1", "text": "fine"}\n' + line + "\n")
-    assert_line_error(lambda p: list(io.read_corpus(p)), path, 2, message)
+    assert_line_error(lambda p: list(read_corpus(p)), path, 2, message)
 
 
 def test_lenient_corpus_skips_empty_text(tmp_path, capsys):
     path = write(tmp_path, "c.tsv", "d1\tfine\nd2\t\nd3\talso fine\n")
-    assert dict(io.read_corpus(path, lenient=True)) == {"d1": "fine", "d3": "also fine"}
+    assert dict(read_corpus(path, lenient=True)) == {"d1": "fine", "d3": "also fine"}
     assert "skipped 1 malformed corpus line(s)" in capsys.readouterr().err
 
 
@@ -176,7 +179,7 @@ def test_gzipped_files_are_read(tmp_path):
     path = tmp_path / "corpus.tsv.gz"
     with gzip.open(path, "wt") as f:
         f.write("d1\tzipped text\n")
-    assert dict(io.read_corpus(path)) == {"d1": "zipped text"}
+    assert dict(read_corpus(path)) == {"d1": "zipped text"}
 
 
 def test_irds_sources_read_through_ir_datasets(tmp_path, shared_data):
@@ -187,8 +190,8 @@ def test_irds_sources_read_through_ir_datasets(tmp_path, shared_data):
     import sys
 
     shutil.copytree(shared_data / "ir_datasets_home" / "vaswani", tmp_path / "vaswani")
-    code = ("from crossrank import io; t = io.read_topics('irds:vaswani'); q = io.read_qrels('irds:vaswani'); "
-            "d = next(io.read_corpus('irds:vaswani')); print(len(t), sum(map(len, q.values())), d[0], bool(d[1]))")
+    code = ("from crossrank import io; t = read_topics('irds:vaswani'); q = read_qrels('irds:vaswani'); "
+            "d = next(read_corpus('irds:vaswani')); print(len(t), sum(map(len, q.values())), d[0], bool(d[1]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "IR_DATASETS_HOME": str(tmp_path)}, cwd=Path(__file__).parent.parent)
     assert out.stdout.split() == ["93", "2083", "1", "True"]
@@ -198,7 +201,7 @@ def test_irds_offline_download_failure_is_explained(tmp_path):
     import subprocess
     import sys
 
-    code = "from crossrank import io; io.read_topics('irds:cranfield')"
+    code = "from crossrank import io; read_topics('irds:cranfield')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "IR_DATASETS_HOME": str(tmp_path)}, cwd=Path(__file__).parent.parent)
     assert "irds:cranfield: ir_datasets could not download what its cache lacks" in out.stderr
@@ -208,7 +211,7 @@ def test_irds_offline_download_failure_is_explained(tmp_path):
 
 
 def test_atomic_write_gives_the_usual_permissions(tmp_path):
-    with io.atomic_write(tmp_path / "shared.run") as f:
+    with atomic_write(tmp_path / "shared.run") as f:
         f.write("x")
     (tmp_path / "plain.run").write_text("x")
     assert (tmp_path / "shared.run").stat().st_mode == (tmp_path / "plain.run").stat().st_mode
@@ -218,7 +221,7 @@ def test_atomic_write_leaves_nothing_behind_on_error(tmp_path):
     target = tmp_path / "run.txt"
     target.write_text("old content\n")
     with pytest.raises(RuntimeError):
-        with io.atomic_write(target) as f:
+        with atomic_write(target) as f:
             f.write("half a file")
             raise RuntimeError("killed")
     assert target.read_text() == "old content\n"
@@ -229,8 +232,8 @@ def test_atomic_write_leaves_nothing_behind_on_error(tmp_path):
 
 
 @pytest.mark.parametrize("read,first", [
-    (lambda p: list(io.read_run(p)), b"q1 Q0 d1 1 2.0 t\n"), (lambda p: list(io.read_corpus(p)), b"d1\tone\n"),
-    (io.read_topics, b"q1\tone\n"), (io.read_qrels, b"q1 0 d1 1\n")], ids=["run", "corpus", "topics", "qrels"])
+    (lambda p: list(read_run(p)), b"q1 Q0 d1 1 2.0 t\n"), (lambda p: list(read_corpus(p)), b"d1\tone\n"),
+    (read_topics, b"q1\tone\n"), (read_qrels, b"q1 0 d1 1\n")], ids=["run", "corpus", "topics", "qrels"])
 def test_invalid_utf8_names_its_line(tmp_path, read, first):
     path = tmp_path / "bad.txt"
     path.write_bytes(first + b"caf\xe9 latin-1\n")
@@ -245,23 +248,23 @@ def test_truncated_and_corrupt_gzip_are_crossrank_errors(tmp_path):
     truncated = write(tmp_path, "cut.run.gz", "")
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(CrossrankError, match=r"cut\.run\.gz:\d+: the gzip file is truncated or corrupt"):
-        list(io.read_run(truncated))
+        list(read_run(truncated))
     not_gzip = write(tmp_path, "plain.tsv.gz", "d1\tnot compressed\n")
     with pytest.raises(CrossrankError, match=r"plain\.tsv\.gz:1: the gzip file is truncated or corrupt"):
-        list(io.read_corpus(not_gzip))
+        list(read_corpus(not_gzip))
 
 
 def test_bare_carriage_return_neither_splits_a_text_nor_shifts_line_numbers(tmp_path):
     corpus = tmp_path / "corpus.tsv"
     corpus.write_bytes(b"d1\tone\rstill one\r\nd2\ttwo\nd3\t\n")
     with pytest.raises(CrossrankError, match=r"corpus\.tsv:3: empty text for docno d3"):
-        list(io.read_corpus(corpus))
-    assert list(io.read_corpus(corpus, lenient=True))[:2] == [("d1", "one\rstill one"), ("d2", "two")]
+        list(read_corpus(corpus))
+    assert list(read_corpus(corpus, lenient=True))[:2] == [("d1", "one\rstill one"), ("d2", "two")]
     run = tmp_path / "run.txt"
     run.write_bytes(b"q1 Q0 d1 1 2.0 t\r\nq1 Q0 d2 2 1.0 t\rq1 Q0 d3 x 0.5 t\nq1 Q0 d4 y 0.1 t\n")
     # line 2 holds a bare \r: as one line it has 12 columns, and line 3 is still line 3
-    assert_line_error(lambda p: list(io.read_run(p)), run, 2, "run line has 12 columns")
-    assert [row[1] for row in io.read_run(run, lenient=True)] == ["d1"]
+    assert_line_error(lambda p: list(read_run(p)), run, 2, "run line has 12 columns")
+    assert [row[1] for row in read_run(run, lenient=True)] == ["d1"]
 
 
 @pytest.mark.parametrize("line,message", [
@@ -275,18 +278,18 @@ def test_bare_carriage_return_neither_splits_a_text_nor_shifts_line_numbers(tmp_
 ])
 def test_jsonl_field_types_are_checked(tmp_path, line, message):
     path = write(tmp_path, "corpus.jsonl", '{"_id": 7, "text": "an integer id is fine"}\n' + line + "\n")
-    assert_line_error(lambda p: list(io.read_corpus(p)), path, 2, message)
-    assert list(io.read_corpus(path, lenient=True)) == [("7", "an integer id is fine")]
+    assert_line_error(lambda p: list(read_corpus(p)), path, 2, message)
+    assert list(read_corpus(path, lenient=True)) == [("7", "an integer id is fine")]
 
 
 def test_read_run_queries_groups_consecutive_lines_and_drops_a_torn_last_line(tmp_path):
     path = tmp_path / "partial.run"
     path.write_bytes(b"q1 Q0 a 1 2 t\nq1 Q0 b 2 1 t\nq2 Q0 c 1 2 t\nq2 Q0 d 2")  # killed mid-line
-    assert list(io.read_run_queries(path, torn_ok=True)) == [
+    assert list(read_run_queries(path, torn_ok=True)) == [
         (1, "q1", [("a", 1, 2.0), ("b", 2, 1.0)]), (3, "q2", [("c", 1, 2.0)])]
-    assert_line_error(lambda p: list(io.read_run_queries(p)), path, 4, "run line has 4 columns")
+    assert_line_error(lambda p: list(read_run_queries(p)), path, 4, "run line has 4 columns")
 
 
 def test_run_problems_counts_by_kind(tmp_path):
     path = write(tmp_path, "run.txt", "q1 Q0 a 1 2 t\nq1 Q0 a 2 1 t\nq1 Q0 b 3\nq2 Q0 a 1 2 t\nq2 Q0 a 1 2 t\n")
-    assert io.run_problems(path) == {"duplicate": 2, "malformed": 1}
+    assert run_problems(path) == {"duplicate": 2, "malformed": 1}

@@ -9,7 +9,7 @@ from math import exp, log, log2
 import pytest
 import torch
 
-from crossrank.losses import LOSSES
+from crossrank.training.losses import LOSSES
 
 SCORES = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]])
 TARGETS = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 1.0]])

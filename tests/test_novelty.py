@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from crossrank.io import CrossrankError
+from crossrank.errors import CrossrankError
 from crossrank.novelty import (add_duplicate, alpha_ndcg, cluster_passages, duplicate_bce, duplicate_targets,
                                na_rank_net, novelty_targets, reference_tokens, subtopic_qrels)
-from crossrank.losses import rank_net
+from crossrank.training.losses import rank_net
 
 T = torch.tensor
 softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731

@@ -10,9 +10,10 @@ import pytest
 import torch
 from scipy.stats import kendalltau
 
-from crossrank import inference, precision
+from crossrank.inference import rerank as inference
+from crossrank.models import precision
 from crossrank.config import ModelConfig
-from crossrank.io import CrossrankError
+from crossrank.errors import CrossrankError
 from test_inference import _candidates, _eval_cfg, _Interrupting, collection  # noqa: F401  (the toy collection)
 
 SAPPHIRE_RAPIDS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}

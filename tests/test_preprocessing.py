@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from crossrank import io, preprocessing, runs
-from crossrank.io import CrossrankError
-from crossrank.preprocessing import TrainingQuery, is_validation, load_split, preprocess_run
+from crossrank.data.qrels import read_qrels
+from crossrank.data.runs import load_run, write_run
+from crossrank.data.texts import read_corpus, read_topics
+from crossrank.training import preprocessing
+from crossrank.data import runs
+from crossrank.errors import CrossrankError
+from crossrank.training.preprocessing import TrainingQuery, is_validation, load_split, preprocess_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +50,7 @@ def test_streaming_blocks_equal_the_in_memory_reader(tmp_path, monkeypatch, shuf
     path = make_run(tmp_path / "run.txt", shuffled=shuffled)
     monkeypatch.setattr(runs, "BLOCK_BYTES", 997)  # many blocks; queries span block boundaries
     streamed = as_lists(runs.read_run_blocks(path))
-    assert streamed == io.load_run(path)
+    assert streamed == load_run(path)
 
 
 def test_streaming_reads_tabs_gzip_and_parquet(tmp_path):
@@ -55,7 +59,7 @@ def test_streaming_reads_tabs_gzip_and_parquet(tmp_path):
     import pandas as pd
 
     path = make_run(tmp_path / "run.txt", queries=5, depth=7)
-    expected = io.load_run(path)
+    expected = load_run(path)
     tabbed = tmp_path / "run.tsv"
     tabbed.write_text(path.read_text().replace(" ", "\t"))
     zipped = tmp_path / "run.txt.gz"
@@ -80,7 +84,7 @@ def test_preprocess_run_writes_disjoint_deterministic_splits(tmp_path):
     assert all(q.qid in {q2.qid for q2 in valid} for q in valid if is_validation(q.qid, 20, 7))
     for split in ("train", "valid"):  # same inputs, same bytes
         assert (tmp_path / "a" / f"{split}.parquet").read_bytes() == (tmp_path / "b" / f"{split}.parquet").read_bytes()
-    memory = io.load_run(path, depth=4)
+    memory = load_run(path, depth=4)
     for query in train + valid:
         assert query.docnos == [docno for docno, _ in memory[query.qid]]
         assert query.scores == pytest.approx([score for _, score in memory[query.qid]])
@@ -129,7 +133,7 @@ def test_lenient_skips_bad_lines(tmp_path, capsys):
     ("", [0, 1, 2], True),
 ])
 def test_parse_permutation_like_rankgpt(answer, order, malformed):
-    from crossrank.rankgpt import parse_permutation
+    from crossrank.teacher.rankgpt import parse_permutation
 
     repaired, problems = parse_permutation(answer, 3)
     assert (repaired, bool(problems)) == (order, malformed)
@@ -152,8 +156,8 @@ def test_rankgpt_files_become_a_kd_folder(tmp_path):
     train = {q.qid: q for q in load_split(tmp_path / "kd", "train")}
     assert train["11"] == TrainingQuery("11", ["p2", "p3", "p1"], [3.0, 2.0, 1.0], {"p2": 1})
     assert train["22"].docnos == ["p1"]  # qid found from the query text
-    assert io.read_topics(tmp_path / "kd" / "topics.tsv") == {"11": "cats", "22": "dogs"}
-    assert dict(io.read_corpus(tmp_path / "kd" / "passages.tsv"))["p3"] == "bird text"
+    assert read_topics(tmp_path / "kd" / "topics.tsv") == {"11": "cats", "22": "dogs"}
+    assert dict(read_corpus(tmp_path / "kd" / "passages.tsv"))["p3"] == "bird text"
 
 
 def test_malformed_rankgpt_answers_are_dropped_by_default_and_repaired_on_request(tmp_path):
@@ -189,14 +193,15 @@ def test_teacher_run_order_comes_from_the_rank_column(tmp_path, capsys):
 
 def test_preprocessing_cli_on_the_demo_collection(tmp_path):
     """End to end on generated data: demo collection -> BM25 (PISA) -> CL and KD folders."""
-    from crossrank import bm25, demo
-    from crossrank.preprocessing import preprocess_run
+    from crossrank.first_stage import bm25
+    from crossrank import demo
+    from crossrank.training.preprocessing import preprocess_run
 
     demo.generate(tmp_path / "demo")
-    topics = io.read_topics(tmp_path / "demo" / "topics.train.tsv")
+    topics = read_topics(tmp_path / "demo" / "topics.train.tsv")
     run = bm25.bm25_run(str(tmp_path / "demo" / "corpus.tsv"), topics, k=50)
-    io.write_run(tmp_path / "bm25.run", run)
-    qrels = io.read_qrels(tmp_path / "demo" / "qrels.train.txt")
+    write_run(tmp_path / "bm25.run", run)
+    qrels = read_qrels(tmp_path / "demo" / "qrels.train.txt")
     counts = preprocess_run(tmp_path / "bm25.run", qrels, tmp_path / "CL", evalperc=10, seed=42, progress=False)
     assert counts["train_queries"] + counts["valid_queries"] == 200
     assert counts["queries_without_relevant"] == 0
@@ -249,7 +254,8 @@ def test_damaged_bytes_on_the_arrow_path_name_the_file(tmp_path):
 
 KILLED_WRITER = """
 import os, signal, sys
-from crossrank import preprocessing, runs
+from crossrank.training import preprocessing
+from crossrank.data import runs
 blocks = preprocessing.read_run_blocks
 
 def killed_after_one_block(path, lenient=False):  # kill -9 while both splits are half-written

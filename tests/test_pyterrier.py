@@ -1,5 +1,5 @@
 """The PyTerrier transformer: `first_stage >> reranker` gives the run infer.py writes, and pt.Experiment on the
-pipeline gives the numbers crossrank.evaluation computes on that run."""
+pipeline gives the numbers crossrank.evaluation.metrics computes on that run."""
 from __future__ import annotations
 
 import pandas as pd
@@ -8,10 +8,15 @@ import pyterrier as pt
 import torch
 from pyterrier.measures import RR, nDCG
 
-from crossrank import evaluation, inference
+from crossrank.evaluation import metrics as evaluation
+from crossrank.inference import rerank as inference
+from crossrank.inference.candidates import load_candidates
 from crossrank.config import EvalConfig, ModelConfig
-from crossrank.io import CrossrankError, load_run, read_corpus, read_qrels, read_topics
-from crossrank.pyterrier import CrossEncoderReranker
+from crossrank.errors import CrossrankError
+from crossrank.data.runs import load_run
+from crossrank.data.texts import read_corpus, read_topics
+from crossrank.data.qrels import read_qrels
+from crossrank.inference.pyterrier import CrossEncoderReranker
 from test_inference import collection  # noqa: F401  (the same toy collection)
 
 
@@ -35,7 +40,7 @@ def test_pipeline_equals_inference_run(tiny_bert, collection, frames, tmp_path):
     assert {"qid", "query", "docno", "text", "score", "rank"} <= set(result.columns)
 
     model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
-    cands = inference.load_candidates(str(collection["run.txt"]), str(collection["topics.tsv"]),
+    cands = load_candidates(str(collection["run.txt"]), str(collection["topics.tsv"]),
                                       str(collection["corpus.tsv"]), 100)
     inference.rerank(model, tok, cands, tmp_path / "infer.run", cfg, "fp")
     lines = [line.split() for line in (tmp_path / "infer.run").read_text().splitlines()]

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModel
 
 from crossrank.config import ModelConfig
-from crossrank.encoding import INTERACTION_TOKEN, PairTokenizer, encode_lists, load_set_tokenizer
-from crossrank.io import CrossrankError
+from crossrank.models.encoding import INTERACTION_TOKEN, PairTokenizer, encode_lists, load_set_tokenizer
+from crossrank.errors import CrossrankError
 from crossrank.novelty import duplicate_bce, duplicate_targets
-from crossrank.set_encoder import SetEncoder, replace_self_attention
+from crossrank.models.set_encoder import SetEncoder, replace_self_attention
 
 QUERIES = ["what is a cat", "river bank money"]
 PASSAGES = [["the cat sat on the mat", "dogs bark loudly", "a small red fish in the river", "cats and dogs"],

@@ -16,16 +16,19 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import interrupt_and_resume, write_tiny_collection
-from crossrank import compare, config, experiment
+from crossrank.evaluation import compare
+from crossrank import config
+from crossrank.inference import pipeline as experiment
 from crossrank.config import ROOT, load_run_config
-from crossrank.data import load_training_data
-from crossrank.encoding import PairTokenizer, encode_lists, load_set_tokenizer
-from crossrank.io import CrossrankError
-from crossrank.losses import rank_net
+from crossrank.training.data import load_training_data
+from crossrank.models.encoding import PairTokenizer, encode_lists, load_set_tokenizer
+from crossrank.errors import CrossrankError
+from crossrank.training.losses import rank_net
 from crossrank.novelty import na_rank_net
-from crossrank.preprocessing import load_split
-from crossrank.set_encoder import SetEncoder
-from crossrank.training import batch_loss, initial_weights, load_model, train
+from crossrank.training.preprocessing import load_split
+from crossrank.models.set_encoder import SetEncoder
+from crossrank.training.parts import batch_loss
+from crossrank.training.loop import initial_weights, load_model, train
 
 
 def config_of(model: Path, data: Path, out: Path, objective: str = "CL", *overrides: str):
@@ -143,8 +146,8 @@ def test_positive_from_the_qrels_when_the_first_stage_missed_it():
     import random as rnd
 
     from crossrank.config import DataConfig
-    from crossrank.data import TrainingData
-    from crossrank.preprocessing import TrainingQuery
+    from crossrank.training.data import TrainingData
+    from crossrank.training.preprocessing import TrainingQuery
 
     query = TrainingQuery("q1", ["a", "b", "c"], [3.0, 2.0, 1.0], {"z": 1, "b": 0})
     texts = {d: d for d in "abcz"}
@@ -164,7 +167,7 @@ def test_stage2_starts_from_stage1_and_freezes_the_duplicate_head(stage1, lively
     assert kd.model.gradient_checkpointing and kd.data.depth == 8 and kd.train.loss == "rank_net"
     assert initial_weights(kd) == str(run / "model")
     train(kd)
-    from crossrank.naming import checkpoint_hash
+    from crossrank.training.naming import checkpoint_hash
 
     stage2 = out / f"tiny.CL-KD.f2.from-{checkpoint_hash(run / 'model')}.lr0.001.s42"
     before, after = weights(run / "model"), weights(stage2 / "checkpoint")

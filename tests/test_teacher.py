@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from crossrank.io import read_run
-from crossrank.rankgpt import (build_messages, estimate_tokens, fit_messages, parse_permutation, sliding_windows,
+from crossrank.data.runs import read_run
+from crossrank.teacher.rankgpt import (build_messages, estimate_tokens, fit_messages, parse_permutation, sliding_windows,
                                token_counter)
-from crossrank.teacher_config import TeacherConfig
+from crossrank.teacher.config import TeacherConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from chat_server import ChatServer  # noqa: E402
@@ -181,7 +181,7 @@ def test_happy_path_run_log_summary_and_preprocessing(collection, server, tmp_pa
     assert server.requests[0]["path"] == "/v1/chat/completions"
 
     # the output is a dataset's `teacher:` for preprocessing.py as it is: teacher order, best first
-    from crossrank.preprocessing import load_split
+    from crossrank.training.preprocessing import load_split
     (tmp_path / "kd.yaml").write_text(f"name: kd\ncorpus: {collection['corpus']}\ntopics: {collection['topics']}\n"
                                       f"teacher: {out}\n")
     prep = subprocess.run([sys.executable, str(ROOT / "preprocessing.py"), "--dataset", str(tmp_path / "kd.yaml"),
@@ -357,7 +357,7 @@ def test_a_named_key_never_travels_over_plain_http_to_another_host(collection, t
     ("http://10.0.0.5:8000/v1", "UNSET_KEY", ("UNSET_KEY", "")),  # nothing to leak: not refused
 ])
 def test_api_key_for(monkeypatch, url, variable, sent):
-    from crossrank.chat import api_key_for
+    from crossrank.teacher.chat import api_key_for
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
     monkeypatch.setenv("OTHER_KEY", "sk-other")

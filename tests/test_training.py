@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from conftest import interrupt_and_resume, write_tiny_collection
 from crossrank.config import ROOT, load_run_config
-from crossrank.io import CrossrankError
-from crossrank.preprocessing import TrainingQuery, write_meta, write_split
-from crossrank.training import initial_weights, train
+from crossrank.errors import CrossrankError
+from crossrank.training.preprocessing import TrainingQuery, write_meta, write_split
+from crossrank.training.loop import initial_weights, train
 
 
 def config(model: Path, data: Path, out: Path, objective: str = "CL", *overrides: str):
@@ -98,7 +98,7 @@ def test_overfits_tiny_set_and_saves_loadable_models(quiet_bert, collection, tmp
                 "data.num_negatives=7", "data.depth=8", "train.queries_per_batch=2", "train.accumulation=1")
     assert initial_weights(kd) == str(run / "model")
     train(kd)
-    from crossrank.naming import checkpoint_hash
+    from crossrank.training.naming import checkpoint_hash
 
     # stage 2 has its own lr (here the default of config()) and names the weights it started from
     stage2 = tmp_path / f"tiny.CL-KD.f2.from-{checkpoint_hash(run / 'model')}.lr0.003.s42"
@@ -212,8 +212,8 @@ def test_resuming_into_a_folder_with_another_start_is_refused_before_loading(tin
 
 def test_run_folder_names_the_dataset_and_the_stage2_start(tmp_path):
     """The dataset appears unless it is the default; a stage 2 names 8 hex digits of its start's weights."""
-    from crossrank.naming import checkpoint_hash
-    from crossrank.training import run_folder
+    from crossrank.training.naming import checkpoint_hash
+    from crossrank.training.loop import run_folder
 
     for name, content in (("a", b"weights a"), ("b", b"weights b")):
         (tmp_path / name).mkdir()
@@ -259,7 +259,7 @@ def test_constant_validation_scores_stop_the_run(tiny_bert, collection, tmp_path
 
 def test_lr_schedule_warmup_then_constant_or_linear_decay():
     from crossrank.config import OptimConfig
-    from crossrank.training import lr_at
+    from crossrank.training.loop import lr_at
 
     constant = OptimConfig(lr=1.0, warmup_steps=4, schedule="constant")
     assert [lr_at(s, constant, 10) for s in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1.0, 1.0, 1.0]
@@ -293,9 +293,9 @@ def test_every_loss_trains_in_the_loop(quiet_bert, collection, tmp_path, loss):
 def _micro_batch(model_path: Path):
     """A micro-batch of 3 queries with 5, 2 and 4 candidates (padding in [Q, D]) of different lengths."""
     from crossrank.config import ModelConfig
-    from crossrank.data import Example, collate
-    from crossrank.encoding import PairTokenizer
-    from crossrank.models import load_tokenizer
+    from crossrank.training.data import Example, collate
+    from crossrank.models.encoding import PairTokenizer
+    from crossrank.models.mono import load_tokenizer
 
     pairs = PairTokenizer(load_tokenizer(model_path), ModelConfig())
     topics = {"q1": "cat mat", "q2": "river fish and boat", "q3": "dog"}
@@ -317,9 +317,9 @@ def test_chunked_gradients_equal_one_padded_batch(quiet_bert, loss_name, checkpo
     """straight, cached and auto (parts of whole queries: at 40 tokens one query cached and two straight, at 64
     two straight parts of several queries), in chunks of <= 40 / 64 padded tokens, give the gradient of one
     padded forward/backward (also with gradient checkpointing on)."""
-    from crossrank.losses import LOSSES
-    from crossrank.models import MonoEncoder
-    from crossrank.training import mono_backward, plan_score_parts
+    from crossrank.training.losses import LOSSES
+    from crossrank.models.mono import MonoEncoder
+    from crossrank.training.parts import mono_backward, plan_score_parts
 
     pairs, batch = _micro_batch(quiet_bert)
     model, loss_fn = MonoEncoder.from_pretrained(quiet_bert).train(), LOSSES[loss_name]
@@ -358,7 +358,7 @@ def test_chunked_gradients_equal_one_padded_batch(quiet_bert, loss_name, checkpo
 def test_score_parts_pack_whole_queries_and_cache_only_a_query_too_big_alone():
     """plan_score_parts by hand: chunks of <= budget / 8 padded tokens inside a straight part, <= budget in a
     cached one; a part's chunks hold at most budget padded tokens together."""
-    from crossrank.training import plan_score_parts
+    from crossrank.training.parts import plan_score_parts
 
     def plan(lengths, per_query, budget, mode="auto"):
         return [(p.chunks, p.cached) for p in plan_score_parts(lengths, per_query, budget, mode)]
@@ -381,9 +381,9 @@ def test_every_loss_is_a_sum_over_queries(loss_name):
     """What packing queries into parts relies on: the gradient of the loss with zeros for every other query's
     scores is exactly that query's share of the whole micro-batch's gradient (so the parts' gradients add up to
     it), for every loss and for novelty-aware targets, with padding (lists of 4, 2 and 3)."""
-    from crossrank.data import Batch
-    from crossrank.losses import LOSSES
-    from crossrank.training import ranking_loss
+    from crossrank.training.data import Batch
+    from crossrank.training.losses import LOSSES
+    from crossrank.training.parts import ranking_loss
 
     torch.manual_seed(0)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
@@ -403,8 +403,8 @@ def test_every_loss_is_a_sum_over_queries(loss_name):
 def test_first_token_last_layer_trains_like_the_full_model(quiet_bert, tmp_path):
     """Training's `FirstTokenLayer` (last layer for [CLS] only): the same loss and gradients as the unmodified
     model, the same parameter names, and a checkpoint that loads as a plain transformers model."""
-    from crossrank.losses import LOSSES
-    from crossrank.models import FirstTokenLayer, MonoEncoder, score_first_token_only
+    from crossrank.training.losses import LOSSES
+    from crossrank.models.mono import FirstTokenLayer, MonoEncoder, score_first_token_only
 
     pairs, batch = _micro_batch(quiet_bert)
     full, cut = (MonoEncoder.from_pretrained(quiet_bert).train() for _ in range(2))
@@ -435,9 +435,9 @@ def test_first_token_last_layer_trains_like_the_full_model(quiet_bert, tmp_path)
 def test_cached_gradients_replay_dropout(tiny_bert):
     """With dropout on, the cached re-run must draw the masks of the no-grad pass: it then equals straight
     (same chunks, same seed), while another seed's dropout gives another gradient."""
-    from crossrank.losses import LOSSES
-    from crossrank.models import MonoEncoder
-    from crossrank.training import mono_backward
+    from crossrank.training.losses import LOSSES
+    from crossrank.models.mono import MonoEncoder
+    from crossrank.training.parts import mono_backward
 
     pairs, batch = _micro_batch(tiny_bert)
     model = MonoEncoder.from_pretrained(tiny_bert).train()
@@ -457,9 +457,10 @@ def test_micro_batch_far_larger_than_batch_tokens_trains_in_bounded_chunks(quiet
                                                                           monkeypatch):
     """4 queries x 12 candidates in chunks of <= 48 padded tokens: every forward stays under the budget; each
     query (about 120 tokens) is too big for 48 alone, so each is a cached part."""
-    import crossrank.training as training
+    from crossrank.training import loop as training
+    from crossrank.training import parts
 
-    shapes, plans, load, plan = [], [], training.load_model, training.plan_score_parts
+    shapes, plans, load, plan = [], [], training.load_model, parts.plan_score_parts
 
     def recording(path, cfg):
         model, tokenizer = load(path, cfg)
@@ -470,7 +471,7 @@ def test_micro_batch_far_larger_than_batch_tokens_trains_in_bounded_chunks(quiet
         return model, tokenizer
 
     monkeypatch.setattr(training, "load_model", recording)
-    monkeypatch.setattr(training, "plan_score_parts", lambda *args: plans.append(plan(*args)) or plans[-1])
+    monkeypatch.setattr(parts, "plan_score_parts", lambda *args: plans.append(plan(*args)) or plans[-1])
     state = train(config(quiet_bert, collection["CL"], tmp_path, "CL", "data.num_negatives=11",
                          "train.queries_per_batch=4", "train.accumulation=1", "train.max_steps=2",
                          "train.batch_tokens=48", "train.eval_every=100"))
@@ -489,9 +490,10 @@ def test_micro_batch_far_larger_than_batch_tokens_trains_in_bounded_chunks(quiet
 def test_validation_value_is_what_the_inference_engine_reports(quiet_bert, collection, tmp_path):
     """The number that selected model/ = re-ranking the validation lists with model/ through
     inference.score_candidates and evaluation.evaluate (what infer.py does)."""
-    from crossrank import evaluation
-    from crossrank.data import load_training_data
-    from crossrank.inference import Candidates, load_model, score_candidates
+    from crossrank.evaluation import metrics as evaluation
+    from crossrank.training.data import load_training_data
+    from crossrank.inference.candidates import Candidates
+    from crossrank.inference.rerank import load_model, score_candidates
 
     cfg = config(quiet_bert, collection["CL"], tmp_path, "CL", "train.max_steps=3", "train.eval_every=3",
                  "eval.block_queries=3", "eval.batch_tokens=64")

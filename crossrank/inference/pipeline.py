@@ -1,0 +1,113 @@
+"""The experiment driver behind infer.py: find the checkpoint, re-rank every dataset of `eval.dataset` with
+the inference engine (`crossrank.inference`), and write the run, its YAML, the per-query CSV, the nDCG@10
+difference plot and the significance table against the first stage."""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from crossrank import config
+from crossrank.evaluation import metrics as evaluation
+from crossrank.config import resolve_config_file
+from crossrank.models.encoding import PairTokenizer
+from crossrank.data.datasets import load_dataset
+from crossrank.distributed import Distributed, setup_distributed
+from crossrank.inference.cache import check_score_cache, model_fingerprint
+from crossrank.inference.candidates import load_candidates
+from crossrank.inference.rerank import load_model, rerank
+from crossrank.errors import CrossrankError
+from crossrank.data.texts import load_corpus, read_topics
+from crossrank.data.runs import load_run
+from crossrank.data.qrels import read_qrels
+from crossrank.training.naming import backbone_name, find_model, model_label, objective_chain
+from crossrank.models.precision import cpu_flags, cpu_model, resolve_precision, slow_precision_note
+
+
+def dataset_keys(key: str) -> list[str]:
+    """`dl19`, `dl19,dl20`, or a list YAML under configs/datasets/ (`datasets: [dl19, dl20]`, e.g. indomain)."""
+    if not key:
+        raise CrossrankError("config: eval.dataset is empty (expected a configs/datasets key, indomain or "
+                             "outofdomain, e.g. eval.dataset=dl19 or -d dl19)")
+    keys: list[str] = []
+    for part in (p.strip() for p in key.split(",") if p.strip()):
+        tree = yaml.safe_load(resolve_config_file(part, "datasets").read_text(encoding="utf-8")) or {}
+        keys.extend(str(k) for k in tree["datasets"]) if isinstance(tree, dict) and "datasets" in tree \
+            else keys.append(part)
+    return keys
+
+
+def model_run_name(model_path: str | os.PathLike) -> str:
+    """`models/bert.CL.f1.lr1e-05.s42/model` -> `bert.CL.f1.lr1e-05.s42`; other folders: their name."""
+    path = Path(str(model_path).rstrip("/"))
+    return path.parent.name if path.name == "model" and path.parent.name else backbone_name(str(path))
+
+
+def rerank_dataset(cfg, model: nn.Module, tokenizer: PairTokenizer, fingerprint: str, model_name: str,
+                   key: str, dist: Distributed) -> str | None:
+    """Re-rank one dataset's first-stage run into runs/<dataset>.<first_stage>.<model>.run, evaluate it against
+    the first stage (cut at the same depth) with significance tests; returns the report on rank 0."""
+    dataset = load_dataset(key)
+    e = cfg.eval
+    run_path = dataset.run(e.first_stage)
+    candidates = load_candidates(run_path, dataset.source("topics"), dataset.source("corpus"), e.depth, e.lenient)
+    out = config.ROOT / "runs" / f"{dataset.name}.{e.first_stage}.{model_name}.run"
+    run = rerank(model, tokenizer, candidates, out, e, fingerprint, dist, tag=model_name)
+    if not dist.is_main:
+        return None
+    config.save(cfg, out.with_suffix(".yaml"))
+    lines = [f"{dataset.name}: re-ranked {len(candidates.run)} queries, {candidates.num_pairs} pairs "
+             f"(top {e.depth} of {e.first_stage}) -> {out}", *(f"note: {n}" for n in candidates.notes)]
+    if not dataset.qrels:
+        return "\n".join(lines + [f"note: dataset {dataset.name} has no qrels; not evaluated"])
+    qrels, topics = read_qrels(dataset.source("qrels")), read_topics(dataset.source("topics"))
+    metrics = evaluation.parse_metrics(e.metrics, dataset.rel_level)
+    first = load_run(run_path, depth=e.depth, lenient=e.lenient)
+    runs = {f"{e.first_stage} (top {e.depth})": first, model_name: run}
+    evals = {name: evaluation.evaluate(r, qrels, metrics, topics, name) for name, r in runs.items()}
+    evaluation.write_per_query(evals[model_name], out.with_suffix(".perquery.csv"))
+    if "nDCG@10" in evals[model_name].per_query:
+        evaluation.plot_difference(evals[model_name], evals[next(iter(runs))], out.with_suffix(".ndcg10-diff.png"),
+                                   title=f"{dataset.name}: {model_name} vs {e.first_stage}")
+    table, notes = evaluation.compare(runs, qrels, metrics, topics, 0, e.correction or None)
+    lines += [f"note: {n}" for n in dict.fromkeys(notes)]
+    lines += [evaluation.format_table(table, metrics),
+              f"(* p < 0.05, paired two-sided t-test against {e.first_stage}{', Holm' if e.correction else ''}; "
+              f"{len(evaluation.judged_qids(qrels, topics))} judged queries; binary measures at rel >= "
+              f"{dataset.rel_level})"]
+    if e.novelty:
+        protocol = e.novelty_subtopics
+        texts = load_corpus(dataset.source("corpus"),
+                            evaluation.relevant_docnos(qrels, topics, dataset.rel_level, protocol), missing_ok=True)
+        subtopics = evaluation.cluster_subtopics(qrels, texts, dataset.rel_level, protocol)
+        lines.append(evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, protocol))
+    return "\n".join(lines)
+
+
+def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: int | None = None) -> None:
+    """infer.py's work: find the checkpoint, then re-rank and evaluate every dataset of eval.dataset."""
+    keys = dataset_keys(cfg.eval.dataset)
+    if cfg.eval.score_cache:
+        check_score_cache(cfg.eval.score_cache)
+    dist = setup_distributed(timeout=datetime.timedelta(hours=12))  # shards may finish far apart
+    if model_path is None:
+        chain = objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
+        label = model_label(cfg.model.name, cfg.data.novelty)  # data.novelty: the novelty-trained variant
+        model_path = str(find_model(label, chain, cfg.train.stage, lr, seed))
+    model, tokenizer = load_model(model_path, cfg.model, dist.device, cfg.eval.compile)
+    fingerprint = model_fingerprint(model_path, cfg.model, model.listwise)
+    precision = resolve_precision(cfg.eval.precision, dist.device.type, cpu_flags(), model.listwise)
+    if dist.is_main:
+        print(f"model: {model_path} (fingerprint {fingerprint[:12]}) on {dist.device} x {dist.world}, "
+              f"eval.precision={cfg.eval.precision} -> {precision}", file=sys.stderr)
+        note = slow_precision_note(precision, dist.device.type, cpu_flags(), cpu_model())
+        if note:
+            print(note, file=sys.stderr)
+    for key in keys:
+        report = rerank_dataset(cfg, model, tokenizer, fingerprint, model_run_name(model_path), key, dist)
+        if report:
+            print(report, flush=True)

@@ -1,0 +1,64 @@
+"""The crossrank re-ranker as a PyTerrier transformer, so it composes with first stages and `pt.Experiment`:
+
+    import pyterrier as pt
+    from crossrank.inference.pyterrier import CrossEncoderReranker
+    reranker = CrossEncoderReranker("models/bert.CL.f1.lr1e-05.s42/model")
+    pipeline = bm25 % 100 >> pt.text.get_text(dataset, "text") >> reranker
+    pt.Experiment([bm25, pipeline], topics, qrels, [nDCG@10, RR(rel=2)@10], baseline=0)
+
+Input columns: qid, query, docno, text. Output: the same rows with `score` (the cross-encoder's) and `rank`
+(0-based, in trec_eval's order: score desc, docno desc), sorted by qid then rank. Scoring is exactly
+`crossrank.inference.rerank.score_candidates` (same blocks, same batches, scores rounded to 6 decimals as in the
+run files), so a pipeline gives the same ranking as `infer.py` on the same candidates.
+"""
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pyterrier as pt
+import torch
+
+from crossrank.config import EvalConfig, ModelConfig
+from crossrank.inference.candidates import Candidates
+from crossrank.inference.rerank import load_model, score_candidates
+from crossrank.errors import CrossrankError
+from crossrank.data.runs import sort_ranking
+
+COLUMNS = ("qid", "query", "docno", "text")
+
+
+class CrossEncoderReranker(pt.Transformer):
+    """Re-ranks each query's candidates with a crossrank (or any 1-logit Hugging Face) cross-encoder."""
+
+    def __init__(self, model_path: str | os.PathLike, model: ModelConfig | None = None,
+                 eval_cfg: EvalConfig | None = None, device: str | torch.device | None = None):
+        self.model_config = model or ModelConfig()
+        self.eval_config = eval_cfg or EvalConfig()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.tokenizer = load_model(model_path, self.model_config, self.device)
+
+    def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
+        missing = [c for c in COLUMNS if c not in inp.columns]
+        if missing:
+            raise CrossrankError(f"CrossEncoderReranker: input lacks column(s) {', '.join(missing)} (expected "
+                                 f"{', '.join(COLUMNS)}; add text with pt.text.get_text)")
+        if inp.empty:
+            return inp.assign(score=pd.Series(dtype=float), rank=pd.Series(dtype=int))
+        qids, docnos = inp["qid"].astype(str), inp["docno"].astype(str)
+        if (dup := int(pd.DataFrame({"q": qids, "d": docnos}).duplicated().sum())):
+            raise CrossrankError(f"CrossEncoderReranker: {dup} duplicate (qid, docno) rows (expected each once)")
+        first = inp["score"].astype(float) if "score" in inp.columns else pd.Series(0.0, index=inp.index)
+        run: dict[str, list[tuple[str, float]]] = {}
+        for q, d, s in zip(qids, docnos, first):
+            run.setdefault(q, []).append((d, s))
+        candidates = Candidates(run={q: sort_ranking(r) for q, r in run.items()},
+                                queries=dict(zip(qids, inp["query"].astype(str))),
+                                texts=dict(zip(docnos, inp["text"].astype(str))))
+        scores = score_candidates(self.model, self.tokenizer, candidates, self.eval_config)
+        rows = [(q, d, s, r) for q, ranking in scores.items() for r, (d, s) in enumerate(ranking)]
+        ranked = pd.DataFrame(rows, columns=["qid", "docno", "score", "rank"])
+        rest = inp.drop(columns=[c for c in ("score", "rank") if c in inp.columns]).assign(qid=qids, docno=docnos)
+        out = rest.merge(ranked, on=["qid", "docno"], how="inner", validate="one_to_one")
+        return out.sort_values(["qid", "rank"], kind="stable").reset_index(drop=True)
+

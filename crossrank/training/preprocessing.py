@@ -1,0 +1,358 @@
+"""Training files: first-stage or teacher rankings per query, split into train and validation queries.
+
+`preprocessing.py` writes, for one dataset and one objective, a folder `data/<dataset>/<objective>/`:
+
+    train.parquet, valid.parquet   one row per query: qid, docnos (ranked, best first), scores (float32),
+                                   judged_docnos, judged_rels (the query's qrels; empty lists where none)
+    meta.yaml                      dataset, objective, source files, topics and corpus sources (texts are
+                                   resolved from them at training time), evalperc, seed, counts
+
+Queries and passages are stored by id only; `train.py` reads the texts of the docnos it uses from the corpus.
+Validation queries are chosen by a seeded hash of the qid (`is_validation`), so the split does not depend on
+file order, is the same in a streaming pass as in memory, and is disjoint by construction.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from crossrank.data.files import (GZIP_ERRORS, atomic_write, decode_line, read_text, remove_stale_temporaries,
+                                  text_lines)
+from crossrank.errors import CrossrankError
+from crossrank.data.runs import read_run
+from crossrank.teacher.rankgpt import parse_permutation  # one parser for the teacher's answers, ours or RankGPT's
+from crossrank.data.runs import group_starts, read_run_blocks
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+SPLITS = ("train", "valid")
+
+
+@dataclasses.dataclass
+class TrainingQuery:
+    """One training query: its ranked candidates (first-stage run or teacher order) and its judgements."""
+
+    qid: str
+    docnos: list[str]  # best first
+    scores: list[float]  # first-stage scores, or teacher scores (depth - rank + 1)
+    judged: dict[str, int]  # docno -> relevance (empty when the source has no qrels)
+
+
+def is_validation(qid: str, evalperc: float, seed: int) -> bool:
+    """True for the ~`evalperc`% of qids held out for validation: a seeded hash, order-independent."""
+    digest = hashlib.blake2b(f"{seed}\t{qid}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < evalperc / 100.0
+
+
+def load_meta(folder: str | Path) -> dict:
+    path = Path(folder) / "meta.yaml"
+    if not path.is_file():
+        raise CrossrankError(f"{path}: no such file (run preprocessing.py for this dataset and objective first)")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def load_split(folder: str | Path, split: str) -> list[TrainingQuery]:
+    """Read `train` or `valid` queries written by preprocessing.py."""
+    import pyarrow.parquet as pq
+
+    if split not in SPLITS:
+        raise CrossrankError(f"split {split!r} is unknown (expected one of {', '.join(SPLITS)})")
+    path = Path(folder) / f"{split}.parquet"
+    if not path.is_file():
+        raise CrossrankError(f"{path}: no such file (run preprocessing.py for this dataset and objective first)")
+    table = pq.read_table(path).to_pydict()
+    return [TrainingQuery(qid, list(docnos), [float(s) for s in scores], dict(zip(jd, map(int, jr))))
+            for qid, docnos, scores, jd, jr in zip(table["qid"], table["docnos"], table["scores"],
+                                                    table["judged_docnos"], table["judged_rels"])]
+
+
+def _schema() -> "pa.Schema":
+    import pyarrow as pa
+
+    return pa.schema([("qid", pa.string()), ("docnos", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
+                      ("judged_docnos", pa.list_(pa.string())), ("judged_rels", pa.list_(pa.int32()))])
+
+
+def _queries_table(queries: list[TrainingQuery]) -> "pa.Table":
+    import pyarrow as pa
+
+    columns = [[q.qid for q in queries], [q.docnos for q in queries], [q.scores for q in queries],
+               [list(q.judged) for q in queries], [list(q.judged.values()) for q in queries]]
+    schema = _schema()
+    return pa.Table.from_arrays([pa.array(c, type=t) for c, t in zip(columns, schema.types)], schema=schema)
+
+
+@contextlib.contextmanager
+def split_writers(folder: str | Path) -> "Iterator[dict[str, pq.ParquetWriter]]":
+    """{'train': writer, 'valid': writer} for `<folder>/{train,valid}.parquet`, both renamed into place only
+    when the block exits without an error (so a half-written split never replaces a good one)."""
+    import pyarrow.parquet as pq
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        writers = {}
+        for split in SPLITS:
+            remove_stale_temporaries(Path(folder) / f"{split}.parquet")  # left by a killed earlier attempt
+            f = stack.enter_context(atomic_write(Path(folder) / f"{split}.parquet", "wb"))
+            writers[split] = stack.enter_context(pq.ParquetWriter(f, _schema()))
+        yield writers
+
+
+def write_split(folder: str | Path, split: str, queries: Iterable[TrainingQuery]) -> int:
+    """Write queries to `<folder>/<split>.parquet` atomically (small data: tests, RankGPT files)."""
+    import pyarrow.parquet as pq
+
+    queries = list(queries)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(Path(folder) / f"{split}.parquet")
+    with atomic_write(Path(folder) / f"{split}.parquet", "wb") as f:
+        pq.write_table(_queries_table(queries), f)
+    return len(queries)
+
+
+def write_meta(folder: str | Path, meta: dict) -> None:
+    with atomic_write(Path(folder) / "meta.yaml") as f:
+        yaml.safe_dump(meta, f, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building the training folders
+
+
+def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str | Path, evalperc: float,
+                   seed: int, depth: int | None = None, lenient: bool = False,
+                   progress: bool = True) -> dict[str, int]:
+    """Stream a run (first-stage for CL, or a teacher's ranking for KD) into `out/{train,valid}.parquet`.
+
+    Each query keeps its top `depth` candidates (all when None), best first, and its judgements from `qrels`.
+    Memory holds one 16 MiB block of the run at a time (plus the qrels). Returns counts for meta.yaml.
+    """
+    import numpy as np
+    import pyarrow as pa
+    from tqdm import tqdm
+
+    counts = {"run_lines": 0, "kept_lines": 0, "train_queries": 0, "valid_queries": 0,
+              "queries_without_relevant": 0}
+    bar = tqdm(unit=" lines", unit_scale=True, desc=f"reading {Path(run).name}", disable=not progress)
+    with bar, split_writers(out) as writers:
+        for table in read_run_blocks(run, lenient):
+            counts["run_lines"] += table.num_rows
+            starts = group_starts(table)
+            sizes = np.diff(np.append(starts, table.num_rows))
+            if depth is not None:
+                position = np.arange(table.num_rows) - np.repeat(starts, sizes)  # rank - 1 within the query
+                table = table.filter(pa.array(position < depth))
+                sizes = np.minimum(sizes, depth)
+                starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            counts["kept_lines"] += table.num_rows
+            offsets = pa.array(np.append(starts, table.num_rows).astype(np.int32))
+            qids = table["qid"].take(pa.array(starts)).to_pylist()
+            judged = [qrels.get(qid, {}) for qid in qids]
+            counts["queries_without_relevant"] += sum(1 for j in judged if not any(r > 0 for r in j.values()))
+            rows = pa.Table.from_arrays([
+                pa.array(qids, pa.string()),
+                pa.ListArray.from_arrays(offsets, table["docno"].combine_chunks()),
+                pa.ListArray.from_arrays(offsets, table["score"].combine_chunks().cast(pa.float32())),
+                pa.array([list(j) for j in judged], pa.list_(pa.string())),
+                pa.array([list(j.values()) for j in judged], pa.list_(pa.int32())),
+            ], schema=_schema())
+            held_out = pa.array([is_validation(qid, evalperc, seed) for qid in qids])
+            writers["valid"].write_table(rows.filter(held_out))
+            writers["train"].write_table(rows.filter(pa.compute.invert(held_out)))
+            n_valid = int(np.count_nonzero(held_out.to_numpy(zero_copy_only=False)))
+            counts["valid_queries"] += n_valid
+            counts["train_queries"] += len(qids) - n_valid
+            bar.update(table.num_rows)
+        if counts["run_lines"] == 0:  # inside the block: no empty split replaces a good one
+            raise CrossrankError(f"{run}: the run is empty (expected at least one line)")
+    return counts
+
+
+def preprocess_teacher_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str | Path, evalperc: float,
+                           seed: int, depth: int | None = None, lenient: bool = False) -> dict[str, int]:
+    """A teacher's TREC run -> KD folder `out/{train,valid}.parquet`, each query in the teacher's order.
+
+    The order comes from the rank column (ties in rank keep file order), not from the scores: teacher files'
+    scores can be constant or stale. The scores are kept as they are (`data.targets=teacher_score` reads
+    them); a query whose scores are not non-increasing in rank order counts in `rank_score_disagreements`.
+    Teacher runs are small (a top-20 or top-100 per query), so this reads them whole with the validating
+    line reader (`crossrank.data.runs.read_run`, which names a bad `path:line`)."""
+    rankings: dict[str, list[tuple[int, float, str]]] = {}
+    for qid, docno, rank, score in read_run(run, lenient):
+        rankings.setdefault(qid, []).append((rank, score, docno))
+    if not rankings:
+        raise CrossrankError(f"{run}: the run is empty (expected at least one line)")
+    counts = {"run_lines": sum(len(rows) for rows in rankings.values()), "kept_lines": 0, "train_queries": 0,
+              "valid_queries": 0, "queries_without_relevant": 0, "rank_score_disagreements": 0}
+    queries: dict[str, list[TrainingQuery]] = {"train": [], "valid": []}
+    for qid, rows in rankings.items():
+        rows.sort(key=lambda row: row[0])  # stable: equal ranks keep their file order
+        scores = [score for _, score, _ in rows]
+        counts["rank_score_disagreements"] += any(a < b for a, b in zip(scores, scores[1:]))
+        rows = rows[:depth] if depth is not None else rows
+        counts["kept_lines"] += len(rows)
+        judged = qrels.get(qid, {})
+        counts["queries_without_relevant"] += not any(r > 0 for r in judged.values())
+        split = "valid" if is_validation(qid, evalperc, seed) else "train"
+        queries[split].append(TrainingQuery(qid, [d for _, _, d in rows], [s for _, s, _ in rows], dict(judged)))
+    for split, rows in queries.items():
+        counts[f"{split}_queries"] = write_split(out, split, rows)
+    if counts["rank_score_disagreements"]:
+        print(f"note: {run}: in {counts['rank_score_disagreements']} of {len(rankings)} queries the scores do not "
+              f"follow the rank column; the teacher order is taken from the ranks", file=sys.stderr)
+    return counts
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a JSONL file, or of the single .jsonl member of a .zip (RankGPT ships
+    `marco-train-100k.jsonl.zip`); invalid UTF-8 and a damaged file are CrossrankErrors."""
+    import zipfile
+
+    if path.suffix != ".zip":
+        yield from ((number, line) for number, line, _ in text_lines(path))
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [n for n in archive.namelist() if n.endswith(".jsonl")]
+            if len(members) != 1:
+                raise CrossrankError(f"{path}: expected one .jsonl file in the zip, found {len(members)}")
+            with archive.open(members[0]) as raw:
+                for number, line in enumerate(raw, 1):
+                    yield number, decode_line(f"{path}/{members[0]}", number, line)
+    except (zipfile.BadZipFile, *GZIP_ERRORS) as e:
+        raise CrossrankError(f"{path}: the zip file is truncated or corrupt ({e}; expected a complete .zip)") \
+            from None
+
+
+def _read_answers(path: Path) -> list:
+    try:
+        answers = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise CrossrankError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}; expected a JSON "
+                             f"list of answers)") from None
+    if not isinstance(answers, list):
+        raise CrossrankError(f"{path}: expected a JSON list of answers (got {type(answers).__name__})")
+    return answers
+
+
+def _rankgpt_line(data: str | Path, number: int, line: str) -> tuple[dict, str, set[str], list[tuple[str, str]]]:
+    """One line of RankGPT's JSONL -> (item, query text, positive docids, [(docid, text)] in first-stage order)."""
+    try:
+        item = json.loads(line)
+        text, retrieved = item["query"], item["retrieved_passages"]
+        positives = {str(p["docid"]) for p in item.get("positive_passages", [])}
+        # the answer's [i] is the passage of first-stage rank i (RankGPT numbers them so)
+        retrieved = sorted(retrieved, key=lambda p: p.get("rank", 0))
+        docs = [(str(p["docid"]), p.get("text", "")) for p in retrieved]
+        if not isinstance(text, str) or not all(isinstance(t, str) for _, t in docs):
+            raise TypeError("query and passage texts must be strings")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CrossrankError(f"{data}:{number}: not a RankGPT training line ({type(e).__name__}: {e}; "
+                             f"expected query, retrieved_passages[docid, text])") from None
+    return item, text, positives, docs
+
+
+def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, evalperc: float, seed: int,
+                       topics: dict[str, str] | None = None, repair: bool = False) -> dict[str, int]:
+    """RankGPT's distillation files -> KD training folder.
+
+    `data` is RankGPT's JSONL, or the zip holding it (one query per line: `query_id`, `query`,
+    `positive_passages`, `retrieved_passages`, each passage `{docid, rank, text}`); `answers` is the JSON list
+    of the teacher's answers (`[3] > [1] > ...`), one per line of `data`, parsed as rank_gpt.py parses answers
+    (`crossrank.teacher.rankgpt.parse_permutation`). The teacher order becomes scores `depth - rank + 1`; positives
+    become judgements (rel 1).
+    An answer that is not a permutation of exactly the query's passages (all 20 ids, each once, nothing else) is
+    dropped with its query, as the multi-stage seed does (~90.7k of RankGPT-3.5's 100k survive); `repair`
+    keeps it with RankGPT's repair instead (missing ids appended in first-stage order). The counts hold both
+    figures: `well_formed_answers` and `malformed_answers` (dropped, or repaired).
+    Query and passage texts are written once each (`topics.tsv`, `passages.tsv`, deduplicated) next to the
+    splits, and qids are MS MARCO's when `topics` (qid -> text) knows the query text, else `rankgpt-<line>`.
+    """
+    answer_list = _read_answers(Path(answers))
+    qid_of_text = {text: qid for qid, text in (topics or {}).items()}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    queries: dict[str, list[TrainingQuery]] = {"train": [], "valid": []}
+    counts = {"queries": 0, "well_formed_answers": 0, "malformed_answers": 0, "malformed_repaired": int(repair),
+              "train_queries": 0, "valid_queries": 0}
+    passages: dict[str, str] = {}
+    query_texts: dict[str, str] = {}
+    for number, line in _jsonl_lines(Path(data)):
+        if not line.strip():
+            continue
+        item, text, positives, docs = _rankgpt_line(data, number, line)
+        if counts["queries"] >= len(answer_list):
+            raise CrossrankError(f"{answers}: has {len(answer_list)} answers but {data} has more lines "
+                                 f"(expected one answer per line)")
+        order, problems = parse_permutation(str(answer_list[counts["queries"]]), len(docs))
+        counts["queries"] += 1
+        counts["malformed_answers" if problems else "well_formed_answers"] += 1
+        if problems and not repair:
+            continue
+        qid = str(item.get("qid") or item.get("query_id") or qid_of_text.get(text) or f"rankgpt-{number}")
+        query_texts[qid] = text
+        passages.update((d, t) for d, t in docs if t)
+        ranked = [docs[i][0] for i in order]
+        split = "valid" if is_validation(qid, evalperc, seed) else "train"
+        queries[split].append(TrainingQuery(qid, ranked, [float(len(ranked) - r) for r in range(len(ranked))],
+                                              {d: 1 for d in positives}))
+    for split, rows in queries.items():
+        counts[f"{split}_queries"] = write_split(out, split, rows)
+    with atomic_write(out / "topics.tsv") as f:
+        f.writelines(f"{qid}\t{' '.join(text.split())}\n" for qid, text in query_texts.items())
+    with atomic_write(out / "passages.tsv") as f:
+        f.writelines(f"{docno}\t{' '.join(text.split())}\n" for docno, text in passages.items())
+    return counts
+
+
+# Short names of the seeds' training sets: (dataset config, objective).
+PRESETS = {"colbert": ("msmarco-train", "CL"), "rankgpt": ("msmarco-train", "KD")}
+
+
+def prepare(dataset: str, objective: str = "", run: str = "", evalperc: float = 1.0, seed: int = 42,
+            depth: int | None = None, out: str = "", lenient: bool = False, repair: bool = False) -> Path:
+    """Build `data/<dataset>/<objective>/` from a dataset config: CL from one of its runs (hard negatives,
+    judged by its qrels), KD from its teacher ranking (RankGPT files: malformed answers dropped unless
+    `repair`; a TREC run: ordered by its rank column). `dataset` is a preset (colbert, rankgpt), a key of
+    configs/datasets or a YAML path. Returns the folder."""
+    from crossrank import config
+    from crossrank.data.datasets import load_dataset
+    from crossrank.data.qrels import read_qrels
+    from crossrank.data.texts import read_topics
+
+    if not 0 <= evalperc < 100:
+        raise CrossrankError(f"--evalperc {evalperc} is out of range (expected a percentage in [0, 100))")
+    key, preset_objective = PRESETS.get(dataset, (dataset, ""))
+    objective = objective or preset_objective or "CL"
+    if objective not in ("CL", "KD"):
+        raise CrossrankError(f"--objective {objective!r} is unknown (expected CL or KD)")
+    ds = load_dataset(key)
+    folder = Path(out) if out else config.ROOT / "data" / ds.name / objective
+    meta = {"dataset": ds.name, "objective": objective, "evalperc": evalperc, "seed": seed, "rel_level": ds.rel_level,
+            "topics": ds.source("topics"), "corpus": ds.source("corpus"),
+            "qrels": ds.source("qrels") if ds.qrels else ""}
+    if objective == "KD" and ds.teacher.endswith((".jsonl", ".jsonl.zip", ".zip")):
+        topics = read_topics(meta["topics"], lenient) if Path(meta["topics"]).is_file() else None
+        meta["source"] = ds.source("teacher")
+        counts = preprocess_rankgpt(meta["source"], ds.source("teacher_answers"), folder, evalperc, seed, topics,
+                                    repair)
+        # texts come with RankGPT's file: point training at the copies written next to the splits
+        meta["topics"], meta["corpus"] = str(folder / "topics.tsv"), str(folder / "passages.tsv")
+    else:
+        meta["source"] = ds.source("teacher") if objective == "KD" else ds.run(run or next(iter(ds.runs), ""))
+        qrels = read_qrels(meta["qrels"], lenient) if meta["qrels"] else {}
+        build = preprocess_teacher_run if objective == "KD" else preprocess_run  # KD: the rank column decides
+        counts = build(meta["source"], qrels, folder, evalperc, seed, depth, lenient)
+    meta["counts"] = counts
+    write_meta(folder, meta)
+    return folder

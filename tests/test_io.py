@@ -201,7 +201,7 @@ def test_irds_offline_download_failure_is_explained(tmp_path):
     import subprocess
     import sys
 
-    code = "from crossrank import io; read_topics('irds:cranfield')"
+    code = "from crossrank.data.texts import read_topics; read_topics('irds:cranfield')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "IR_DATASETS_HOME": str(tmp_path)}, cwd=Path(__file__).parent.parent)
     assert "irds:cranfield: ir_datasets could not download what its cache lacks" in out.stderr

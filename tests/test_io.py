@@ -190,8 +190,9 @@ def test_irds_sources_read_through_ir_datasets(tmp_path, shared_data):
     import sys
 
     shutil.copytree(shared_data / "ir_datasets_home" / "vaswani", tmp_path / "vaswani")
-    code = ("from crossrank.data.texts import read_corpus, read_topics; from crossrank.data.qrels import read_qrels; t = read_topics('irds:vaswani'); q = read_qrels('irds:vaswani'); "
-            "d = next(read_corpus('irds:vaswani')); print(len(t), sum(map(len, q.values())), d[0], bool(d[1]))")
+    code = ("from crossrank.data.texts import read_corpus, read_topics; from crossrank.data.qrels import read_qrels\n"
+            "t = read_topics('irds:vaswani'); q = read_qrels('irds:vaswani'); d = next(read_corpus('irds:vaswani'))\n"
+            "print(len(t), sum(map(len, q.values())), d[0], bool(d[1]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "IR_DATASETS_HOME": str(tmp_path)}, cwd=Path(__file__).parent.parent)
     assert out.stdout.split() == ["93", "2083", "1", "True"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from crossrank.data.files import atomic_write
+from crossrank.data.atomic import atomic_write
 from crossrank.data.qrels import read_qrels
 from crossrank.data.runs import load_run, read_run, read_run_queries, run_problems, write_run
 from crossrank.data.texts import load_corpus, read_corpus, read_topics

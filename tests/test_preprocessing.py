@@ -16,7 +16,8 @@ from crossrank.data.texts import read_corpus, read_topics
 from crossrank.training import preprocessing
 from crossrank.data import runs
 from crossrank.errors import CrossrankError
-from crossrank.training.preprocessing import TrainingQuery, is_validation, load_split, preprocess_run
+from crossrank.training.preprocessing import preprocess_run
+from crossrank.training.examples import TrainingQuery, is_validation, load_split
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -54,7 +54,7 @@ from crossrank.errors import CrossrankError
 from crossrank.data.runs import qid_order
 from crossrank.training.losses import LOSSES
 from crossrank.models.mono import score_first_token_only
-from crossrank.training.preprocessing import TrainingQuery
+from crossrank.training.examples import TrainingQuery
 from crossrank.models.loading import load_scorer
 from crossrank.training.checkpoint import TrainState, check_checkpoint, check_same_recipe, gather_rng, load_state, recover_folder, save_checkpoint, save_model, set_rng
 from crossrank.training.parts import WithDuplicates, batch_loss, mono_backward

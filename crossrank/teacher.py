@@ -9,6 +9,7 @@ Outputs, for `--output OUT`:
     OUT.log.jsonl        one record per request (prompt, answer, usage, parse problems) and per retry
     OUT.summary.json     settings and cost-relevant counts (requests, tokens, retries, malformed answers),
                          cumulative over resumed sessions; rewritten after every request
+The --base-url is stored and shown without its credentials (`chat.redact_url`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
-from crossrank.chat import ChatClient, JsonlLog, Stats, api_key_for
+from crossrank.chat import ChatClient, JsonlLog, Stats, credentials_for, parse_url, proxy_for, redact_url
 from crossrank.io import (CrossrankError, qid_order, atomic_write, clean_tag, load_corpus, read_topics,
                           read_run_queries, remove_stale_temporaries, write_run)
 from crossrank.rankgpt import fit_messages, parse_permutation, sliding_windows, token_counter
@@ -41,21 +42,19 @@ def rank_query(qid: str, query: str, docnos: list[str], texts: dict[str, str], c
         messages, words, estimate = fit_messages(query, [texts[d] for d in window], cfg, count)
         context = {"qid": qid, "window": [start + 1, end]}  # 1-based ranks, inclusive
         began = time.monotonic()
-        data = client.complete(messages, context)
-        choice = data["choices"][0]
-        answer = (choice.get("message") or {}).get("content") or ""
+        completion = client.complete(messages, context)  # checked: content a str, usage a dict of counts
+        answer, usage, finish_reason = completion["content"], completion["usage"], completion["finish_reason"]
         order, problems = parse_permutation(answer, len(window))
-        usage = data.get("usage") or {}
-        stats.add(requests=1, prompt_tokens=usage.get("prompt_tokens", 0) or 0,
-                  completion_tokens=usage.get("completion_tokens", 0) or 0,
+        stats.add(requests=1, prompt_tokens=usage.get("prompt_tokens") or 0,
+                  completion_tokens=usage.get("completion_tokens") or 0,
                   requests_without_usage=0 if usage else 1, malformed_answers=1 if problems else 0,
-                  truncated_answers=1 if choice.get("finish_reason") == "length" else 0)
+                  truncated_answers=1 if finish_reason == "length" else 0)
         with stats.lock:
             for problem in problems:
                 stats.problems[problem] = stats.problems.get(problem, 0) + 1
         client.log.write({"type": "request", **context, "docnos": window, "passage_words": words,
                           "prompt_tokens_counted": estimate, **({"messages": messages} if cfg.log_prompts else {}),
-                          "answer": answer, "finish_reason": choice.get("finish_reason"), "usage": usage,
+                          "answer": answer, "finish_reason": finish_reason, "usage": usage,
                           "problems": problems, "order": [o + 1 for o in order],
                           "seconds": round(time.monotonic() - began, 3)})
         ranking[start:end] = [window[o] for o in order]
@@ -153,7 +152,7 @@ def summary_writer(path: Path, cfg: TeacherConfig, settings: dict, counting: str
 
     def write_summary(state: str) -> dict:
         summary = {"state": state, "settings": settings, "token_counting": counting, "api_key_env":
-                   key_env, "base_url": cfg.base_url, **stats.as_dict(cfg)}
+                   key_env, "base_url": redact_url(cfg.base_url), **stats.as_dict(cfg)}
         with lock, atomic_write(path) as f:
             json.dump(summary, f, indent=1)
         return summary
@@ -195,8 +194,10 @@ def rank(cfg: TeacherConfig) -> dict:
     from tqdm import tqdm
 
     cfg.validate()
-    # a refused key stops the run before anything is touched
-    key_env = api_key_for(cfg.base_url, cfg.api_key_env)[0] if not cfg.dry_run else ""
+    key_env = ""
+    if not cfg.dry_run:  # refused credentials or an unusable proxy stop the run before anything is touched
+        key_env = credentials_for(cfg.base_url, cfg.api_key_env).variable
+        proxy_for(parse_url(cfg.base_url))
     tag = clean_tag(cfg.tag, "rankgpt")
     files = paths(cfg.output)
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
@@ -219,7 +220,7 @@ def rank(cfg: TeacherConfig) -> dict:
     write_summary("running")
     log = JsonlLog(files["log"])
     log.write({"type": "session", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": settings,
-               "base_url": cfg.base_url, "token_counting": counting, "queries_done": len(done),
+               "base_url": redact_url(cfg.base_url), "token_counting": counting, "queries_done": len(done),
                "queries_todo": len(todo)})
     stop = threading.Event()
     client = ChatClient(cfg, stats, log, stop)

@@ -104,6 +104,10 @@ def test_word_budget_shrinks_to_the_largest_that_fits(tmp_path):
 
 @pytest.fixture
 def collection(tmp_path) -> dict:
+    return make_collection(tmp_path)
+
+
+def make_collection(tmp_path: Path) -> dict:
     """4 queries x 30 candidates. Candidate j holds m_j query-word occurrences (m a permutation of 0..29, so
     the server's overlap ranking has no ties); the first-stage run lists the candidates in j order."""
     rng = random.Random(7)

@@ -333,3 +333,80 @@ def test_completions_that_are_well_formed_enough_are_used(collection, server, tm
     assert result.returncode == 0, result.stderr
     stats = summary(tmp_path / "ok.run")
     assert {key: stats[key] for key in counted} == counted
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resume: the partial and the summary are verified before they are reused
+
+
+def full_lines(collection: dict, server: ChatServer, tmp_path: Path) -> list[str]:
+    """The finished run of the first two queries (window 10 by 5 over 30: 5 requests a query); its summary is
+    left in tmp_path/full."""
+    out = tmp_path / "full" / "f.run"
+    result = rank_gpt(collection, out, "--k", "30", "--window", "10", "--step", "5", "--limit", "2",
+                      base_url=server.url)
+    assert result.returncode == 0, result.stderr
+    return out.read_text().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize("cut, note", [
+    (30 + 12, "query q2 is incomplete (12 of its 30 candidates)"),  # a cut at a line boundary
+    (30 + 1, "query q2 is incomplete (1 of its 30 candidates)"),
+    (30 + 12.5, "query q2 is incomplete (12 of its 30 candidates)"),  # and in the middle of a line
+    (30 + 0.5, "its last line is cut"),  # the torn first line of q2: no block of q2 at all
+    (30, None),  # nothing cut: nothing said, nothing redone
+])
+def test_a_cut_partial_is_ranked_again_with_one_note(collection, server, tmp_path, cut, note):
+    lines = full_lines(collection, server, tmp_path)
+    out = tmp_path / "cut.run"
+    whole = int(cut)
+    text = "".join(lines[:whole]) + (lines[whole][: len(lines[whole]) // 2] if cut != whole else "")
+    Path(f"{out}.partial").write_text(text)
+    # the summary of a session that counted both queries (then the file was cut)
+    Path(f"{out}.summary.json").write_text(json.dumps({**summary(tmp_path / "full" / "f.run"),
+                                                       "state": "interrupted"}))
+    before = len(server.requests)
+    result = rank_gpt(collection, out, "--k", "30", "--window", "10", "--step", "5", "--limit", "2",
+                      base_url=server.url)
+    if note is None:
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.strip() == f"note: {out}.partial: {note}, as a kill or a cut file leaves it; ranked again"
+    assert out.read_text() == "".join(lines)
+    assert len(server.requests) - before == 5  # q2 only: q1 was complete
+    assert summary(out)["queries"] == 2  # the verified queries, not the stale count plus the redone one
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda lines: lines[:10] + lines[30:], "query q1 does not match the input run's top --k (expected its 30 "
+                                            "candidates once, ranked 1..30, got 10); it is from another input or "
+                                            "damaged"),
+    (lambda lines: [lines[1], lines[0], *lines[2:]], "query q1 does not match"),  # ranks out of order
+    (lambda lines: lines + lines[:30], "docno q1d"),  # q1 twice: "appears twice for query q1"
+])
+def test_a_partial_damaged_before_its_end_is_refused_and_kept(collection, server, tmp_path, damage, says):
+    lines = full_lines(collection, server, tmp_path)
+    out = tmp_path / "bad.run"
+    partial = Path(f"{out}.partial")
+    partial.write_text("".join(damage(lines)))
+    before = partial.read_bytes()
+    line = one_line_error(rank_gpt(collection, out, "--k", "30", "--window", "10", "--step", "5", "--limit", "2",
+                                   base_url=server.url))
+    assert says in line and partial.read_bytes() == before and not out.exists()
+
+
+@pytest.mark.parametrize("content", [
+    b"{not json", b"", b"[1, 2]", b'{"settings": 5}', b'{"settings": {}, "requests": "many"}',
+    b'{"settings": {}, "retries_by_reason": []}', b"\xff\xfe{}",
+])
+def test_a_damaged_summary_is_refused_before_anything_changes(collection, server, tmp_path, content):
+    lines = full_lines(collection, server, tmp_path)
+    out = tmp_path / "s.run"
+    Path(f"{out}.partial").write_text("".join(lines[:30]))
+    Path(f"{out}.summary.json").write_bytes(content)
+    line = one_line_error(rank_gpt(collection, out, "--k", "30", "--window", "10", "--step", "5", "--limit", "2",
+                                   base_url=server.url))
+    assert line.startswith(f"error: {out}.summary.json: not a teacher summary (damaged?)")
+    assert Path(f"{out}.summary.json").read_bytes() == content and Path(f"{out}.partial").read_text() == \
+        "".join(lines[:30])

@@ -484,7 +484,10 @@ class ChatClient:
 
     def redact(self, text: str) -> str:
         """The text on one line (error pages have many), without any credential (a server may echo them)."""
-        text = " ".join(text.split())
+        return self.scrub(" ".join(text.split()))
+
+    def scrub(self, text: str) -> str:
+        """The text without any credential, otherwise unchanged (an answer as it is logged)."""
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text

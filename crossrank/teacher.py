@@ -57,7 +57,7 @@ def rank_query(qid: str, query: str, docnos: list[str], texts: dict[str, str], c
                 stats.problems[problem] = stats.problems.get(problem, 0) + 1
         client.log.write({"type": "request", **context, "docnos": window, "passage_words": words,
                           "prompt_tokens_counted": estimate, **({"messages": messages} if cfg.log_prompts else {}),
-                          "answer": answer, "finish_reason": finish_reason, "usage": usage,
+                          "answer": client.scrub(answer), "finish_reason": finish_reason, "usage": usage,
                           "problems": problems, "order": [o + 1 for o in order],
                           "seconds": round(time.monotonic() - began, 3)})
         ranking[start:end] = [window[o] for o in order]

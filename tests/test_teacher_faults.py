@@ -206,6 +206,17 @@ def test_credentials_in_the_base_url_are_sent_as_basic_auth_and_shown_nowhere(co
         assert secret not in everything
 
 
+def test_a_key_the_server_echoes_in_its_answer_is_not_logged(collection, server, tmp_path):
+    server.fail(("answer", f"[2] > [1] > [3] > [4] > [5] > [6] (your key: {SECRET})"))
+    out = tmp_path / "echo" / "e.run"
+    result = rank_gpt(collection, out, base_url=server.url)
+    assert result.returncode == 0, result.stderr
+    requests = [json.loads(line) for line in Path(f"{out}.log.jsonl").read_text().splitlines()
+                if json.loads(line)["type"] == "request"]
+    assert requests[0]["answer"] == "[2] > [1] > [3] > [4] > [5] > [6] (your key: ***)"
+    assert SECRET not in written(tmp_path) + result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("url, key, expected", [
     ("http://alice:pa55-w0rd@{local}/v1", True, "http://***@{local}/v1: it holds credentials (user:password@) and "
                                                 "$CROSSRANK_TEST_KEY is set: both would be the Authorization header"),

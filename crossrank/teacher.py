@@ -236,6 +236,7 @@ def rank(cfg: TeacherConfig) -> dict:
     from tqdm import tqdm
 
     cfg.validate()
+    parse_url(cfg.base_url)  # one line naming the URL without its credentials (chat.redact_url)
     key_env = ""
     if not cfg.dry_run:  # refused credentials or an unusable proxy stop the run before anything is touched
         key_env = credentials_for(cfg.base_url, cfg.api_key_env).variable

@@ -63,9 +63,6 @@ class TeacherConfig:
         for ok, flag, expected, got in checks:
             if not ok:
                 raise CrossrankError(f"{flag} is invalid (expected {expected}, got {got!r})")
-        from crossrank.chat import parse_url  # chat imports this module
-
-        parse_url(self.base_url)  # one line naming the URL without its credentials
         if self.max_completion_tokens <= 0:
             self.max_completion_tokens = 6 * min(self.window, self.k) + 32
         return self

@@ -14,7 +14,8 @@ load hits all of them:
   `transformers.onnx`), so the bench builds the same thing directly: `torch.onnx.export` of the checkpoint,
   `onnxruntime.quantization.quantize_dynamic` (QInt8 weights, per tensor: what optimum's avx512_vnni config
   passes), and the same predict loop (batches of 32 pairs in length order). Needs requirements-bench.txt;
-  a backend that is not installed is skipped and named.
+  a backend whose modules are not installed (onnx for the export, then onnxruntime or openvino), or whose
+  export or load fails, is skipped with one line naming it and why; the rest of the bench still runs.
 
 Prints the CPU model and the flags that decide precision, pairs/s of every contender and its mean per-query
 Kendall tau against crossrank fp32. "Exact enough" = tau >= 0.98. Then the fp32 figures (speed-up over the
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import random
 import tempfile
 import time
@@ -136,8 +138,36 @@ def onnx_export(folder: str) -> str:
     return path
 
 
+# sentence-transformers' optional CPU backends and the modules each needs (the ONNX export needs onnx)
+OPTIONAL_BACKENDS = {"ST onnx (ORT)": ("onnx", "onnxruntime"), "ST openvino": ("onnx", "openvino")}
+INSTALL = "pip install -r requirements-bench.txt"
+
+
+def available_backends() -> list[str]:
+    """The optional backends whose modules are installed; one line for each that is skipped, naming it and the
+    modules it lacks."""
+    available = []
+    for backend, modules in OPTIONAL_BACKENDS.items():
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"skipped {backend}: module {', '.join(missing)} not installed ({INSTALL})")
+        else:
+            available.append(backend)
+    return available
+
+
 def onnx_peers(folder: str, pairs: list[tuple[str, str]]) -> dict:
-    """sentence-transformers' CPU backends rebuilt directly (see the module doc): name -> predict function."""
+    """sentence-transformers' CPU backends rebuilt directly (see the module doc): name -> predict function.
+    A backend that cannot run here is skipped with one line (`available_backends`, then its export or load)."""
+    backends = available_backends()
+    if not backends:
+        return {}
+    try:
+        path = onnx_export(folder)
+    except (ImportError, RuntimeError) as e:  # torch.onnx.OnnxExporterError is a RuntimeError
+        for backend in backends:
+            print(f"skipped {backend}: the ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
+        return {}
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -156,31 +186,36 @@ def onnx_peers(folder: str, pairs: list[tuple[str, str]]) -> dict:
             return scores
         return predict
 
-    path, peers = onnx_export(folder), {}
-    try:
-        import onnxruntime as ort
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+    peers = {}
+    if "ST onnx (ORT)" in backends:
+        try:
+            import onnxruntime as ort
+            from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(path, f"{folder}/model_qint8.onnx", weight_type=QuantType.QInt8, per_channel=False)
-        for name, file in (("ST onnx (ORT) fp32", path), ("ST onnx (ORT) int8", f"{folder}/model_qint8.onnx")):
-            session = ort.InferenceSession(file, providers=["CPUExecutionProvider"])
-            peers[name] = predictor(lambda b, s=session: s.run(None, {k: v.astype(np.int64) for k, v in b.items()})[0])
-        print(f"onnxruntime {ort.__version__}: intra-op threads default ({torch.get_num_threads()} cores)")
-    except ImportError:
-        print("onnxruntime not installed (pip install -r requirements-bench.txt): ONNX contenders skipped")
-    try:
-        import openvino as ov
+            quantize_dynamic(path, f"{folder}/model_qint8.onnx", weight_type=QuantType.QInt8, per_channel=False)
+            for name, file in (("ST onnx (ORT) fp32", path), ("ST onnx (ORT) int8", f"{folder}/model_qint8.onnx")):
+                session = ort.InferenceSession(file, providers=["CPUExecutionProvider"])
+                peers[name] = predictor(lambda b, s=session: s.run(None, {k: v.astype(np.int64)
+                                                                          for k, v in b.items()})[0])
+            print(f"onnxruntime {ort.__version__}: intra-op threads default ({torch.get_num_threads()} cores)")
+        except Exception as e:  # noqa: BLE001 -- an optional peer: its failure must not end the bench
+            peers = {k: v for k, v in peers.items() if not k.startswith("ST onnx")}
+            print(f"skipped ST onnx (ORT): {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}")
+    if "ST openvino" in backends:
+        try:
+            import openvino as ov
 
-        core = ov.Core()
-        default = core.compile_model(path, "CPU")  # what backend="openvino" gets: bf16 where the CPU has it
-        hint = default.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        exact = core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        peers[f"ST openvino ({hint})"] = predictor(lambda b, c=default: c(b)[0])
-        if hint != "f32":
-            peers["ST openvino f32"] = predictor(lambda b, c=exact: c(b)[0])
-        print(f"openvino {ov.__version__.split('-')[0]}: default inference precision on this CPU {hint}")
-    except ImportError:
-        print("openvino not installed (pip install -r requirements-bench.txt): OpenVINO contender skipped")
+            core = ov.Core()
+            default = core.compile_model(path, "CPU")  # what backend="openvino" gets: bf16 where the CPU has it
+            hint = default.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+            exact = core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            peers[f"ST openvino ({hint})"] = predictor(lambda b, c=default: c(b)[0])
+            if hint != "f32":
+                peers["ST openvino f32"] = predictor(lambda b, c=exact: c(b)[0])
+            print(f"openvino {ov.__version__.split('-')[0]}: default inference precision on this CPU {hint}")
+        except Exception as e:  # noqa: BLE001 -- an optional peer
+            peers = {k: v for k, v in peers.items() if not k.startswith("ST openvino")}
+            print(f"skipped ST openvino: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}")
     return peers
 
 

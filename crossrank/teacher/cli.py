@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from crossrank import cli
-from crossrank.teacher.chat import OPENAI_HOST, OPENAI_KEY_ENV
+from crossrank.teacher.endpoint import OPENAI_HOST, OPENAI_KEY_ENV
 from crossrank.errors import CrossrankError
 from crossrank.teacher.run import rank
 from crossrank.teacher.config import TeacherConfig
@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model name the endpoint serves (e.g. gpt-4o-mini, "
                                                   "castorini/rank_zephyr_7b_v1_full)")
     p.add_argument("--base-url", default=d.base_url, help="OpenAI-compatible API root, e.g. "
-                                                          "http://localhost:8000/v1 for vLLM (default: %(default)s)")
+                   "http://localhost:8000/v1 for vLLM (default: %(default)s); user:password@ in it is sent as Basic "
+                   "authentication and shown redacted; redirects are not followed; a loopback URL never goes "
+                   "through $http_proxy/$https_proxy/$all_proxy, an https one tunnels through an http:// proxy")
     p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key, sent "
                    f"to --base-url (default: ${OPENAI_KEY_ENV}, sent only to {OPENAI_HOST} over https; never over "
                    "plain http to a host that is not loopback)")
@@ -46,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=positive, default=d.concurrency,
                    help="queries in flight (default: %(default)s)")
     p.add_argument("--timeout", type=cli.float_in(0, lo_open=True), default=d.timeout,
-                   help="seconds per request (default: %(default)s)")
+                   help="seconds per request: a deadline for all of it (connect, send, the whole answer), not the "
+                        "gap between bytes (default: %(default)s)")
+    p.add_argument("--max-response-bytes", type=cli.int_in(1024), default=d.max_response_bytes,
+                   help="largest answer accepted, checked while it is read; a larger one is a failed request, "
+                        "retried (default: %(default)s = 4 MiB)")
     p.add_argument("--retries", type=count, default=d.retries, help="retries per request (default: %(default)s)")
     p.add_argument("--backoff", type=amount, default=d.backoff,
                    help="first retry delay in seconds, doubling (default: %(default)s)")

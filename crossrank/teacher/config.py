@@ -31,7 +31,8 @@ class TeacherConfig:
     max_completion_tokens: int = 0  # 0: 6 tokens per passage + 32 (an answer `[12] > ` is ~5 tokens per id)
     tokenizer: str = ""  # local tokenizer folder or cached hub id; "" tries --model; "none" estimates
     concurrency: int = 1
-    timeout: float = 120.0
+    timeout: float = 120.0  # seconds: a deadline for the whole request (connect, send, answer)
+    max_response_bytes: int = 4 * 2**20  # an answer larger than this is refused while it is read
     retries: int = 8
     backoff: float = 1.0  # first retry waits ~backoff seconds, then doubling, capped at max_backoff
     max_backoff: float = 60.0
@@ -55,10 +56,10 @@ class TeacherConfig:
                   (self.passage_words >= 1, "--passage-words", "a positive integer", self.passage_words),
                   (self.concurrency >= 1, "--concurrency", "a positive integer", self.concurrency),
                   (self.timeout > 0, "--timeout", "a positive number of seconds", self.timeout),
+                  (self.max_response_bytes >= 1024, "--max-response-bytes", "at least 1024",
+                   self.max_response_bytes),
                   (self.retries >= 0, "--retries", "0 or more", self.retries),
-                  (self.limit >= 0, "--limit", "0 (all) or more", self.limit),
-                  (self.base_url.startswith(("http://", "https://")), "--base-url", "an http(s):// URL",
-                   self.base_url)]
+                  (self.limit >= 0, "--limit", "0 (all) or more", self.limit)]
         for ok, flag, expected, got in checks:
             if not ok:
                 raise CrossrankError(f"{flag} is invalid (expected {expected}, got {got!r})")

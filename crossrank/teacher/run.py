@@ -5,29 +5,33 @@ Outputs, for `--output OUT`:
     OUT                  TREC run, score = depth - rank + 1 (depth = the query's number of candidates), teacher
                          order, queries in qid order; written atomically at the end
     OUT.partial          completed queries, appended one query at a time (flushed and fsynced); a killed run
-                         resumes from it; deleted when OUT is written
+                         resumes from it (each query verified against the input: a query cut short is ranked
+                         again, with a note); deleted when OUT is written
     OUT.log.jsonl        one record per request (prompt, answer, usage, parse problems) and per retry
     OUT.summary.json     settings and cost-relevant counts (requests, tokens, retries, malformed answers),
-                         cumulative over resumed sessions; rewritten after every request
+                         cumulative over resumed sessions; rewritten after every request and every completed
+                         query (its query count is the verified completed queries, so a kill cannot skew it)
+The --base-url is stored and shown without its credentials (`endpoint.redact_url`).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
-from crossrank.teacher.chat import ChatClient, JsonlLog, Stats, api_key_for
-from crossrank.errors import CrossrankError
-from crossrank.data.runs import qid_order, clean_tag, read_run_queries, write_run
 from crossrank.data.atomic import atomic_write, remove_stale_temporaries
+from crossrank.data.runs import clean_tag, qid_order, read_run_queries, top_k_docnos, write_run
 from crossrank.data.texts import load_corpus, read_topics
-from crossrank.teacher.rankgpt import fit_messages, parse_permutation, sliding_windows, token_counter
-from crossrank.data.runs import top_k_docnos
+from crossrank.errors import CrossrankError
+from crossrank.teacher.chat import ChatClient, JsonlLog, Stats
+from crossrank.teacher.endpoint import credentials_for, parse_url, proxy_for, redact_url
 from crossrank.teacher.config import RESUME_KEYS, TeacherConfig
+from crossrank.teacher.rankgpt import fit_messages, parse_permutation, sliding_windows, token_counter
 
 
 def rank_query(qid: str, query: str, docnos: list[str], texts: dict[str, str], cfg: TeacherConfig,
@@ -43,21 +47,19 @@ def rank_query(qid: str, query: str, docnos: list[str], texts: dict[str, str], c
         messages, words, estimate = fit_messages(query, [texts[d] for d in window], cfg, count)
         context = {"qid": qid, "window": [start + 1, end]}  # 1-based ranks, inclusive
         began = time.monotonic()
-        data = client.complete(messages, context)
-        choice = data["choices"][0]
-        answer = (choice.get("message") or {}).get("content") or ""
+        completion = client.complete(messages, context)  # checked: content a str, usage a dict of counts
+        answer, usage, finish_reason = completion["content"], completion["usage"], completion["finish_reason"]
         order, problems = parse_permutation(answer, len(window))
-        usage = data.get("usage") or {}
-        stats.add(requests=1, prompt_tokens=usage.get("prompt_tokens", 0) or 0,
-                  completion_tokens=usage.get("completion_tokens", 0) or 0,
+        stats.add(requests=1, prompt_tokens=usage.get("prompt_tokens") or 0,
+                  completion_tokens=usage.get("completion_tokens") or 0,
                   requests_without_usage=0 if usage else 1, malformed_answers=1 if problems else 0,
-                  truncated_answers=1 if choice.get("finish_reason") == "length" else 0)
+                  truncated_answers=1 if finish_reason == "length" else 0)
         with stats.lock:
             for problem in problems:
                 stats.problems[problem] = stats.problems.get(problem, 0) + 1
         client.log.write({"type": "request", **context, "docnos": window, "passage_words": words,
                           "prompt_tokens_counted": estimate, **({"messages": messages} if cfg.log_prompts else {}),
-                          "answer": answer, "finish_reason": choice.get("finish_reason"), "usage": usage,
+                          "answer": client.scrub(answer), "finish_reason": finish_reason, "usage": usage,
                           "problems": problems, "order": [o + 1 for o in order],
                           "seconds": round(time.monotonic() - began, 3)})
         ranking[start:end] = [window[o] for o in order]
@@ -73,23 +75,45 @@ def paths(output: str | Path) -> dict[str, Path]:
 def read_partial(path: Path, candidates: dict[str, list[str]]) -> dict[str, list[str]]:
     """Completed queries of a killed (OUT.partial) or finished (OUT) run: {qid: docnos in teacher order}.
 
-    Only the last query can be torn (each query is one fsynced write); it is dropped. Anything else that
-    disagrees with the input (another run, --k or --dataset) is an error."""
+    Every query is verified before it is reused: exactly its candidates in the input's top --k, each once,
+    ranks 1..n in order (a query is its own checksum). Only the end of the file can be cut (each query is one
+    fsynced write, so a kill, or a file cut short, tears the last query): a last query that is an incomplete
+    prefix, or a last line without its line break, is dropped and ranked again, with one line on stderr
+    saying so. Anything else that disagrees with the input (another run, --k or --dataset, a damaged query
+    before the last) is an error."""
     try:
-        blocks = [(number, qid, [docno for docno, _, _ in rows])
-                  for number, qid, rows in read_run_queries(path, torn_ok=True)]
+        blocks = list(read_run_queries(path, torn_ok=True))
     except CrossrankError as e:
         raise CrossrankError(f"{e}; the file is damaged: delete it or pass --overwrite") from None
+    torn = _ends_torn(path)
     done: dict[str, list[str]] = {}
-    for i, (number, qid, docnos) in enumerate(blocks):
-        complete = qid in candidates and sorted(docnos) == sorted(candidates[qid]) and qid not in done
-        if complete:
+    redone = ""
+    for i, (number, qid, rows) in enumerate(blocks):
+        docnos, ranks = [d for d, _, _ in rows], [r for _, r, _ in rows]
+        expected = candidates.get(qid, [])
+        in_order = ranks == list(range(1, len(rows) + 1))
+        if qid not in done and in_order and sorted(docnos) == sorted(expected):
             done[qid] = docnos
-        elif i < len(blocks) - 1 or qid not in candidates:
-            raise CrossrankError(f"{path}:{number}: query {qid or '?'} does not match the input run's top --k "
-                                 f"(expected its {len(candidates.get(qid, []))} candidates once, got "
-                                 f"{len(docnos)}); it is from another input: delete it or pass --overwrite")
+            continue
+        if i == len(blocks) - 1 and qid not in done and in_order and set(docnos) < set(expected):
+            redone = f"query {qid} is incomplete ({len(docnos)} of its {len(expected)} candidates)"
+            continue
+        raise CrossrankError(f"{path}:{number}: query {qid or '?'} does not match the input run's top --k "
+                             f"(expected its {len(expected)} candidates once, ranked 1..{len(expected)}, got "
+                             f"{len(docnos)}); it is from another input or damaged: delete it or pass --overwrite")
+    if redone or torn:
+        what = redone or "its last line is cut"
+        print(f"note: {path}: {what}, as a kill or a cut file leaves it; ranked again", file=sys.stderr)
     return done
+
+
+def _ends_torn(path: Path) -> bool:
+    """Whether the file's last line lacks its line break (a write cut short)."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def dry_run(cfg: TeacherConfig, queries: dict[str, tuple[str, list[str]]], texts: dict[str, str],
@@ -112,13 +136,30 @@ def resume_point(files: dict[str, Path], settings: dict) -> tuple[Path | None, d
     """Where completed queries are (the partial file of a killed run, or a finished run to extend, e.g. with a
     larger --limit) and the previous summary; other settings than the previous session's are an error."""
     resume_from = next((files[f] for f in ("partial", "run") if files[f].is_file()), None)
-    previous = json.loads(files["summary"].read_text()) if resume_from and files["summary"].is_file() else {}
+    previous = read_summary(files["summary"]) if resume_from and files["summary"].is_file() else {}
     if previous.get("settings", settings) != settings:
         changed = [f"--{k.replace('_', '-')} {previous['settings'].get(k)!r} -> {settings[k]!r}"
                    for k in RESUME_KEYS if previous["settings"].get(k) != settings[k]]
         raise CrossrankError(f"{resume_from}: cannot resume with other settings ({'; '.join(changed)}; "
                              f"expected the same ones, or --overwrite to start again)")
     return resume_from, previous
+
+
+def read_summary(path: Path) -> dict:
+    """A previous session's summary, checked before its settings and counts are reused (it is written
+    atomically, so a damaged one was damaged by something else: an error, not a guess)."""
+    try:
+        summary = json.loads(path.read_bytes())
+    except (ValueError, RecursionError):
+        summary = None
+    counts = [summary.get(f, 0) for f in Stats.FIELDS] if isinstance(summary, dict) else []
+    if not (isinstance(summary, dict) and isinstance(summary.get("settings"), dict)
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in counts)
+            and all(isinstance(summary.get(k, {}), dict) for k in ("malformed_by_problem", "retries_by_reason"))):
+        raise CrossrankError(f"{path}: not a teacher summary (damaged?), so neither its settings nor its counts "
+                             f"can be checked (expected the JSON this command writes: delete it to resume "
+                             f"without the earlier counts, or pass --overwrite)")
+    return summary
 
 
 def partial_lines(qid: str, docnos: list[str], tag: str) -> str:
@@ -155,7 +196,7 @@ def summary_writer(path: Path, cfg: TeacherConfig, settings: dict, counting: str
 
     def write_summary(state: str) -> dict:
         summary = {"state": state, "settings": settings, "token_counting": counting, "api_key_env":
-                   key_env, "base_url": cfg.base_url, **stats.as_dict(cfg)}
+                   key_env, "base_url": redact_url(cfg.base_url), **stats.as_dict(cfg)}
         with lock, atomic_write(path) as f:
             json.dump(summary, f, indent=1)
         return summary
@@ -197,8 +238,11 @@ def rank(cfg: TeacherConfig) -> dict:
     from tqdm import tqdm
 
     cfg.validate()
-    # a refused key stops the run before anything is touched
-    key_env = api_key_for(cfg.base_url, cfg.api_key_env)[0] if not cfg.dry_run else ""
+    parse_url(cfg.base_url)  # one line naming the URL without its credentials (endpoint.redact_url)
+    key_env = ""
+    if not cfg.dry_run:  # refused credentials or an unusable proxy stop the run before anything is touched
+        key_env = credentials_for(cfg.base_url, cfg.api_key_env).variable
+        proxy_for(parse_url(cfg.base_url))
     tag = clean_tag(cfg.tag, "rankgpt")
     files = paths(cfg.output)
     settings = {k: getattr(cfg, k) for k in RESUME_KEYS}
@@ -217,11 +261,12 @@ def rank(cfg: TeacherConfig) -> dict:
         f.writelines(partial_lines(qid, docnos, tag) for qid, docnos in done.items())
 
     stats = Stats(previous)
+    stats.counts["queries"] = len(done)  # the verified completed queries, not a count a kill may have skewed
     write_summary = summary_writer(files["summary"], cfg, settings, counting, key_env, stats)
     write_summary("running")
     log = JsonlLog(files["log"])
     log.write({"type": "session", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": settings,
-               "base_url": cfg.base_url, "token_counting": counting, "queries_done": len(done),
+               "base_url": redact_url(cfg.base_url), "token_counting": counting, "queries_done": len(done),
                "queries_todo": len(todo)})
     stop = threading.Event()
     client = ChatClient(cfg, stats, log, stop)
@@ -237,6 +282,7 @@ def rank(cfg: TeacherConfig) -> dict:
                 done[qid] = docnos
                 append_query(partial, qid, docnos, tag)
                 stats.add(queries=1)
+                write_summary("running")  # with this query: a kill before the next request keeps it counted
                 bar.update(1)
                 bar.set_postfix(requests=stats.counts["requests"], malformed=stats.counts["malformed_answers"],
                                 retries=stats.counts["retries"], refresh=False)

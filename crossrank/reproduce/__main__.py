@@ -1,0 +1,5 @@
+import sys
+
+from crossrank.reproduce.cli import main
+
+sys.exit(main())

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     try:
         plan = rows_mod.build_plan(args.row, tiny=args.tiny, gpus=args.gpus, threads=args.threads,
                                    overrides=args.overrides)

@@ -204,7 +204,8 @@ def build_plan(row: str, tiny: bool = False, gpus: str | None = None, threads: i
     if tiny:
         block = tiny_block.get("eval", {"datasets": ["demo-test"], "first_stages": ["bm25"]})
         pairs = [(d, f) for d in block["datasets"] for f in block["first_stages"]]
-        depth = _override_value(tiny_block.get("overrides", []), "eval.depth") or "30"
+        depth = _override_value(list(tiny_block.get("overrides", [])) + list(overrides), "eval.depth",
+                                last=True) or "30"
     else:
         pairs = eval_pairs(spec["eval"])
         depth = "100"
@@ -249,11 +250,14 @@ def _recipe_value(configs: list[str], section: str, key: str):
     return value
 
 
-def _override_value(overrides: list[str], key: str) -> str | None:
+def _override_value(overrides: list[str], key: str, last: bool = False) -> str | None:
+    found = None
     for o in overrides:
         if o.startswith(key + "="):
-            return o.split("=", 1)[1]
-    return None
+            found = o.split("=", 1)[1]
+            if not last:
+                return found
+    return found
 
 
 def _prep_matches(prep_command: str, configs: list[str], tiny: bool, prep_id: str) -> bool:

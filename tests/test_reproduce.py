@@ -58,8 +58,8 @@ def test_tiny_end_to_end_resumes_and_redoes_only_what_follows_a_change(tmp_path,
             "eval.depth=10"]
     code, out, ran = _reproduce(project, *args)
     assert code == 0, out[-3000:]
-    steps = ["demo", "bm25-demo", "bm25-demo-test", "prep-ms-CL", "train-ms-electra-CL", "rerank-demo-test-bm25",
-             "table"]
+    steps = ["demo", "bm25-demo", "bm25-demo-test", "prep-ms-CL", "train-ms-electra-CL",
+             "rerank-ms-electra-CL-demo-test-bm25", "table-ms-electra-CL"]
     assert ran == steps
     assert "SMOKE RUN" in out and "| demo-test | bm25 | nDCG@10 | n/a |" in out
     assert (project / "runs/reproduce/ms-electra-CL.tiny.md").read_text().startswith("# ms-electra-CL")
@@ -79,7 +79,7 @@ def test_tiny_end_to_end_resumes_and_redoes_only_what_follows_a_change(tmp_path,
     recipe.write_text(recipe.read_text().replace("weight_decay: 0.01", "weight_decay: 0.02"))
     code, out, ran = _reproduce(project, *args)
     assert code == 0, out[-3000:]
-    assert ran == ["train-ms-electra-CL", "rerank-demo-test-bm25", "table"]
+    assert ran == ["train-ms-electra-CL", "rerank-ms-electra-CL-demo-test-bm25", "table-ms-electra-CL"]
     assert list((project / "models").glob("tiny-electra.CL.f1.lr1e-05.s42.replaced-*"))  # the old run kept aside
 
 
@@ -137,7 +137,7 @@ def test_dl_rows_rerank_the_imported_pyserini_bm25_run():
     for row in rows.row_names(tree):
         plan = rows.build_plan(row, tree=tree)
         for dataset, year in (("dl19", 2019), ("dl20", 2020)):
-            step = plan.step(f"rerank-{dataset}-bm25")
+            step = plan.step(f"rerank-{row}-{dataset}-bm25")
             assert step.inputs[1] == f"runs/{dataset}.bm25-pyserini.run", row
             first = plan.step(step.needs[1])
             assert first.command.startswith("python -m crossrank first-stage import ")
@@ -177,3 +177,25 @@ def test_kd_cl_stage_two_moves_the_weights(tiny_bert, backbone):
     assert cfg.train.stage == 2 and cfg.train.objective == "CL"
     assert changed(cfg.optim.lr) > 0.5
     assert changed(6e-12) == 0.0
+
+
+def test_slurm_submits_one_job_per_step_chained_afterok(tmp_path, monkeypatch):
+    from crossrank.reproduce import slurm
+
+    (tmp_path / "bin").mkdir()
+    log = tmp_path / "sbatch.log"
+    fake = tmp_path / "bin" / "sbatch"  # prints a new job id, logs its arguments
+    fake.write_text(f'#!/usr/bin/env bash\necho "$@" >> {log}\necho $(( 100 + $(wc -l < {log}) ))\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    shutil.copytree(ROOT / "slurm", tmp_path / "slurm")
+    plan = rows.build_plan("se-electra")
+    assert slurm.submit(plan, plan.steps, "0,1", False, out=lambda *_: None, root=tmp_path) == 0
+    calls = log.read_text().splitlines()
+    assert len(calls) == len(plan.steps) and "--dependency" not in calls[0]
+    for i, call in enumerate(calls[1:], 1):
+        assert call.startswith(f"--parsable --dependency=afterok:{100 + i} ")
+    scripts = sorted((tmp_path / "runs/reproduce/slurm/se-electra").glob("*.sbatch"))
+    assert len(scripts) == len(plan.steps)
+    train = next(s for s in scripts if s.name.endswith("-train-se-stage1.sbatch")).read_text()
+    assert "#SBATCH --gres=gpu:4" in train and "./reproduce.sh se-electra --only train-se-stage1 &" in train

@@ -51,7 +51,8 @@ def _main(argv: list[str] | None) -> int:
         print(dry_run(plan, runner))
         return 0
     code = runner.run(args.only, table=lambda r, outputs: table.write(plan, r, outputs, args.holm))
-    if code == 0 and args.only in (None, "table") and "table" not in runner.ran:
+    table_id = plan.steps[-1].id
+    if code == 0 and args.only in (None, table_id) and table_id not in runner.ran:
         print((runner.root / plan.steps[-1].outputs[0]).read_text(encoding="utf-8"))
     return code
 

@@ -218,7 +218,7 @@ def build_plan(row: str, tiny: bool = False, gpus: str | None = None, threads: i
         hours = 0.0 if tiny else float(per_set.get(dataset, per_set.get("beir-all-seven", 0.09) / 7
                                                if dataset.startswith("beir-") else 0.001))
         outputs = [f"runs/{dataset}.{first}.{{run_name:{model_step}}}.{ext}" for ext in ("run", "perquery.csv", "yaml")]
-        steps.append(Step(f"rerank-{dataset}-{first}", "rerank", command,
+        steps.append(Step(f"rerank-{row}-{dataset}-{first}", "rerank", command,
                           [f"{{model:{model_step}}}", run_path, f"configs/datasets/{dataset}.yaml"],
                           outputs, [model_step] + ([first_step] if first_step else []), [], hours,
                           dataset=dataset, first_stage=first, model_step=model_step))
@@ -226,7 +226,7 @@ def build_plan(row: str, tiny: bool = False, gpus: str | None = None, threads: i
     # -- table
     reranks = [s for s in steps if s.kind == "rerank"]
     suffix = ".tiny" if tiny else ""
-    steps.append(Step("table", "table", f"(in the driver) table of {row}{' (smoke run)' if tiny else ''}",
+    steps.append(Step(f"table-{row}", "table", f"(in the driver) table of {row}{' (smoke run)' if tiny else ''}",
                       [o for s in reranks for o in s.outputs[:1]] + [s.inputs[1] for s in reranks],
                       [f"runs/reproduce/{row}{suffix}.md", f"runs/reproduce/{row}{suffix}.json"],
                       [s.id for s in reranks]))

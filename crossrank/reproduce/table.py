@@ -54,9 +54,55 @@ def compute(plan: Plan, runner, holm: bool = False) -> list[dict]:
                          "paper": paper, "ours": ours, "difference": None if paper is None else ours - paper,
                          "p_value": float(ours_row[f"{label} p-value"]), "first_stage_ours": float(first_row[label]),
                          "first_stage_paper": paper_first, "queries": len(evaluation.judged_qids(qrels, topics))})
+    if "alpha-nDCG@10" in _measures(plan):
+        rows += _alpha_rows(plan, runner, expected, first_expected)
     if holm and rows:
         for row, p in zip(rows, _holm([r["p_value"] for r in rows])):
             row["p_value_holm"] = p
+    return rows
+
+
+def _measures(plan: Plan) -> list[str]:
+    spec = plan.spec.get("eval") or {}
+    return list(spec.get("measures", [])) if "datasets" in spec else []
+
+
+def _alpha_rows(plan: Plan, runner, expected: dict, first_expected: dict) -> list[dict]:
+    """alpha-nDCG@10 (alpha 0.99) on the reference's subtopics (Jaccard clusters of the judged passages), as
+    `crossrank compare --novelty` measures it, per dataset x first stage, with a paired t-test per query."""
+    from scipy.stats import ttest_rel
+
+    from crossrank.data.datasets import load_dataset
+    from crossrank.data.qrels import read_qrels
+    from crossrank.data.runs import load_run, sort_ranking
+    from crossrank.data.texts import load_corpus, read_topics
+    from crossrank.evaluation import metrics as evaluation
+    from crossrank.novelty import alpha_ndcg
+
+    rows, cache = [], {}
+    for step in (s for s in plan.steps if s.kind == "rerank"):
+        dataset = load_dataset(step.dataset)
+        qrels, topics = read_qrels(dataset.source("qrels")), read_topics(dataset.source("topics"))
+        if step.dataset not in cache:
+            needed = evaluation.relevant_docnos(qrels, topics, dataset.rel_level, "reference")
+            texts = load_corpus(dataset.source("corpus"), needed, missing_ok=True)
+            cache[step.dataset] = evaluation.cluster_subtopics(qrels, texts, dataset.rel_level, "reference")
+        subtopics = cache[step.dataset]
+        qids = [q for q in evaluation.judged_qids(qrels, topics) if subtopics.get(q)]
+        depth = int(step.command.split(" -k ")[1].split()[0])
+        values = {}
+        for name, path in (("first", runner.root / step.inputs[1]), ("ours", runner.root / runner.resolve(step.outputs[0]))):
+            run = load_run(path, depth=depth)
+            values[name] = [alpha_ndcg([d for d, _ in sort_ranking(run.get(q, []))], subtopics[q], 0.99, 10)
+                            for q in qids]
+        mean = {k: sum(v) / len(v) if v else 0.0 for k, v in values.items()}
+        p = float(ttest_rel(values["ours"], values["first"]).pvalue) if len(qids) > 1 else float("nan")
+        paper = ((expected.get(step.first_stage) or {}).get(step.dataset) or {}).get("alpha-nDCG@10")
+        paper_first = ((first_expected.get(step.first_stage) or {}).get(step.dataset) or {}).get("alpha-nDCG@10")
+        rows.append({"dataset": step.dataset, "first_stage": step.first_stage, "measure": "alpha-nDCG@10",
+                     "paper": paper, "ours": mean["ours"], "difference": None if paper is None else mean["ours"] - paper,
+                     "p_value": p if p == p else 1.0, "first_stage_ours": mean["first"],
+                     "first_stage_paper": paper_first, "queries": len(qids)})
     return rows
 
 

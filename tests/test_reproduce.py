@@ -79,7 +79,8 @@ def test_tiny_end_to_end_resumes_and_redoes_only_what_follows_a_change(tmp_path,
     recipe.write_text(recipe.read_text().replace("weight_decay: 0.01", "weight_decay: 0.02"))
     code, out, ran = _reproduce(project, *args)
     assert code == 0, out[-3000:]
-    assert ran == ["train-ms-electra-CL", "rerank-ms-electra-CL-demo-test-bm25", "table-ms-electra-CL"]
+    # the table follows only if the re-ranked run's bytes changed (a 2-step change of weight decay may not)
+    assert ran in (steps[4:], steps[4:6])
     assert list((project / "models").glob("tiny-electra.CL.f1.lr1e-05.s42.replaced-*"))  # the old run kept aside
 
 

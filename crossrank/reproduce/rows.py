@@ -39,6 +39,9 @@ class Step:
     dataset: str = ""
     first_stage: str = ""
     model_step: str = ""
+    # what the record compares: the command with the GPU ids, thread count and launcher left out, so that running
+    # the same step on other GPUs (or under SLURM) does not redo it
+    key: str = ""
 
 
 @dataclasses.dataclass
@@ -145,7 +148,7 @@ def build_plan(row: str, tiny: bool = False, gpus: str | None = None, threads: i
             d = steps_def[sid]
             steps.append(Step(sid, "first_stage", _fill(d["command"], gpus, threads), list(d.get("inputs", [])),
                               _outputs(d.get("outputs")), list(d.get("needs", [])), list(d.get("data", [])),
-                              float(d.get("gpu_hours", 0) or 0), d.get("note", "")))
+                              float(d.get("gpu_hours", 0) or 0), d.get("note", ""), key=d["command"]))
             for out in _outputs(d.get("outputs")):
                 produced[out] = sid
 
@@ -195,7 +198,7 @@ def build_plan(row: str, tiny: bool = False, gpus: str | None = None, threads: i
         template = _outputs(d.get("outputs"))[0] if d.get("outputs") else ""
         steps.append(Step(sid, "training", train_command(configs, extra, gpus), inputs, [], needs, [],
                           0.0 if tiny else float(d.get("gpu_hours", 0) or 0), configs=configs, overrides=extra,
-                          output_template=template))
+                          output_template=template, key=train_command(configs, extra, "")))
 
     # -- re-ranking
     model_step = spec["model"]["step"]
@@ -221,7 +224,8 @@ def build_plan(row: str, tiny: bool = False, gpus: str | None = None, threads: i
         steps.append(Step(f"rerank-{row}-{dataset}-{first}", "rerank", command,
                           [f"{{model:{model_step}}}", run_path, f"configs/datasets/{dataset}.yaml"],
                           outputs, [model_step] + ([first_step] if first_step else []), [], hours,
-                          dataset=dataset, first_stage=first, model_step=model_step))
+                          dataset=dataset, first_stage=first, model_step=model_step,
+                          key=command.replace(f" -g {gpus}", " -g {gpus}")))
 
     # -- table
     reranks = [s for s in steps if s.kind == "rerank"]

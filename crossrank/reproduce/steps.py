@@ -163,10 +163,10 @@ class Runner:
         record = self.read_record(step)
         if record is None:
             return "run", "no record"
-        command, inputs, outputs = self.resolve(step.command), self.inputs(step), self.outputs(step)
+        command, inputs, outputs = self.resolve(step.key or step.command), self.inputs(step), self.outputs(step)
         if command is None or inputs is None or outputs is None:
             return "run", "an earlier step is not done"
-        if record.get("command") != command:
+        if record.get("key", record.get("command")) != command:
             return "run", "the command changed"
         for item in inputs:
             if record.get("inputs", {}).get(item) != fingerprint(item, self.root):
@@ -180,6 +180,7 @@ class Runner:
 
     def write_record(self, step: Step, command: str, inputs: list[str], outputs: list[str], seconds: float) -> None:
         record = {"step": step.id, "row": self.plan.row, "command": command,
+                  "key": self.resolve(step.key or step.command),
                   "inputs": {i: fingerprint(i, self.root) for i in inputs},
                   "outputs": {o: fingerprint(o, self.root) for o in outputs},
                   "seconds": round(seconds, 1),

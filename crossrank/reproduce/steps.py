@@ -89,6 +89,7 @@ class Runner:
         step = self.plan.step(step_id)
         overrides = [self.resolve(o) for o in step.overrides]
         if any(o is None for o in overrides):
+            self._models[step_id] = None  # until a step runs (which clears this cache)
             return None
         from crossrank.config import load_run_config
         from crossrank.training import naming
@@ -107,6 +108,7 @@ class Runner:
                                          f"stage-1 model with {{model:STEP}})")
                 init = init if init.is_absolute() else self.root / init
                 if not list(init.glob("*.safetensors")):
+                    self._models[step_id] = None
                     return None
                 start = naming.checkpoint_hash(init)
             folder = Path(cfg.train.models_dir) / naming.run_name(label, chain, cfg.train.stage, cfg.optim.lr,

@@ -200,3 +200,13 @@ def test_slurm_submits_one_job_per_step_chained_afterok(tmp_path, monkeypatch):
     assert len(scripts) == len(plan.steps)
     train = next(s for s in scripts if s.name.endswith("-train-se-stage1.sbatch")).read_text()
     assert "#SBATCH --gres=gpu:4" in train and "./reproduce.sh se-electra --only train-se-stage1 &" in train
+
+
+def test_tiny_with_shared_data_imports_the_papers_runs_and_reranks_dl19_dl20():
+    plan = rows.build_plan("ms-electra-KD-CL", tiny=True, shared=True)
+    imports = [s for s in plan.steps if s.id.startswith("import-")]
+    assert len(imports) == 4 and all("../shared/data/trec-dl/original/set-encoder/" in s.command for s in imports)
+    reranks = {(s.dataset, s.first_stage) for s in plan.steps if s.kind == "rerank"}
+    assert reranks == {(f"dl{y}-shared", f) for y in (19, 20) for f in ("bm25", "colbert")}
+    assert all(s.command.endswith(" -L") for s in plan.steps if s.kind == "rerank")
+    assert [s.id for s in plan.steps if s.kind == "training"] == ["train-ms-electra-KD", "train-ms-electra-KD-CL"]

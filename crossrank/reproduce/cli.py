@@ -24,6 +24,8 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the plan; touch nothing")
     parser.add_argument("--slurm", action="store_true", help="one sbatch job per step, chained (afterok)")
     parser.add_argument("--tiny", action="store_true", help="the same chain on CPU in minutes (demo collection)")
+    parser.add_argument("--demo", action="store_true", help="--tiny on the demo collection even where "
+                        "../shared/data's TREC DL 2019/2020 are present")
     parser.add_argument("--only", metavar="STEP", help="run this one step (its earlier steps must be done)")
     parser.add_argument("--holm", action="store_true", help="Holm-correct the table's p-values over the row")
     return parser
@@ -36,15 +38,16 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_intermixed_args(argv)
     try:
+        shared = args.tiny and not args.demo and rows_mod.shared_data() is not None
         plan = rows_mod.build_plan(args.row, tiny=args.tiny, gpus=args.gpus, threads=args.threads,
-                                   overrides=args.overrides)
+                                   overrides=args.overrides, shared=shared)
     except rows_mod.UnknownRow as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     runner = Runner(plan)
     if args.slurm:
         steps = [plan.step(args.only)] if args.only else plan.steps
-        extra = (["--tiny"] if args.tiny else []) + (["-g", args.gpus] if args.gpus else []) + \
+        extra = (["--tiny"] if args.tiny else []) + (["--demo"] if args.demo else []) + (["-g", args.gpus] if args.gpus else []) + \
                 (["--holm"] if args.holm else []) + list(args.overrides)
         return slurm.submit(plan, steps, plan.gpus, args.dry_run, extra=extra)
     if args.dry_run:

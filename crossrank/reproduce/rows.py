@@ -125,8 +125,24 @@ def _tiny_objective(prep_id: str, command: str) -> str:
     return "CL" if "--dataset colbert" in command or prep_id.endswith("-CL") else "KD"
 
 
+SHARED_RUNS = "trec-dl/original/set-encoder/data/runs/first-stage-trec-dl"
+
+
+def shared_data() -> Path | None:
+    """../shared/data beside the project when it holds TREC DL 2019/2020 and the papers' first-stage runs."""
+    from crossrank.config import ROOT
+
+    shared = ROOT.parent / "shared" / "data"
+    needed = [shared / f"trec-dl/dl{y}/corpus.jsonl" for y in (19, 20)] + \
+             [shared / SHARED_RUNS / f"__{f}__msmarco-passage-trec-dl-20{y}-judged.run" for f in ("bm25", "colbert")
+              for y in (19, 20)]
+    return shared if all(p.is_file() for p in needed) else None
+
+
 def build_plan(row: str, tiny: bool = False, gpus: str | None = None, threads: int = 1,
-               overrides: list[str] = (), tree: dict | None = None) -> Plan:
+               overrides: list[str] = (), tree: dict | None = None, shared: bool = False) -> Plan:
+    """The row's steps; `tiny`: the smoke variant on the demo collection, which with `shared` (../shared/data
+    present) re-ranks TREC DL 2019/2020 (the papers' imported runs, texts from ../shared/data) instead."""
     tree = tree or load_rows()
     names = row_names(tree)
     if row not in tree["rows"]:
@@ -140,9 +156,20 @@ def build_plan(row: str, tiny: bool = False, gpus: str | None = None, threads: i
     # -- first stages
     if tiny:
         for sid, (command, inputs, outputs, needs) in TINY_DATA_STEPS.items():
+            if shared and sid == "bm25-demo-test":
+                continue
             steps.append(Step(sid, "first_stage", command, inputs, outputs, needs))
             for out in outputs:
                 produced[out] = sid
+        if shared:  # the papers' TREC DL runs, imported from ../shared/data's copy of webis-de/set-encoder
+            local = f"../shared/data/{SHARED_RUNS}/"
+            for sid in ("import-dl19-bm25", "import-dl20-bm25", "import-dl19-colbert", "import-dl20-colbert"):
+                d = steps_def[sid]
+                command = d["command"].replace("data/raw/set-encoder/", local)
+                inputs = [i.replace("data/raw/set-encoder/", local) for i in d.get("inputs", [])]
+                steps.append(Step(sid, "first_stage", command, inputs, _outputs(d.get("outputs")), key=command))
+                for out in _outputs(d.get("outputs")):
+                    produced[out] = sid
     else:
         for sid in spec.get("first_stages", []):
             d = steps_def[sid]
@@ -206,6 +233,9 @@ def build_plan(row: str, tiny: bool = False, gpus: str | None = None, threads: i
     flags = rerank["model_flags"].get(spec["model"].get("kind", "mono"), "")
     if tiny:
         block = tiny_block.get("eval", {"datasets": ["demo-test"], "first_stages": ["bm25"]})
+        if shared:
+            block = tiny_block.get("with_shared_data", block)
+            block = {"datasets": [f"{d}-shared" for d in block["datasets"]], "first_stages": block["first_stages"]}
         pairs = [(d, f) for d in block["datasets"] for f in block["first_stages"]]
         depth = _override_value(list(tiny_block.get("overrides", [])) + list(overrides), "eval.depth",
                                 last=True) or "30"
@@ -216,8 +246,9 @@ def build_plan(row: str, tiny: bool = False, gpus: str | None = None, threads: i
     for dataset, first in pairs:
         run_path = _dataset_run(dataset, first)
         first_step = produced.get(run_path, "")
+        lenient = " -L" if dataset.endswith("-shared") else ""  # ../shared/data lacks a few run passages
         command = (f"./inference-monoencoder.sh -M {{model:{model_step}}} -d {dataset} -s {first} -k {depth} "
-                   f"-g {gpus}{flags}")
+                   f"-g {gpus}{flags}{lenient}")
         hours = 0.0 if tiny else float(per_set.get(dataset, per_set.get("beir-all-seven", 0.09) / 7
                                                if dataset.startswith("beir-") else 0.001))
         outputs = [f"runs/{dataset}.{first}.{{run_name:{model_step}}}.{ext}" for ext in ("run", "perquery.csv", "yaml")]

@@ -10,8 +10,9 @@ from crossrank.data.atomic import atomic_write
 from crossrank.reproduce.rows import Plan
 
 MEASURES = ("nDCG@10", "RR@10")
-SMOKE = ("SMOKE RUN (--tiny): the demo collection, a tiny backbone and a few training steps on CPU; it checks "
-         "the chain, its figures are not comparable to the paper's (paper column: n/a)")
+SMOKE = ("SMOKE RUN (--tiny): trained on the demo collection with a small backbone for a few steps on CPU; it "
+         "checks the chain, its figures are not comparable to the paper's (paper column: n/a; where the first stage "
+         "is the papers' own run, its paper figure is shown)")
 
 
 def _holm(pvalues: list[float]) -> list[float]:
@@ -31,7 +32,7 @@ def compute(plan: Plan, runner, holm: bool = False) -> list[dict]:
     from crossrank.evaluation import metrics as evaluation
 
     expected = {} if plan.tiny else (plan.spec.get("expected") or {})
-    first_expected = {} if plan.tiny else (plan.first_stage_expected.get(plan.spec.get("paper"), {}) or {})
+    first_expected = plan.first_stage_expected.get(plan.spec.get("paper"), {}) or {}
     rows = []
     for step in (s for s in plan.steps if s.kind == "rerank"):
         ours_path = runner.root / runner.resolve(step.outputs[0])
@@ -48,7 +49,8 @@ def compute(plan: Plan, runner, holm: bool = False) -> list[dict]:
         for short, measure in zip(MEASURES, measures):
             label = str(measure)
             paper = ((expected.get(step.first_stage) or {}).get(step.dataset) or {}).get(short)
-            paper_first = ((first_expected.get(step.first_stage) or {}).get(step.dataset) or {}).get(short)
+            paper_first = ((first_expected.get(step.first_stage) or {}).get(step.dataset.removesuffix("-shared"))
+                           or {}).get(short)
             ours = float(ours_row[label])
             rows.append({"dataset": step.dataset, "first_stage": step.first_stage, "measure": label,
                          "paper": paper, "ours": ours, "difference": None if paper is None else ours - paper,
@@ -98,7 +100,8 @@ def _alpha_rows(plan: Plan, runner, expected: dict, first_expected: dict) -> lis
         mean = {k: sum(v) / len(v) if v else 0.0 for k, v in values.items()}
         p = float(ttest_rel(values["ours"], values["first"]).pvalue) if len(qids) > 1 else float("nan")
         paper = ((expected.get(step.first_stage) or {}).get(step.dataset) or {}).get("alpha-nDCG@10")
-        paper_first = ((first_expected.get(step.first_stage) or {}).get(step.dataset) or {}).get("alpha-nDCG@10")
+        paper_first = ((first_expected.get(step.first_stage) or {}).get(step.dataset.removesuffix("-shared"))
+                       or {}).get("alpha-nDCG@10")
         rows.append({"dataset": step.dataset, "first_stage": step.first_stage, "measure": "alpha-nDCG@10",
                      "paper": paper, "ours": mean["ours"], "difference": None if paper is None else mean["ours"] - paper,
                      "p_value": p if p == p else 1.0, "first_stage_ours": mean["first"],

@@ -109,7 +109,8 @@ def test_slurm_dry_run_prints_chained_sbatch_scripts_without_sbatch(capsys, monk
     plan = rows.build_plan("ms-electra-KD-CL")
     assert out.count("#!/usr/bin/env bash") == len(plan.steps)
     assert out.count("--dependency=afterok:") == len(plan.steps) - 1
-    assert "./reproduce.sh ms-electra-KD-CL --only train-ms-electra-KD-CL -g 0 &" in out
+    assert './reproduce.sh ms-electra-KD-CL --only train-ms-electra-KD-CL -g "${CUDA_VISIBLE_DEVICES:-cpu}" &' in out
+    assert "./reproduce.sh ms-electra-KD-CL --only prep-ms-CL -g cpu &" in out
     assert "#SBATCH --gres=gpu:1" in out and "trap 'kill -USR1" in out
     assert _tree_digest(ROOT) == before
 
@@ -199,7 +200,9 @@ def test_slurm_submits_one_job_per_step_chained_afterok(tmp_path, monkeypatch):
     scripts = sorted((tmp_path / "runs/reproduce/slurm/se-electra").glob("*.sbatch"))
     assert len(scripts) == len(plan.steps)
     train = next(s for s in scripts if s.name.endswith("-train-se-stage1.sbatch")).read_text()
-    assert "#SBATCH --gres=gpu:4" in train and "./reproduce.sh se-electra --only train-se-stage1 &" in train
+    assert "#SBATCH --gres=gpu:4" in train and "./reproduce.sh se-electra --only train-se-stage1 -g" in train
+    prep = next(s for s in scripts if s.name.endswith("-prep-se-CL.sbatch")).read_text()
+    assert "--gres" not in prep and "./reproduce.sh se-electra --only prep-se-CL -g cpu &" in prep
 
 
 def test_tiny_with_shared_data_imports_the_papers_runs_and_reranks_dl19_dl20():

@@ -47,7 +47,7 @@ def _main(argv: list[str] | None) -> int:
     runner = Runner(plan)
     if args.slurm:
         steps = [plan.step(args.only)] if args.only else plan.steps
-        extra = (["--tiny"] if args.tiny else []) + (["--demo"] if args.demo else []) + (["-g", args.gpus] if args.gpus else []) + \
+        extra = (["--tiny"] if args.tiny else []) + (["--demo"] if args.demo else []) + \
                 (["--holm"] if args.holm else []) + list(args.overrides)
         return slurm.submit(plan, steps, plan.gpus, args.dry_run, extra=extra)
     if args.dry_run:

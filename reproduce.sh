@@ -5,7 +5,8 @@ set -euo pipefail
 usage() {
   cat <<'TXT'
 usage: ./reproduce.sh ROW [-g gpus] [-t threads] [--dry-run] [--slurm] [--tiny] [--only STEP] [--holm] [key=value ...]
-  ROW        a row of configs/reproduce/rows.yaml, e.g. ms-electra-KD-CL, se-electra (a bad name lists them)
+  ROW        a row of configs/reproduce/rows.yaml, e.g. ms-electra-KD-CL, se-electra, or the recipe that completes
+             it (se-electra-stage2 = se-electra); a bad name lists the rows
   -g         GPU ids, e.g. 0 or 0,1,2,3 (training: torchrun, one process each), or cpu (default 0; --tiny: cpu)
   -t         CPU threads of the BM25 steps (default 16)
   --dry-run  print the plan: each step's command, its data (present / missing, where to get it), outputs and

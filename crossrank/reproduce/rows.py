@@ -145,8 +145,12 @@ def build_plan(row: str, tiny: bool = False, gpus: str | None = None, threads: i
     present) re-ranks TREC DL 2019/2020 (the papers' imported runs, texts from ../shared/data) instead."""
     tree = tree or load_rows()
     names = row_names(tree)
-    if row not in tree["rows"]:
-        raise UnknownRow(row, names)
+    if row not in tree["rows"]:  # a recipe name: the row it completes (e.g. se-electra-stage2 -> se-electra)
+        by_recipe = [r for r, spec in tree["rows"].items()
+                     if spec.get("recipes") and Path(spec["recipes"][-1]).stem == row]
+        if len(by_recipe) != 1:
+            raise UnknownRow(row, names)
+        row = by_recipe[0]
     spec = tree["rows"][row]
     steps_def = tree["steps"]
     gpus = gpus if gpus is not None else ("cpu" if tiny else "0")

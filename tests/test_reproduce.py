@@ -213,3 +213,31 @@ def test_tiny_with_shared_data_imports_the_papers_runs_and_reranks_dl19_dl20():
     assert reranks == {(f"dl{y}-shared", f) for y in (19, 20) for f in ("bm25", "colbert")}
     assert all(s.command.endswith(" -L") for s in plan.steps if s.kind == "rerank")
     assert [s.id for s in plan.steps if s.kind == "training"] == ["train-ms-electra-KD", "train-ms-electra-KD-CL"]
+
+
+@pytest.mark.parametrize("recipe, stage, objective, dataset, extra", [
+    ("se-electra-stage1", 1, "CL", "msmarco-train-colbert", []),
+    ("se-electra-stage2", 2, "KD", "msmarco-train-rankzephyr", []),
+    ("se-electra-novelty", 2, "KD", "msmarco-train-novelty", ["data.novelty=true"])])
+def test_set_encoder_wrapper_path_is_the_recipe(recipe, stage, objective, dataset, extra):
+    """`./ft-monoencoder.sh -f S -c set-encoder:electra -m O -d D` stacks these files and overrides: the same
+    training config as the recipe (16 queries, 1 epoch, clipping 10 in configs/set-encoder/ before the fix)."""
+    import dataclasses
+
+    configs = ROOT / "configs"
+    files = [configs / "backbones/set-encoder.yaml", configs / "backbones/electra.yaml",
+             configs / f"objectives/{objective}.yaml", configs / f"set-encoder/{objective}.yaml"]
+    wrapper = load_run_config(files, ["model.name=set-encoder-electra", f"train.stage={stage}",
+                                      f"data.dataset={dataset}", *extra])
+    ours = load_run_config([configs / f"recipes/{recipe}.yaml"], [])
+    for section in ("model", "data", "optim", "train"):
+        a, b = dataclasses.asdict(getattr(wrapper, section)), dataclasses.asdict(getattr(ours, section))
+        differ = {k for k in a if a[k] != b[k]} - {"previous"}  # "" = the other objective, CL: the same chain
+        assert not differ, (section, {k: (a[k], b[k]) for k in differ})
+
+
+def test_training_reads_the_text_it_is_evaluated_on():
+    for name in ("msmarco-train", "msmarco-train-colbert", "msmarco-train-rankzephyr", "msmarco-train-novelty"):
+        tree = yaml.safe_load((ROOT / f"configs/datasets/{name}.yaml").read_text())
+        assert tree["corpus"] == "irds:msmarco-passage", name
+    assert yaml.safe_load((ROOT / "configs/datasets/dl19.yaml").read_text())["corpus"] == "irds:msmarco-passage"

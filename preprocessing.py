@@ -21,9 +21,14 @@ def main() -> int:
     parser.add_argument("--lenient", action="store_true", help="skip malformed lines and report how many")
     parser.add_argument("--repair", action="store_true", help="RankGPT: keep answers that are not a permutation of "
                         "the top-20, repaired as RankGPT does (default: drop them, as the multi-stage seed does)")
+    parser.add_argument("--split", choices=["hash", "sklearn"], default="hash", help="validation queries: hash "
+                        "(seeded hash of the qid) or sklearn (the multi-stage seed's train_test_split(random_state="
+                        "seed) over the qids in source order); recorded in meta.yaml")
+    parser.add_argument("--texts", choices=["dataset", "teacher"], default="dataset", help="RankGPT KD: the "
+                        "dataset's query and passage texts (as the references; default) or RankGPT's copies")
     args = parser.parse_args()
     folder = prepare(args.dataset, args.objective or "", args.run, args.evalperc, args.seed, args.depth,
-                     args.out, args.lenient, args.repair)
+                     args.out, args.lenient, args.repair, args.split, args.texts)
     print(f"wrote {folder}/{{train,valid}}.parquet and meta.yaml")
     print("counts: " + ", ".join(f"{key} {value}" for key, value in load_meta(folder)["counts"].items()))
     return 0

@@ -14,6 +14,7 @@ COMMANDS = {  # command -> (module, one line for the listing)
     "colbert": ("crossrank.first_stage.colbert", "ColBERTv2 run (PyLate; its own environment)"),
     "first-stage": ("crossrank.first_stage.importing", "import a first-stage run: first-stage import RUN OUT"),
     "compare": ("crossrank.evaluation.compare", "evaluate runs side by side with paired significance tests"),
+    "reproduce": ("crossrank.reproduce.cli", "one paper row end to end: reproduce ROW [--dry-run|--slurm|--tiny]"),
     "teacher": ("crossrank.teacher", "LLM teacher rankings (RankGPT sliding windows), as rank_gpt.py"),
 }
 

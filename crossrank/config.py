@@ -255,6 +255,12 @@ class DataConfig:
     # Set-Encoder novelty variant: a query's passages are clustered by Jaccard distance of their word sets, and
     # only the best-scored member of a cluster keeps the cluster's best target (crossrank.novelty)
     novelty: bool = False
+    # mono CL (single_relevant): keep a query with no relevant passage in its top data.depth, as the multi-stage
+    # seed does (random candidates, all targets 0: LCE's class is the first one); false drops it (docs/reference-options.md 2)
+    keep_no_positive: bool = False
+    # drop a training query with fewer candidates (top data.depth, plus missing relevant ones when added), as
+    # lightning-ir's sample_size does; 0 keeps all (docs/reference-options.md 5)
+    min_candidates: int = 0
     # the example stream is a function of train.seed and the cursor only, so a resumed run sees the same examples
 
 
@@ -290,6 +296,11 @@ class TrainConfig:
     previous_seed: int = -1  # stage 2: the stage-1 run's seed, when several match (-1 = any: not train.seed)
     report_to: list[str] = dataclasses.field(default_factory=list)  # tensorboard and/or wandb (if installed)
     duplicate_weight: float = 1.0  # Set-Encoder stage 1: loss = ranking loss + duplicate_weight x duplicate BCE
+    # crossrank (both copies positive, BCE over every passage) | reference (webis-de/set-encoder's
+    # RepeatCrossEntropyLoss: the originals only, the copied one positive, pos_weight -0.5; docs/reference-options.md 1)
+    duplicate_loss: str = "crossrank"
+    eval_unit: str = "step"  # what train.eval_every counts: step (optimiser steps) | micro_batch (the seed's Lightning)
+    novelty_ties: str = "first"  # NA-RankNet: first (one winner per cluster) | all (every member tied at the top)
     batch_tokens: int = 4096  # mono: a micro-batch is scored in length-sorted chunks of at most this many padded tokens
     score_grad: str = "auto"  # mono: straight (one graph) | cached (GradCache: one chunk's memory) | auto (per query group)
 
@@ -342,6 +353,12 @@ class RunConfig:
              self.optim.schedule),
             (self.eval.novelty_subtopics in ("reference", "relevant_words"), "eval.novelty_subtopics",
              "reference or relevant_words", self.eval.novelty_subtopics),
+            (self.train.duplicate_loss in ("crossrank", "reference"), "train.duplicate_loss",
+             "crossrank or reference", self.train.duplicate_loss),
+            (self.train.eval_unit in ("step", "micro_batch"), "train.eval_unit", "step or micro_batch",
+             self.train.eval_unit),
+            (self.train.novelty_ties in ("first", "all"), "train.novelty_ties", "first or all",
+             self.train.novelty_ties),
             (set(self.train.report_to) <= {"tensorboard", "wandb"}, "train.report_to",
              "a list of tensorboard, wandb", self.train.report_to),
         ]
@@ -381,6 +398,7 @@ NUMBER_RANGES: dict[str, tuple[float, bool]] = {
     "data.num_negatives": (1, False),
     "data.depth": (1, False),
     "data.relevant_level": (0, False),  # 0 = the dataset's rel_level
+    "data.min_candidates": (0, False),  # 0 = keep every query
     "optim.lr": (0, True),
     "optim.weight_decay": (0, False),
     "optim.warmup_steps": (0, False),

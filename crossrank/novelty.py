@@ -108,6 +108,18 @@ def duplicate_bce(scores: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(scores[mask], targets[mask].to(scores.dtype))
 
 
+def duplicate_loss(kind: str, scores: Tensor, targets: Tensor, mask: Tensor, ranked: Tensor | None) -> Tensor:
+    """The duplicate head's loss, `train.duplicate_loss`: `crossrank` = `duplicate_bce` over every passage (both
+    copies positive); `reference` = webis-de/set-encoder's `RepeatCrossEntropyLoss` as it runs: only the
+    originals (`ranked`, the copy left out), the original of the copied passage positive, and
+    pos_weight = (logits.shape[1] - 2) / 2 with logits [Q*D, 1], i.e. -0.5; mean over those positions."""
+    if kind == "crossrank" or ranked is None:
+        return duplicate_bce(scores, targets, mask)
+    keep = ranked.bool() & mask.bool()
+    return F.binary_cross_entropy_with_logits(scores[keep], targets[keep].to(scores.dtype),
+                                              pos_weight=torch.tensor(-0.5, dtype=scores.dtype, device=scores.device))
+
+
 # --- the novelty variant -----------------------------------------------------------------------------------
 
 def cluster_passages(texts: Sequence[str], threshold: float = 0.5, tokens: str = "reference") -> list[int]:
@@ -132,9 +144,11 @@ def cluster_passages(texts: Sequence[str], threshold: float = 0.5, tokens: str =
     return [renumber.setdefault(int(c), len(renumber)) for c in raw]
 
 
-def novelty_targets(scores: Tensor, targets: Tensor, clusters: Tensor, mask: Tensor) -> Tensor:
-    """Novelty-aware targets: in every cluster only the member the model scores highest (the first on ties) keeps
-    the cluster's best target; the other members get 0, so ranking a near-duplicate high is a mistake.
+def novelty_targets(scores: Tensor, targets: Tensor, clusters: Tensor, mask: Tensor, ties: str = "first") -> Tensor:
+    """Novelty-aware targets: in every cluster only the member the model scores highest (`ties="first"`: the
+    first on ties; `"all"`: every member whose score equals the cluster's max, as the Set-Encoder's
+    DuplicateAwareRankNet) keeps the cluster's best target; the other members get 0, so ranking a near-duplicate
+    high is a mistake.
     scores, targets [Q, D] float, clusters [Q, D] long (labels per query, any value at padding), mask [Q, D].
     Returns [Q, D] targets (0 at padding); no gradient flows through `scores`."""
     mask = mask.bool()
@@ -143,18 +157,23 @@ def novelty_targets(scores: Tensor, targets: Tensor, clusters: Tensor, mask: Ten
     member = F.one_hot(clusters, K).bool() & mask[..., None]  # [Q, D, K]
     low = torch.finfo(torch.float32).min
     best = targets.float()[..., None].masked_fill(~member, low).amax(1)  # [Q, K] best target of each cluster
-    winner = scores.detach().float()[..., None].masked_fill(~member, low).argmax(1)  # [Q, K] first top-scored
-    is_winner = winner.gather(1, clusters) == torch.arange(clusters.shape[1], device=clusters.device)  # [Q, D]
+    per_cluster = scores.detach().float()[..., None].masked_fill(~member, low)  # [Q, D, K]
+    if ties == "all":
+        top = per_cluster.amax(1)  # [Q, K]
+        is_winner = scores.detach().float() == top.gather(1, clusters)  # [Q, D]
+    else:
+        winner = per_cluster.argmax(1)  # [Q, K] first top-scored
+        is_winner = winner.gather(1, clusters) == torch.arange(clusters.shape[1], device=clusters.device)  # [Q, D]
     return torch.where(is_winner & mask, best.gather(1, clusters), 0.0).to(targets.dtype)  # [Q, D]
 
 
-def na_rank_net(scores: Tensor, targets: Tensor, mask: Tensor, clusters: Tensor) -> Tensor:
+def na_rank_net(scores: Tensor, targets: Tensor, mask: Tensor, clusters: Tensor, ties: str = "first") -> Tensor:
     """Novelty-Aware RankNet (Schlatt et al., ECIR 2025, arXiv:2404.06912): RankNet on `novelty_targets`, i.e.
     per cluster only the highest-scored member keeps the cluster's best teacher target, the others get 0.
     scores, targets (e.g. 101 - teacher rank), mask and clusters (from `cluster_passages`): all [Q, D].
     Training composes `novelty_targets` with whichever `train.loss` is set (`training.ranking_loss`), so other
     losses get novelty-aware targets too; with `rank_net` that is this function, which the tests hold it to."""
-    return rank_net(scores, novelty_targets(scores, targets, clusters, mask), mask.bool())
+    return rank_net(scores, novelty_targets(scores, targets, clusters, mask, ties), mask.bool())
 
 
 def subtopic_qrels(qrels: Mapping[str, int], clusters: Mapping[str, int], min_rel: int = 1) -> dict[str, set[int]]:

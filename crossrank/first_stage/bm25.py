@@ -3,7 +3,11 @@ offline, with no Java. The index of a corpus is built once and cached under data
 
     python -m crossrank bm25 --dataset demo --k 1000        (or ./create_bm25_baseline_run.sh -d demo)
 
-Parameters follow Anserini's MS MARCO passage defaults (k1 0.9, b 0.4, Porter2 stemming, Terrier stopwords).
+Only k1 0.9 and b 0.4 match Anserini's / pyserini's MS MARCO passage BM25. The text analysis differs: PISA
+stems with Porter2 and removes Terrier's stopwords, while pyserini uses Lucene's EnglishAnalyzer (its Porter
+stemmer and Lucene's English stopwords), so the runs are close to pyserini's, not equal. Reproducing the papers
+therefore imports their pyserini runs (`python -m crossrank first-stage import`, docs/reproducing.md); this
+module is the tool for new collections.
 """
 from __future__ import annotations
 

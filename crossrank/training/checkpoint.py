@@ -129,7 +129,7 @@ def check_same_recipe(cfg: RunConfig, saved_path: Path) -> None:
     now = config_io.to_dict(cfg)
     # may change on resume: batch_tokens/score_grad say how a micro-batch is chunked, not what it computes; a run
     # folder may be moved (e.g. off scratch) and resumed there
-    free = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "report_to", "batch_tokens", "score_grad",
+    free = {"max_steps", "epochs", "eval_every", "eval_unit", "save_every", "log_every", "report_to", "batch_tokens", "score_grad",
             "output_dir", "models_dir"}
     defaults = config_io.to_dict(RunConfig())  # a key newer than the checkpoint counts as its default
     differ = [f"{section}.{key}" for section in ("model", "data", "optim", "train")

@@ -91,6 +91,8 @@ def sample_candidates(query: TrainingQuery, data: DataConfig, rng: random.Random
             relevant += [i for i in range(depth, len(query.docnos))
                          if is_relevant(query.judged.get(query.docnos[i], 0), data.relevant_level)]
         if not relevant:
+            if data.keep_no_positive and depth:  # the seed: random candidates, all targets 0 (LCE's class: the first)
+                return rng.sample(range(depth), min(want, depth))
             return None
         negatives = [i for i in range(depth) if not rels[i]]
         return [rng.choice(relevant)] + rng.sample(negatives, min(data.num_negatives, len(negatives)))
@@ -116,8 +118,22 @@ def usable(query: TrainingQuery, data: DataConfig) -> bool:
     if data.sampling == "single_relevant" and data.add_missing_relevant:
         return any(is_relevant(rel, data.relevant_level) for rel in query.judged.values())
     if data.sampling == "single_relevant":
-        return any(is_relevant(query.judged.get(d, 0), data.relevant_level) for d in query.docnos[: data.depth])
+        return any(is_relevant(query.judged.get(d, 0), data.relevant_level) for d in query.docnos[: data.depth]) \
+            or (data.keep_no_positive and bool(query.docnos))
     return bool(query.docnos)
+
+
+def enough_candidates(query: TrainingQuery, data: DataConfig) -> bool:
+    """`data.min_candidates`: the top `data.depth` candidates, plus with `add_missing_relevant` the judged-relevant
+    ones below it or missing from the run, number at least `min_candidates` (lightning-ir's sample_size)."""
+    if not data.min_candidates:
+        return True
+    top = query.docnos[: data.depth]
+    count = len(top)
+    if data.add_missing_relevant:
+        seen = set(top)
+        count += sum(1 for d, rel in query.judged.items() if is_relevant(rel, data.relevant_level) and d not in seen)
+    return count >= data.min_candidates
 
 
 def targets_of(query: TrainingQuery, positions: list[int], data: DataConfig) -> list[float]:
@@ -143,8 +159,11 @@ class TrainingData:
         # so every position of the stream yields one
         if data.sampling == "single_relevant" and data.add_missing_relevant:
             queries = [with_judged_relevant(q, data) for q in queries]
-        self.queries = [q for q in queries if usable(q, data)]
+        self.queries = [q for q in queries if usable(q, data) and enough_candidates(q, data)]
         self.dropped = len(queries) - len(self.queries)
+        self.without_positive = 0 if not data.keep_no_positive or data.sampling != "single_relevant" else sum(
+            1 for q in self.queries if not any(is_relevant(q.judged.get(d, 0), data.relevant_level)
+                                                for d in q.docnos[: data.depth]))
         if not self.queries:
             raise CrossrankError(f"training data: none of the {len(queries)} queries has a usable example "
                                  f"(sampling {data.sampling} needs a passage judged rel>={data.relevant_level} in the top "

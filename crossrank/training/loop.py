@@ -266,8 +266,9 @@ def _open_run_folder(run: Setup, state: TrainState) -> None:
     truncate_metrics(run.folder / "metrics.jsonl", state.step)  # first: a damaged log stops before any write
     run.folder.mkdir(parents=True, exist_ok=True)
     config_io.save(run.cfg, run.folder / "crossrank.yaml")
+    kept = f", {run.data.without_positive} kept without a positive" if run.data.without_positive else ""
     print(f"training {run.folder.name}: {len(run.data)} queries ({run.data.dropped} without a usable example "
-          f"dropped), {len(run.valid)} validation queries, {run.total_steps} steps of {run.global_queries} queries, "
+          f"dropped{kept}), {len(run.valid)} validation queries, {run.total_steps} steps of {run.global_queries} queries, "
           f"{run.ddp.world} process(es) on {run.ddp.device}"
           + (f", resuming at step {state.step}" if run.resume else ""))
 
@@ -354,11 +355,22 @@ def _log_window(run: Setup, state: TrainState, window: dict, lr: float, per_step
                          tok_s=f"{row['tokens_per_s']:.0f}", eta=format_duration(row["eta_s"]))
 
 
+def validation_due(step: int, train_cfg) -> bool:
+    """After optimiser step `step` (1-based): `train.eval_unit=step` every `eval_every` steps;
+    `micro_batch` whenever a multiple of `eval_every` micro-batches (`accumulation` per step, over all
+    processes: the seed's one-GPU count) was crossed, as Lightning's integer val_check_interval."""
+    every = train_cfg.eval_every
+    if train_cfg.eval_unit == "micro_batch":
+        a = train_cfg.accumulation
+        return step * a // every > (step - 1) * a // every
+    return step % every == 0
+
+
 def _validate(run: Setup, state: TrainState, done: bool, reporters: list) -> None:
     """On validation steps: score the validation queries, log the metric and save a new best as model/.
     Without validation queries the last weights are the model."""
     cfg, ddp = run.cfg, run.ddp
-    if run.valid and (state.step % cfg.train.eval_every == 0 or done):
+    if run.valid and (validation_due(state.step, cfg.train) or done):
         value = evaluate(run.raw_model, run.pair_tokenizer, run.valid, run.data, cfg, ddp)
         run.model.train()
         if ddp.is_main:

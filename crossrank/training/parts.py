@@ -13,7 +13,7 @@ from crossrank.config import RunConfig
 from crossrank.training.data import Batch
 from crossrank.models.encoding import PairTokenizer
 from crossrank.models.encoding import plan_batches
-from crossrank.novelty import duplicate_bce, novelty_targets
+from crossrank.novelty import duplicate_loss, novelty_targets
 from crossrank.models.set_encoder import ListScores
 
 
@@ -42,23 +42,27 @@ def batch_loss(model: nn.Module, batch: Batch, loss_fn, cfg: RunConfig, device: 
     [Q, D]; in stage 1 (`model` is `WithDuplicates`) also the duplicate head's logits [Q, D]: loss = ranking
     loss + train.duplicate_weight x duplicate BCE. (Mono micro-batches go through `mono_backward`.)"""
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    ties = cfg.train.novelty_ties
     if batch.duplicates is None:
-        return ranking_loss(model(**inputs).float(), batch, loss_fn, device), {}
+        return ranking_loss(model(**inputs).float(), batch, loss_fn, device, ties), {}
     out = model(**inputs)
-    loss = ranking_loss(out.scores.float(), batch, loss_fn, device)
-    duplicate = duplicate_bce(out.duplicate_logits.float(), batch.duplicates.to(device), batch.mask.to(device))
+    loss = ranking_loss(out.scores.float(), batch, loss_fn, device, ties)
+    ranked = batch.ranked.to(device) if batch.ranked is not None else None
+    duplicate = duplicate_loss(cfg.train.duplicate_loss, out.duplicate_logits.float(), batch.duplicates.to(device),
+                               batch.mask.to(device), ranked)
     return loss + cfg.train.duplicate_weight * duplicate, {f"loss_{cfg.train.loss}": loss,
                                                           "loss_duplicate_bce": duplicate}
 
 
-def ranking_loss(scores: torch.Tensor, batch: Batch, loss_fn, device: torch.device) -> torch.Tensor:
+def ranking_loss(scores: torch.Tensor, batch: Batch, loss_fn, device: torch.device, ties: str = "first"
+                 ) -> torch.Tensor:
     """`loss_fn` on the [Q, D] scores of a micro-batch. It sees `batch.ranked`, which leaves out an inserted
     duplicate, so a CL list keeps exactly one positive. With data.novelty the targets become novelty-aware
     first (NA-RankNet when train.loss=rank_net)."""
     mask, targets = batch.mask.to(device), batch.targets.to(device)
     ranked = batch.ranked.to(device) if batch.ranked is not None else mask
     if batch.clusters is not None:
-        targets = novelty_targets(scores, targets, batch.clusters.to(device), ranked)
+        targets = novelty_targets(scores, targets, batch.clusters.to(device), ranked, ties)
     return loss_fn(scores, targets, ranked)
 
 

@@ -8,6 +8,7 @@ file order, is the same in a streaming pass as in memory, and is disjoint by con
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,10 +29,45 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------------------------------------
 # Building the training folders
 
+SPLITS = ("hash", "sklearn")  # --split: how validation queries are chosen
+TEXTS = ("dataset", "teacher")  # --texts: where RankGPT KD's query and passage texts come from
+
+
+def sklearn_validation(qids: list[str], evalperc: float, seed: int) -> set[str]:
+    """The multi-stage seed's split, `train_test_split(qids, test_size=evalperc / 100, random_state=seed)`
+    (scikit-learn 1.x, numpy only): n_valid = ceil(evalperc / 100 * n) in float64, validation =
+    qids[RandomState(seed).permutation(n)[:n_valid]]. `qids` in first-appearance order of the source."""
+    import numpy as np
+
+    n = len(qids)
+    n_valid = math.ceil((evalperc / 100) * n)
+    if not n or not n_valid:
+        return set()
+    return {qids[i] for i in np.random.RandomState(seed).permutation(n)[:n_valid]}
+
+
+def _held_out(split: str, qids_in_order, evalperc: float, seed: int):
+    """qid -> bool: is it a validation query (`hash`: `is_validation`; `sklearn`: `sklearn_validation`)."""
+    if split not in SPLITS:
+        raise CrossrankError(f"--split {split!r} is unknown (expected hash or sklearn)")
+    if split == "hash":
+        return lambda qid: is_validation(qid, evalperc, seed)
+    valid = sklearn_validation(list(dict.fromkeys(qids_in_order() if callable(qids_in_order) else qids_in_order)),
+                               evalperc, seed)
+    return valid.__contains__
+
+
+def _run_qids(run: str | Path, lenient: bool) -> list[str]:
+    """The qids of a run in first-appearance order (a pass over its qid column, no text)."""
+    qids: list[str] = []
+    for table in read_run_blocks(run, lenient):
+        qids.extend(table["qid"].take(group_starts(table)).to_pylist())
+    return list(dict.fromkeys(qids))
+
 
 def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str | Path, evalperc: float,
                    seed: int, depth: int | None = None, lenient: bool = False,
-                   progress: bool = True) -> dict[str, int]:
+                   progress: bool = True, split: str = "hash") -> dict[str, int]:
     """Stream a run (first-stage for CL, or a teacher's ranking for KD) into `out/{train,valid}.parquet`.
 
     Each query keeps its top `depth` candidates (all when None), best first, and its judgements from `qrels`.
@@ -43,6 +79,7 @@ def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str |
 
     counts = {"run_lines": 0, "kept_lines": 0, "train_queries": 0, "valid_queries": 0,
               "queries_without_relevant": 0}
+    held = _held_out(split, lambda: _run_qids(run, lenient), evalperc, seed)
     bar = tqdm(unit=" lines", unit_scale=True, desc=f"reading {Path(run).name}", disable=not progress)
     with bar, split_writers(out) as writers:
         for table in read_run_blocks(run, lenient):
@@ -66,7 +103,7 @@ def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str |
                 pa.array([list(j) for j in judged], pa.list_(pa.string())),
                 pa.array([list(j.values()) for j in judged], pa.list_(pa.int32())),
             ], schema=parquet_schema())
-            held_out = pa.array([is_validation(qid, evalperc, seed) for qid in qids])
+            held_out = pa.array([held(qid) for qid in qids])
             writers["valid"].write_table(rows.filter(held_out))
             writers["train"].write_table(rows.filter(pa.compute.invert(held_out)))
             n_valid = int(np.count_nonzero(held_out.to_numpy(zero_copy_only=False)))
@@ -79,7 +116,8 @@ def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str |
 
 
 def preprocess_teacher_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str | Path, evalperc: float,
-                           seed: int, depth: int | None = None, lenient: bool = False) -> dict[str, int]:
+                           seed: int, depth: int | None = None, lenient: bool = False,
+                           split: str = "hash") -> dict[str, int]:
     """A teacher's TREC run -> KD folder `out/{train,valid}.parquet`, each query in the teacher's order.
 
     The order comes from the rank column (ties in rank keep file order), not from the scores: teacher files'
@@ -95,6 +133,7 @@ def preprocess_teacher_run(run: str | Path, qrels: dict[str, dict[str, int]], ou
     counts = {"run_lines": sum(len(rows) for rows in rankings.values()), "kept_lines": 0, "train_queries": 0,
               "valid_queries": 0, "queries_without_relevant": 0, "rank_score_disagreements": 0}
     queries: dict[str, list[TrainingQuery]] = {"train": [], "valid": []}
+    held = _held_out(split, list(rankings), evalperc, seed)
     for qid, rows in rankings.items():
         rows.sort(key=lambda row: row[0])  # stable: equal ranks keep their file order
         scores = [score for _, score, _ in rows]
@@ -103,10 +142,10 @@ def preprocess_teacher_run(run: str | Path, qrels: dict[str, dict[str, int]], ou
         counts["kept_lines"] += len(rows)
         judged = qrels.get(qid, {})
         counts["queries_without_relevant"] += not any(r > 0 for r in judged.values())
-        split = "valid" if is_validation(qid, evalperc, seed) else "train"
-        queries[split].append(TrainingQuery(qid, [d for _, _, d in rows], [s for _, s, _ in rows], dict(judged)))
-    for split, rows in queries.items():
-        counts[f"{split}_queries"] = write_split(out, split, rows)
+        part = "valid" if held(qid) else "train"
+        queries[part].append(TrainingQuery(qid, [d for _, _, d in rows], [s for _, s, _ in rows], dict(judged)))
+    for part, rows in queries.items():
+        counts[f"{part}_queries"] = write_split(out, part, rows)
     if counts["rank_score_disagreements"]:
         print(f"note: {run}: in {counts['rank_score_disagreements']} of {len(rankings)} queries the scores do not "
               f"follow the rank column; the teacher order is taken from the ranks", file=sys.stderr)
@@ -163,7 +202,8 @@ def _rankgpt_line(data: str | Path, number: int, line: str) -> tuple[dict, str, 
 
 
 def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, evalperc: float, seed: int,
-                       topics: dict[str, str] | None = None, repair: bool = False) -> dict[str, int]:
+                       topics: dict[str, str] | None = None, repair: bool = False, split: str = "hash",
+                       texts: str = "teacher") -> dict[str, int]:
     """RankGPT's distillation files -> KD training folder.
 
     `data` is RankGPT's JSONL, or the zip holding it (one query per line: `query_id`, `query`,
@@ -177,12 +217,14 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
     figures: `well_formed_answers` and `malformed_answers` (dropped, or repaired).
     Query and passage texts are written once each (`topics.tsv`, `passages.tsv`, deduplicated) next to the
     splits, and qids are MS MARCO's when `topics` (qid -> text) knows the query text, else `rankgpt-<line>`.
+    `texts="dataset"` (the references: training reads the dataset's texts) takes each qid from the line's
+    `query_id` (an answer without one is an error naming the line) and writes no text files.
     """
     answer_list = _read_answers(Path(answers))
     qid_of_text = {text: qid for qid, text in (topics or {}).items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    queries: dict[str, list[TrainingQuery]] = {"train": [], "valid": []}
+    kept: list[TrainingQuery] = []
     counts = {"queries": 0, "well_formed_answers": 0, "malformed_answers": 0, "malformed_repaired": int(repair),
               "train_queries": 0, "valid_queries": 0}
     passages: dict[str, str] = {}
@@ -199,15 +241,26 @@ def preprocess_rankgpt(data: str | Path, answers: str | Path, out: str | Path, e
         counts["malformed_answers" if problems else "well_formed_answers"] += 1
         if problems and not repair:
             continue
-        qid = str(item.get("qid") or item.get("query_id") or qid_of_text.get(text) or f"rankgpt-{number}")
-        query_texts[qid] = text
-        passages.update((d, t) for d, t in docs if t)
+        if texts == "dataset":
+            if not (item.get("qid") or item.get("query_id")):
+                raise CrossrankError(f"{data}:{number}: no query_id (expected one with --texts dataset, which "
+                                     f"reads the dataset's texts by qid; --texts teacher uses the line's text)")
+            qid = str(item.get("qid") or item.get("query_id"))
+        else:
+            qid = str(item.get("qid") or item.get("query_id") or qid_of_text.get(text) or f"rankgpt-{number}")
+            query_texts[qid] = text
+            passages.update((d, t) for d, t in docs if t)
         ranked = [docs[i][0] for i in order]
-        split = "valid" if is_validation(qid, evalperc, seed) else "train"
-        queries[split].append(TrainingQuery(qid, ranked, [float(len(ranked) - r) for r in range(len(ranked))],
-                                              {d: 1 for d in positives}))
-    for split, rows in queries.items():
-        counts[f"{split}_queries"] = write_split(out, split, rows)
+        kept.append(TrainingQuery(qid, ranked, [float(len(ranked) - r) for r in range(len(ranked))],
+                                  {d: 1 for d in positives}))
+    held = _held_out(split, [q.qid for q in kept], evalperc, seed)
+    queries: dict[str, list[TrainingQuery]] = {"train": [], "valid": []}
+    for query in kept:
+        queries["valid" if held(query.qid) else "train"].append(query)
+    for part, rows in queries.items():
+        counts[f"{part}_queries"] = write_split(out, part, rows)
+    if texts == "dataset":
+        return counts
     with atomic_write(out / "topics.tsv") as f:
         f.writelines(f"{qid}\t{' '.join(text.split())}\n" for qid, text in query_texts.items())
     with atomic_write(out / "passages.tsv") as f:
@@ -220,7 +273,8 @@ PRESETS = {"colbert": ("msmarco-train", "CL"), "rankgpt": ("msmarco-train", "KD"
 
 
 def prepare(dataset: str, objective: str = "", run: str = "", evalperc: float = 1.0, seed: int = 42,
-            depth: int | None = None, out: str = "", lenient: bool = False, repair: bool = False) -> Path:
+            depth: int | None = None, out: str = "", lenient: bool = False, repair: bool = False,
+            split: str = "hash", texts: str = "dataset") -> Path:
     """Build `data/<dataset>/<objective>/` from a dataset config: CL from one of its runs (hard negatives,
     judged by its qrels), KD from its teacher ranking (RankGPT files: malformed answers dropped unless
     `repair`; a TREC run: ordered by its rank column). `dataset` is a preset (colbert, rankgpt), a key of
@@ -236,23 +290,28 @@ def prepare(dataset: str, objective: str = "", run: str = "", evalperc: float = 
     objective = objective or preset_objective or "CL"
     if objective not in ("CL", "KD"):
         raise CrossrankError(f"--objective {objective!r} is unknown (expected CL or KD)")
+    if split not in SPLITS:
+        raise CrossrankError(f"--split {split!r} is unknown (expected hash or sklearn)")
+    if texts not in TEXTS:
+        raise CrossrankError(f"--texts {texts!r} is unknown (expected dataset or teacher)")
     ds = load_dataset(key)
     folder = Path(out) if out else config.ROOT / "data" / ds.name / objective
     meta = {"dataset": ds.name, "objective": objective, "evalperc": evalperc, "seed": seed, "rel_level": ds.rel_level,
             "topics": ds.source("topics"), "corpus": ds.source("corpus"),
-            "qrels": ds.source("qrels") if ds.qrels else ""}
+            "qrels": ds.source("qrels") if ds.qrels else "", "split": split}
     if objective == "KD" and ds.teacher.endswith((".jsonl", ".jsonl.zip", ".zip")):
         topics = read_topics(meta["topics"], lenient) if Path(meta["topics"]).is_file() else None
         meta["source"] = ds.source("teacher")
         counts = preprocess_rankgpt(meta["source"], ds.source("teacher_answers"), folder, evalperc, seed, topics,
-                                    repair)
-        # texts come with RankGPT's file: point training at the copies written next to the splits
-        meta["topics"], meta["corpus"] = str(folder / "topics.tsv"), str(folder / "passages.tsv")
+                                    repair, split, texts)
+        meta["texts"] = texts
+        if texts == "teacher":  # texts from RankGPT's file: point training at the copies written next to the splits
+            meta["topics"], meta["corpus"] = str(folder / "topics.tsv"), str(folder / "passages.tsv")
     else:
         meta["source"] = ds.source("teacher") if objective == "KD" else ds.run(run or next(iter(ds.runs), ""))
         qrels = read_qrels(meta["qrels"], lenient) if meta["qrels"] else {}
         build = preprocess_teacher_run if objective == "KD" else preprocess_run  # KD: the rank column decides
-        counts = build(meta["source"], qrels, folder, evalperc, seed, depth, lenient)
+        counts = build(meta["source"], qrels, folder, evalperc, seed, depth, lenient, split=split)
     meta["counts"] = counts
     write_meta(folder, meta)
     return folder

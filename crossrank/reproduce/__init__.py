@@ -1,0 +1,1 @@
+"""`python -m crossrank reproduce ROW` (crossrank/reproduce/cli.py): one command per paper row (configs/reproduce/rows.yaml)."""

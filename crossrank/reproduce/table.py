@@ -4,7 +4,6 @@ beside the first stage's own figure and the paper's one. Written to runs/reprodu
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from crossrank.data.atomic import atomic_write
 from crossrank.reproduce.rows import Plan

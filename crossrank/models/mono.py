@@ -1,4 +1,4 @@
-"""Cross-encoder models and the inference-only surgery on them (`FirstTokenLayer`).
+"""Cross-encoder models and the surgery on them that training and inference share (`FirstTokenLayer`).
 
 Every scorer (`MonoEncoder` here, `crossrank.models.set_encoder.SetEncoder`) has one contract:
 `scores[Q, D] = model(input_ids[Q, D, L], attention_mask[Q, D, L], mask[Q, D], token_type_ids[Q, D, L])`,
@@ -6,7 +6,10 @@ Q queries with lists of D passages, `mask` False (score 0) at padding. Its class
 whether a query's list may be split across calls (False: each pair is scored on its own)."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -52,6 +55,52 @@ def check_model_folder(path: str | os.PathLike) -> None:
             raise CrossrankError(f"{file}: corrupt or truncated weights ({e})") from None
 
 
+# transformers' messages while loading that are not the user's to act on: the multi-line table of weights it
+# initialised (`announce_new_weights` says it in one line) and how it initialises a new token's embedding
+LOADING_NOISE = ("LOAD REPORT", "The new embeddings will be initialized from a multivariate normal")
+
+
+class _DropLoadingNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(text in message for text in LOADING_NOISE)
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """While a model loads: drop transformers' LOAD REPORT table (`announce_new_weights` says what matters in
+    one line) and its per-weight progress bar. Other warnings and every error still come through."""
+    from transformers.utils import logging as hf_logging
+
+    logger, noise = logging.getLogger("transformers.modeling_utils"), _DropLoadingNoise()
+    bars = hf_logging.is_progress_bar_enabled()
+    logger.addFilter(noise)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.removeFilter(noise)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def announce_new_weights(model: nn.Module, info: dict, path: str, head: str | None = None) -> None:
+    """One line on stderr (the first process only) for the weights `from_pretrained` had to initialise: the
+    expected new `head` (a backbone without a trained one; None: `model` is a bare encoder, all backbone), and a
+    warning if backbone weights were missing too. Unexpected keys (a pretraining head or pooler the backbone
+    came with) are dropped without a word: nothing to act on."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    prefix = f"{model.base_model_prefix}."
+    missing = list(info.get("missing_keys", []))
+    backbone = [k for k in missing if head is None or k.startswith(prefix)]
+    if head and len(backbone) < len(missing):
+        print(f"note: new {head} initialised for {path}", file=sys.stderr)
+    if backbone:
+        print(f"warning: {path}: {len(backbone)} backbone weights were not in the checkpoint and start random "
+              f"({', '.join(backbone[:3])}{', ...' if len(backbone) > 3 else ''})", file=sys.stderr)
+
+
 class MonoEncoder(nn.Module):
     """A pointwise cross-encoder: any Hugging Face encoder with a 1-logit sequence-classification head on the
     first token (monoBERT/monoELECTRA/monoRoBERTa). It *is* a `transformers` model inside, so a checkpoint
@@ -67,9 +116,12 @@ class MonoEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "MonoEncoder":
         """Load a checkpoint or a bare backbone (then the 1-logit head starts random)."""
-        path = resolve_model_path(str(path))
+        name, path = str(path), resolve_model_path(str(path))
         check_model_folder(path)
-        encoder = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        with quiet_loading():
+            encoder, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
+                                                                               output_loading_info=True, **kwargs)
+        announce_new_weights(encoder, info, name, "classification head (1 logit)")
         return cls(encoder)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor | None = None,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import interrupt_and_resume, write_tiny_collection
+from conftest import interrupt_and_resume, na_rank_net, write_tiny_collection
 from crossrank.evaluation import compare
 from crossrank import config
 from crossrank.inference import pipeline as experiment
@@ -24,7 +24,6 @@ from crossrank.training.data import load_training_data
 from crossrank.models.encoding import PairTokenizer, encode_lists, load_set_tokenizer
 from crossrank.errors import CrossrankError
 from crossrank.training.losses import rank_net
-from crossrank.novelty import na_rank_net
 from crossrank.training.examples import load_split
 from crossrank.models.set_encoder import SetEncoder
 from crossrank.training.parts import batch_loss
@@ -271,8 +270,13 @@ def test_infer_scores_each_list_as_the_model_does_and_reports_alpha_ndcg(stage1,
                                           [[corpus[d] for d in q.docnos]]))[0]  # [D]
         assert written[q.qid] == pytest.approx(dict(zip(q.docnos, direct.tolist())), abs=2e-6)
 
-    mono = load_run_config([], [f"eval.dataset={dataset}"])  # a Set-Encoder checkpoint is never read as mono
-    with pytest.raises(CrossrankError, match=r"is a Set-Encoder checkpoint .* \(expected -c set-encoder"):
+    # the checkpoint says what it is: without -c set-encoder it re-ranks the same; it is never read as mono
+    plain = load_run_config([], [f"eval.dataset={dataset}", "eval.block_queries=3"])
+    (tmp_path / "runs" / f"tiny.bm25.{run.name}.run").rename(tmp_path / "with-c.run")
+    experiment.run_inference(plain, str(run / "model"))
+    assert (tmp_path / "runs" / f"tiny.bm25.{run.name}.run").read_text() == (tmp_path / "with-c.run").read_text()
+    mono = load_run_config([], [f"eval.dataset={dataset}", "model.kind=mono"])
+    with pytest.raises(CrossrankError, match=r"is a set-encoder checkpoint, loaded as model.kind=mono"):
         experiment.run_inference(mono, str(run / "model"))
 
 

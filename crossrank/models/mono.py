@@ -1,9 +1,10 @@
 """Cross-encoder models and the surgery on them that training and inference share (`FirstTokenLayer`).
 
 Every scorer (`MonoEncoder` here, `crossrank.models.set_encoder.SetEncoder`) has one contract:
-`scores[Q, D] = model(input_ids[Q, D, L], attention_mask[Q, D, L], mask[Q, D], token_type_ids[Q, D, L])`,
-Q queries with lists of D passages, `mask` False (score 0) at padding. Its class attribute `listwise` says
-whether a query's list may be split across calls (False: each pair is scored on its own)."""
+`scores[Q, D] = model(input_ids[Q, D, L], attention_mask[Q, D, L], token_type_ids[Q, D, L])`, Q queries with
+lists of D passages; a listwise model also takes the list mask `mask[Q, D]` (False, score 0, at padding). Its class
+attribute `listwise` says whether a query's list may be split across calls (False: each pair is scored on its
+own, and every row is a pair)."""
 from __future__ import annotations
 
 import contextlib
@@ -67,9 +68,10 @@ class _DropLoadingNoise(logging.Filter):
 
 
 @contextlib.contextmanager
-def quiet_loading():
-    """While a model loads: drop transformers' LOAD REPORT table (`announce_new_weights` says what matters in
-    one line) and its per-weight progress bar. Other warnings and every error still come through."""
+def quiet_transformers():
+    """While a model loads or is saved: drop transformers' LOAD REPORT table (`announce_new_weights` says what
+    matters in one line) and its per-weight / per-shard progress bars. Other warnings and every error still come
+    through."""
     from transformers.utils import logging as hf_logging
 
     logger, noise = logging.getLogger("transformers.modeling_utils"), _DropLoadingNoise()
@@ -118,28 +120,23 @@ class MonoEncoder(nn.Module):
         """Load a checkpoint or a bare backbone (then the 1-logit head starts random)."""
         name, path = str(path), resolve_model_path(str(path))
         check_model_folder(path)
-        with quiet_loading():
+        with quiet_transformers():
             encoder, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
                                                                                output_loading_info=True, **kwargs)
         announce_new_weights(encoder, info, name, "classification head (1 logit)")
         return cls(encoder)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids/attention_mask/token_type_ids [Q, D, L], mask [Q, D] (False = padding in the list) -> scores
-        [Q, D] (raw logits, 0 at padding). Without a mask every row is a pair: the engines hand their flat
-        token-budget chunks over as one list [1, N, L] (a view), scored with no gather and no scatter."""
+        """input_ids/attention_mask/token_type_ids [Q, D, L], every row a pair -> scores [Q, D] (raw logits). The
+        engines hand their flat token-budget chunks over as one list [1, N, L] (`PairTokenizer.pad_list`, a view):
+        scored with no gather and no scatter, and no list mask (padding rows are the listwise models' concern)."""
         Q, D, L = input_ids.shape
         tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             tokens["token_type_ids"] = token_type_ids
-        if mask is None:
-            flat = {k: v.reshape(Q * D, L) for k, v in tokens.items()}  # [N, L]
-            return self.encoder(**flat).logits.view(Q, D)  # [N, 1] -> [Q, D]
-        rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] flat index of each real pair
-        flat = {k: v.reshape(Q * D, L)[rows] for k, v in tokens.items()}  # [N, L]
-        logits = self.encoder(**flat).logits.squeeze(-1)  # [N]
-        return logits.new_zeros(Q * D).index_copy(0, rows, logits).view(Q, D)
+        flat = {k: v.reshape(Q * D, L) for k, v in tokens.items()}  # [N, L]
+        return self.encoder(**flat).logits.view(Q, D)  # [N, 1] -> [Q, D]
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         self.encoder.save_pretrained(folder, safe_serialization=True)

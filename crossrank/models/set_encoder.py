@@ -38,7 +38,7 @@ from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
 
 from crossrank.models.encoding import INTERACTION_TOKEN, load_set_tokenizer
 from crossrank.errors import CrossrankError
-from crossrank.models.mono import announce_new_weights, check_model_folder, quiet_loading, resolve_model_path
+from crossrank.models.mono import announce_new_weights, check_model_folder, quiet_transformers, resolve_model_path
 
 INT_POSITION = 1  # the [INT] token sits right after [CLS] / <s> in every pair
 CONFIG_FILE = "set_encoder.json"
@@ -199,7 +199,7 @@ class SetEncoder(nn.Module):
             raise CrossrankError(f"{path}: Set-Encoder backbone type {backbone_config.model_type!r} is not "
                                  f"supported (expected one of {', '.join(SELF_ATTENTION)})")
         extra = {"add_pooling_layer": False} if backbone_config.model_type in ("bert", "roberta") else {}
-        with quiet_loading():
+        with quiet_transformers():
             backbone, info = AutoModel.from_pretrained(path, output_loading_info=True, **extra)
         announce_new_weights(backbone, info, name)
         if saved.is_file():
@@ -208,7 +208,7 @@ class SetEncoder(nn.Module):
             tokenizer = load_set_tokenizer(path)
             config = SetEncoderConfig(interaction_token_id=tokenizer.convert_tokens_to_ids(INTERACTION_TOKEN))
             if len(tokenizer) > backbone.config.vocab_size:
-                with quiet_loading():
+                with quiet_transformers():
                     backbone.resize_token_embeddings(len(tokenizer))
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"note: new Set-Encoder heads (score, duplicate) and [INT] token initialised for {name}",

@@ -21,7 +21,7 @@ from crossrank.distributed import Distributed
 from crossrank.data.atomic import FILE_MODE
 from crossrank.errors import CrossrankError
 from crossrank.models import card
-from crossrank.models.mono import check_model_folder
+from crossrank.models.mono import check_model_folder, quiet_transformers
 from crossrank.training.naming import objective_chain
 
 
@@ -65,7 +65,8 @@ def _write_model(tmp: Path, model: nn.Module, tokenizer, cfg: RunConfig, state: 
     """What every saved folder holds: a Hugging Face folder (safetensors + tokenizer), crossrank.yaml (the
     resolved config), crossrank.json and README.md (the settings to use it with and the model card,
     `crossrank.models.card`)."""
-    model.save_pretrained(tmp)
+    with quiet_transformers():  # no "Writing model shards" bar for a one-shard model
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     config_io.save(cfg, tmp / "crossrank.yaml")
     best = state.best_metric if math.isfinite(state.best_metric) else None

@@ -3,7 +3,7 @@
 background tokenisation) run and measured against the peers, in one command that prints one table.
 
 Sections (`--sections`, default all; 5 comes with 1 and 2), every figure from the project's public code paths:
-  1 rerank      `crossrank.inference.rerank.load_model` + `score_candidates` (eager, and `eval.compile=true` for
+  1 rerank      `crossrank.models.loading.load_model` + `score_candidates` (eager, and `eval.compile=true` for
                 ELECTRA-base) against sentence-transformers' `CrossEncoder.predict` with the model cast to bf16
                 (batch size 32, its default, and 128; the faster is the peer), same pairs, same max length
                 (256, pair truncation). pairs/s (best of `rounds`, contenders alternated), peak extra GPU memory,

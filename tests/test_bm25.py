@@ -74,7 +74,7 @@ def test_empty_passage_fails_the_job_and_leaves_no_index_and_no_run(tmp_path):
             assert failed.stderr.strip().splitlines()[-1] == \
                 f"error: {corpus}:2: empty text for docno d2 (expected non-empty text)"
             assert not out.exists() and not strict.parent.exists()
-        skipped = subprocess.run(script + ["-l"], cwd=ROOT, capture_output=True, text=True)
+        skipped = subprocess.run(script + ["-L"], cwd=ROOT, capture_output=True, text=True)
         assert skipped.returncode == 0, skipped.stderr
         assert f"skipped 1 malformed corpus line(s) in {corpus}" in skipped.stderr
         assert [d for d, _ in load_run(out)["q1"]] == ["d3", "d1"]

@@ -41,6 +41,7 @@ def test_create_bm25_baseline_run_script(tmp_path):
     result = subprocess.run(["./create_bm25_baseline_run.sh", "-d", str(dataset), "-k", "5", "-o", str(out)],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert "[info]" not in result.stdout + result.stderr  # PISA's indexing log is held back (first_stage.bm25)
     run = load_run(out)
     assert run["q1"][0][0] == "d7" and len(run["q2"]) == 5
     q2 = [line.split() for line in out.read_text().splitlines() if line.startswith("q2 ")]

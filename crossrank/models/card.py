@@ -28,6 +28,7 @@ from crossrank.errors import CrossrankError
 
 SETTINGS_FILE = "crossrank.json"
 CARD_FILE = "README.md"
+SET_ENCODER_FILE = "set_encoder.json"  # the Set-Encoder's own config (crossrank.models.set_encoder.CONFIG_FILE)
 FORMAT = 1
 # the ModelConfig fields a checkpoint decides at inference (depth: the Set-Encoder reads its set_encoder.json)
 USE_KEYS = ("kind", "truncation", "max_length", "query_length", "passage_length")
@@ -67,12 +68,10 @@ def write(folder: Path, cfg: RunConfig, objectives: list[str], step: int, best: 
 
 
 def read_settings(path: str | os.PathLike) -> dict | None:
-    """A model folder's settings: `crossrank.json`; for older crossrank folders the model section of their
-    `crossrank.yaml`; for a Set-Encoder folder without either, its kind. None for anything else."""
-    from crossrank.models.mono import resolve_model_path
-    from crossrank.models.set_encoder import CONFIG_FILE
-
-    folder = Path(resolve_model_path(str(path)))
+    """A model folder's settings (`path` a local folder or a hub id; resolve `packaged:` names first):
+    `crossrank.json`; for older crossrank folders the model section of their `crossrank.yaml`; for a Set-Encoder
+    folder without either, its kind. None for anything else."""
+    folder = Path(path)
     if not folder.is_dir():  # a hub id: nothing crossrank wrote
         return None
     if (folder / SETTINGS_FILE).is_file():
@@ -87,7 +86,7 @@ def read_settings(path: str | os.PathLike) -> dict | None:
         saved = yaml.safe_load((folder / "crossrank.yaml").read_text(encoding="utf-8")) or {}
         model = saved.get("model", {}) if isinstance(saved, dict) else {}
         return {k: model[k] for k in USE_KEYS if k in model} or None
-    if (folder / CONFIG_FILE).is_file():
+    if (folder / SET_ENCODER_FILE).is_file():
         return {"kind": "set-encoder", "truncation": "per_field"}
     return None
 

@@ -43,7 +43,7 @@ def load_model(path: str | os.PathLike, cfg: ModelConfig | None = None, device: 
     cfg = cfg or ModelConfig()
     device = torch.device(device)
     if not training:
-        cfg, notes = apply_settings(cfg, path, explicit)
+        cfg, notes = apply_settings(cfg, resolve_model_path(str(path)), explicit)
         if announce:
             for note in notes:
                 print(note, file=sys.stderr)

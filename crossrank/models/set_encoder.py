@@ -36,12 +36,13 @@ from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.models.electra.modeling_electra import ElectraSelfAttention
 from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
 
+from crossrank.models.card import SET_ENCODER_FILE
 from crossrank.models.encoding import INTERACTION_TOKEN, load_set_tokenizer
 from crossrank.errors import CrossrankError
 from crossrank.models.mono import announce_new_weights, check_model_folder, quiet_transformers, resolve_model_path
 
 INT_POSITION = 1  # the [INT] token sits right after [CLS] / <s> in every pair
-CONFIG_FILE = "set_encoder.json"
+CONFIG_FILE = SET_ENCODER_FILE  # "set_encoder.json"
 HEADS_FILE = "heads.safetensors"
 # model_type -> the self-attention class whose instances are replaced (they share one structure in
 # transformers 5: query/key/value Linear, num_attention_heads, attention_head_size, scaling, dropout).

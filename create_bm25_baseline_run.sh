@@ -3,27 +3,24 @@
 set -euo pipefail
 usage() {
   cat <<USAGE
-Usage: $0 -d DATASET [-k DEPTH] [-t THREADS] [-o RUN] [-l]
+Usage: $0 -d DATASET [-k DEPTH] [-t THREADS] [-o RUN] [-L]
   -d  dataset: a key of configs/datasets (e.g. demo, demo-test, dl19) or a YAML path
   -k  results per query (default 1000)
   -t  threads for indexing and retrieval (default 1)
   -o  output run (default runs/<dataset>.bm25.run)
-  -l  lenient: skip malformed corpus/topic lines and report how many
+  -L  lenient: skip malformed corpus/topic lines and report how many (was -l before)
 USAGE
 }
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$here/scripts/flags.sh"
 dataset="" k=1000 threads=1 out="" lenient=()
-while getopts ":d:k:t:o:lh" opt; do
-  case "$opt" in
-    d) dataset="$OPTARG" ;;
-    k) k="$OPTARG" ;;
-    t) threads="$OPTARG" ;;
-    o) out="$OPTARG" ;;
-    l) lenient=(--lenient) ;;
-    h) usage; exit 0 ;;
-    :) echo "error: command line: -$OPTARG needs a value (see $0 -h)" >&2; exit 2 ;;
-    *) echo "error: command line: -$OPTARG is not an option (see $0 -h)" >&2; exit 2 ;;
+MOVED=([l]="-L (lenient)")
+on_flag() {
+  case $1 in
+    d) dataset=$2 ;; k) k=$2 ;; t) threads=$2 ;; o) out=$2 ;; L) lenient=(--lenient) ;;
   esac
-done
-[[ -n "$dataset" ]] || { echo "error: command line: -d DATASET is required (see $0 -h)" >&2; exit 2; }
-cd "$(dirname "$0")"
+}
+parse_flags "d:k:t:o:L" "$@"
+[[ -n "$dataset" ]] || die "-d DATASET is required (see $0 -h)"
+cd "$here"
 exec python -m crossrank bm25 --dataset "$dataset" --k "$k" --threads "$threads" ${out:+--out "$out"} "${lenient[@]}"

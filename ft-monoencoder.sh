@@ -17,50 +17,34 @@ usage: ./ft-monoencoder.sh [-f 1|2] [-c backbone] [-m CL|KD|BCE] [-l lr] [-b que
   key=value  any config override, e.g. train.max_steps=1000 data.num_negatives=31 optim.schedule=linear
 TXT
 }
-stage=1 backbone=bert objective=CL gpus="" overrides=()
-while getopts ":f:c:m:l:b:g:p:s:d:nh" opt; do
-  case $opt in
-    f) stage=$OPTARG ;;
-    c) backbone=$OPTARG ;;
-    m) objective=$OPTARG ;;
-    l) overrides+=("optim.lr=$OPTARG") ;;
-    b) overrides+=("train.queries_per_batch=$OPTARG") ;;
-    g) gpus=$OPTARG ;;
-    p) overrides+=("train.previous=$OPTARG") ;;
-    s) overrides+=("train.seed=$OPTARG") ;;
-    d) overrides+=("data.dataset=$OPTARG") ;;
-    n) overrides+=("data.novelty=true") ;;
-    h) usage; exit 0 ;;
-    :) echo "error: command line: -$OPTARG needs a value (see $0 -h)" >&2; exit 2 ;;
-    *) echo "error: command line: -$OPTARG is not an option (see $0 -h)" >&2; exit 2 ;;
-  esac
-done
-shift $((OPTIND - 1))
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$here/scripts/flags.sh"
+stage=1 BACKBONE=bert objective=CL gpus="" overrides=()
+on_flag() {
+  case $1 in
+    f) stage=$2 ;;
+    c) BACKBONE=$2 ;;
+    m) objective=$2 ;;
+    l) overrides+=("optim.lr=$2") ;;
+    b) overrides+=("train.queries_per_batch=$2") ;;
+    g) gpus=$2 ;;
+    p) overrides+=("train.previous=$2") ;;
+    s) check_seed "$2"; overrides+=("train.seed=$2") ;;
+    d) overrides+=("data.dataset=$2") ;;
+    n) overrides+=("data.novelty=true") ;;
+  esac
+}
+parse_flags "f:c:m:l:b:g:p:s:d:n" "$@"
+set -- "${REST[@]}"
 if [[ ! -f $here/configs/objectives/$objective.yaml ]]; then
   echo "error: -m $objective is unknown (expected CL, KD or BCE)" >&2; exit 2
 fi
-configs=(--config "$here/configs/objectives/$objective.yaml") prefix=""
-if [[ $backbone == set-encoder || $backbone == set-encoder:* ]]; then  # listwise: its stage recipe on top
-  prefix=set-encoder- backbone=${backbone#set-encoder} backbone=${backbone#:}
+split_backbone "$here"
+configs=("${BACKBONE_ARGS[@]}" --config "$here/configs/objectives/$objective.yaml")
+if [[ -n $SET_ENCODER ]]; then  # listwise: the Set-Encoder's YAML first, its stage recipe on top
+  configs=(--config "$here/configs/backbones/set-encoder.yaml" "${configs[@]}")
   [[ -f $here/configs/set-encoder/$objective.yaml ]] && configs+=(--config "$here/configs/set-encoder/$objective.yaml")
 fi
-if [[ -f $here/configs/backbones/$backbone.yaml ]]; then
-  configs=(--config "$here/configs/backbones/$backbone.yaml" "${configs[@]}")
-  [[ -n $prefix ]] && overrides=("model.name=$prefix$backbone" "${overrides[@]}")
-elif [[ -n $backbone ]]; then  # a hub id or a folder: its last path part names the run folder
-  overrides=("model.path=$backbone" "model.name=$prefix$(basename "${backbone%/}")" "${overrides[@]}")
-fi
-[[ -n $prefix ]] && configs=(--config "$here/configs/backbones/set-encoder.yaml" "${configs[@]}")
-launch=(python)
-case $gpus in  # numbers are range-checked in Python (config.py); only -g is the wrapper's own
-  "") ;;
-  cpu) export CUDA_VISIBLE_DEVICES="" ;;
-  *) if [[ ! $gpus =~ ^[0-9]+(,[0-9]+)*$ ]]; then
-       echo "error: command line: -g $gpus is invalid (expected GPU ids like 0 or 0,1, or cpu)" >&2; exit 2
-     fi
-     export CUDA_VISIBLE_DEVICES=$gpus
-     n=$(tr ',' '\n' <<<"$gpus" | grep -c .)
-     if (( n > 1 )); then launch=(torchrun --standalone --nproc_per_node "$n"); fi ;;
-esac
-exec "${launch[@]}" "$here/train.py" "${configs[@]}" "train.stage=$stage" "${overrides[@]}" "$@"
+overrides=("${BACKBONE_NAME[@]}" "${overrides[@]}")
+set_gpus "$gpus"  # numbers are range-checked in Python (config.py); only -g is the wrapper's own
+exec "${LAUNCH[@]}" "$here/train.py" "${configs[@]}" "train.stage=$stage" "${overrides[@]}" "$@"

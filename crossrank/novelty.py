@@ -3,8 +3,9 @@
 - stage 1's auxiliary task: a list holds one duplicated passage; `duplicate_targets` marks the passages that
   have a copy in their list, `duplicate_bce` is the loss of the model's duplicate head;
 - the novelty variant: passages of a query are clustered by the Jaccard distance of their token sets
-  (`cluster_passages`, on the reference's tokens by default: `reference_tokens`); `na_rank_net` (Novelty-Aware
-  RankNet) lets only the best-scored member of each cluster keep the cluster's best teacher target;
+  (`cluster_passages`, on the reference's tokens by default: `reference_tokens`); `novelty_targets` let only the
+  best-scored member of each cluster keep the cluster's best teacher target (training composes them with
+  `train.loss`; with RankNet that is Novelty-Aware RankNet, NA-RankNet);
   `alpha_ndcg` evaluates with the clusters as subtopics.
 
 Losses are functions on tensors (`scores`, `targets`, `mask`, all [Q, D]; mask False = padding) to a scalar.
@@ -26,7 +27,6 @@ from scipy.spatial.distance import pdist
 from torch import Tensor
 
 from crossrank.errors import CrossrankError
-from crossrank.training.losses import rank_net
 
 WORD = re.compile(r"\w+")
 REFERENCE_TOKENS = 512  # the reference clusters on the first 512 tokens of a passage
@@ -165,15 +165,6 @@ def novelty_targets(scores: Tensor, targets: Tensor, clusters: Tensor, mask: Ten
         winner = per_cluster.argmax(1)  # [Q, K] first top-scored
         is_winner = winner.gather(1, clusters) == torch.arange(clusters.shape[1], device=clusters.device)  # [Q, D]
     return torch.where(is_winner & mask, best.gather(1, clusters), 0.0).to(targets.dtype)  # [Q, D]
-
-
-def na_rank_net(scores: Tensor, targets: Tensor, mask: Tensor, clusters: Tensor, ties: str = "first") -> Tensor:
-    """Novelty-Aware RankNet (Schlatt et al., ECIR 2025, arXiv:2404.06912): RankNet on `novelty_targets`, i.e.
-    per cluster only the highest-scored member keeps the cluster's best teacher target, the others get 0.
-    scores, targets (e.g. 101 - teacher rank), mask and clusters (from `cluster_passages`): all [Q, D].
-    Training composes `novelty_targets` with whichever `train.loss` is set (`training.ranking_loss`), so other
-    losses get novelty-aware targets too; with `rank_net` that is this function, which the tests hold it to."""
-    return rank_net(scores, novelty_targets(scores, targets, clusters, mask, ties), mask.bool())
 
 
 def subtopic_qrels(qrels: Mapping[str, int], clusters: Mapping[str, int], min_rel: int = 1) -> dict[str, set[int]]:

@@ -160,3 +160,19 @@ def interrupt_and_resume(train, cfg, metrics: Path, step: int):
     threading.Thread(target=kill, daemon=True).start()
     interrupted = train(cfg)
     return interrupted, train(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference losses the tests hold training to (not used by the library itself)
+
+
+def na_rank_net(scores, targets, mask, clusters, ties="first"):
+    """Novelty-Aware RankNet (Schlatt et al., ECIR 2025, arXiv:2404.06912): RankNet on `novelty_targets`, i.e.
+    per cluster only the highest-scored member keeps the cluster's best teacher target, the others get 0.
+    scores, targets (e.g. 101 - teacher rank), mask and clusters (from `cluster_passages`): all [Q, D].
+    Training composes `novelty_targets` with whichever `train.loss` is set (`training.parts.ranking_loss`); with
+    `rank_net` that must be this."""
+    from crossrank.novelty import novelty_targets
+    from crossrank.training.losses import rank_net
+
+    return rank_net(scores, novelty_targets(scores, targets, clusters, mask, ties), mask.bool())

@@ -147,7 +147,9 @@ CASES = [
     Case("bm25-missing-dataset", "./create_bm25_baseline_run.sh -k 5", "-d"),
     Case("colbert-k-0", f"{COLBERT} -k 0", "-k 0"),
     Case("colbert-batch-0", f"{COLBERT} -b 0", "-b 0"),
-    Case("colbert-shard-negative", f"{COLBERT} -s -1", "-s -1"),
+    Case("colbert-shard-negative", f"{COLBERT} -S -1", "-S -1"),
+    Case("colbert-old-shard-flag", f"{COLBERT} -s 5", "use -S"),
+    Case("inference-old-first-stage-flag", f"{INF_SH} -s colbert", "the first-stage run is -r now (-r colbert)"),
     Case("colbert-gpus-abc", f"{COLBERT} -g abc", "-g abc"),
     # --- item 4: missing files, folders for files, permissions, disk full, read-only file systems ---
     Case("compare-run-missing", f"{COMPARE} {{c}}/nothing.run", "{c}/nothing.run"),

@@ -41,6 +41,7 @@ def test_create_bm25_baseline_run_script(tmp_path):
     result = subprocess.run(["./create_bm25_baseline_run.sh", "-d", str(dataset), "-k", "5", "-o", str(out)],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert "[info]" not in result.stdout + result.stderr  # PISA's indexing log is held back (first_stage.bm25)
     run = load_run(out)
     assert run["q1"][0][0] == "d7" and len(run["q2"]) == 5
     q2 = [line.split() for line in out.read_text().splitlines() if line.startswith("q2 ")]
@@ -74,7 +75,7 @@ def test_empty_passage_fails_the_job_and_leaves_no_index_and_no_run(tmp_path):
             assert failed.stderr.strip().splitlines()[-1] == \
                 f"error: {corpus}:2: empty text for docno d2 (expected non-empty text)"
             assert not out.exists() and not strict.parent.exists()
-        skipped = subprocess.run(script + ["-l"], cwd=ROOT, capture_output=True, text=True)
+        skipped = subprocess.run(script + ["-L"], cwd=ROOT, capture_output=True, text=True)
         assert skipped.returncode == 0, skipped.stderr
         assert f"skipped 1 malformed corpus line(s) in {corpus}" in skipped.stderr
         assert [d for d, _ in load_run(out)["q1"]] == ["d3", "d1"]

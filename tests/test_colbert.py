@@ -58,8 +58,8 @@ def engine(collection: Path, tiny_bert: Path, indexes: Path, out: Path, *extra: 
 def wrapper_run(collection, tiny_bert) -> tuple[str, Path]:
     """One uninterrupted build and retrieval through the wrapper: (run text, index root)."""
     indexes, out = collection / "indexes", collection / "wrapper.run"
-    done = run(["./create_colbert_baseline_runs.sh", "-d", str(collection / "tiny.yaml"), "-k", "5", "-m",
-                str(tiny_bert), "-g", "cpu", "-b", "4", "-s", SHARD, "-i", str(indexes), "-o", str(out)])
+    done = run(["./create_colbert_baseline_runs.sh", "-d", str(collection / "tiny.yaml"), "-k", "5", "-M",
+                str(tiny_bert), "-g", "cpu", "-b", "4", "-S", SHARD, "-i", str(indexes), "-o", str(out)])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "wrote" in done.stdout and "3 queries, top 5" in done.stdout
     return out.read_text(), indexes
@@ -106,7 +106,7 @@ def test_interrupted_build_resumes_to_the_same_run(wrapper_run, collection, tiny
     progress.write_text(json.dumps({"documents": 5, "last_docno": "d5", "complete": False}))
     refused = engine(collection, tiny_bert, indexes, out)
     assert refused.returncode == 2
-    assert "the index holds 6 passages but progress.json records 5" in refused.stderr and "-r" in refused.stderr
+    assert "the index holds 6 passages but progress.json records 5" in refused.stderr and "-R" in refused.stderr
 
     progress.write_text(json.dumps({"documents": 6, "last_docno": "d6", "complete": False}))
     resumed = engine(collection, tiny_bert, indexes, out)

@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, na_rank_net
 from crossrank.errors import CrossrankError
 from crossrank.novelty import (add_duplicate, alpha_ndcg, cluster_passages, duplicate_bce, duplicate_targets,
-                               na_rank_net, novelty_targets, reference_tokens, subtopic_qrels)
+                               novelty_targets, reference_tokens, subtopic_qrels)
 from crossrank.training.losses import rank_net
 
 T = torch.tensor

@@ -117,7 +117,8 @@ def test_min_candidates_drops_short_teacher_lists():
 
 # 6. train.novelty_ties
 def test_novelty_ties_all_gives_every_tied_top_member_the_target():
-    from crossrank.novelty import na_rank_net, novelty_targets
+    from conftest import na_rank_net
+    from crossrank.novelty import novelty_targets
 
     scores, targets = torch.tensor([[1.0, 1.0, 0.5]]), torch.tensor([[3.0, 2.0, 1.0]])
     clusters, mask = torch.tensor([[0, 0, 1]]), torch.ones(1, 3, dtype=torch.bool)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import interrupt_and_resume, write_tiny_collection
+from conftest import interrupt_and_resume, na_rank_net, write_tiny_collection
 from crossrank.evaluation import compare
 from crossrank import config
 from crossrank.inference import pipeline as experiment
@@ -24,11 +24,11 @@ from crossrank.training.data import load_training_data
 from crossrank.models.encoding import PairTokenizer, encode_lists, load_set_tokenizer
 from crossrank.errors import CrossrankError
 from crossrank.training.losses import rank_net
-from crossrank.novelty import na_rank_net
 from crossrank.training.examples import load_split
 from crossrank.models.set_encoder import SetEncoder
 from crossrank.training.parts import batch_loss
-from crossrank.training.loop import initial_weights, load_model, train
+from crossrank.models.loading import load_model
+from crossrank.training.loop import initial_weights, train
 
 
 def config_of(model: Path, data: Path, out: Path, objective: str = "CL", *overrides: str):
@@ -133,7 +133,7 @@ def test_stage1_recipe_lists_attend_to_91_pseudo_states_like_a_top100(lively, co
     cfg = config_of(lively, collection["CL"], Path("unused"), "CL")
     assert (cfg.model.depth, cfg.model.sample_missing_docs, cfg.data.num_negatives) == (100, True, 7)
     data, _ = load_training_data(cfg)
-    model, _ = load_model(str(lively), cfg)
+    model, _ = load_model(str(lively), cfg.model, training=True, duplicate=cfg.data.duplicate)
     batch = data.batch(0, 2, PairTokenizer(load_set_tokenizer(lively), cfg.model), listwise=True)
     model.train()
     layout = model.layout(batch.inputs["attention_mask"], batch.inputs["mask"])
@@ -178,7 +178,7 @@ def test_stage2_starts_from_stage1_and_freezes_the_duplicate_head(stage1, lively
     assert torch.equal(before["duplicate.weight"], after["duplicate.weight"])
     assert not torch.equal(before["score.weight"], after["score.weight"])
     assert all("loss_duplicate_bce" not in r for r in rows(stage2))
-    model, _ = load_model(str(run / "model"), kd)
+    model, _ = load_model(str(run / "model"), kd.model, training=True, duplicate=kd.data.duplicate)
     assert not any(p.requires_grad for p in model.duplicate.parameters())
 
 
@@ -274,16 +274,21 @@ def test_infer_scores_each_list_as_the_model_does_and_reports_alpha_ndcg(stage1,
                                           [[corpus[d] for d in q.docnos]]))[0]  # [D]
         assert written[q.qid] == pytest.approx(dict(zip(q.docnos, direct.tolist())), abs=2e-6)
 
-    mono = load_run_config([], [f"eval.dataset={dataset}"])  # a Set-Encoder checkpoint is never read as mono
-    with pytest.raises(CrossrankError, match=r"is a Set-Encoder checkpoint .* \(expected -c set-encoder"):
+    # the checkpoint says what it is: without -c set-encoder it re-ranks the same; it is never read as mono
+    plain = load_run_config([], [f"eval.dataset={dataset}", "eval.block_queries=3"])
+    (tmp_path / "runs" / f"tiny.bm25.{run.name}.run").rename(tmp_path / "with-c.run")
+    experiment.run_inference(plain, str(run / "model"))
+    assert (tmp_path / "runs" / f"tiny.bm25.{run.name}.run").read_text() == (tmp_path / "with-c.run").read_text()
+    mono = load_run_config([], [f"eval.dataset={dataset}", "model.kind=mono"])
+    with pytest.raises(CrossrankError, match=r"is a set-encoder checkpoint, loaded as model.kind=mono"):
         experiment.run_inference(mono, str(run / "model"))
 
 
 def test_novelty_variant_uses_na_rank_net_on_jaccard_clusters(lively, collection, tmp_path):
     cfg = config_of(lively, collection["KD"], tmp_path, "KD", "data.novelty=true", "train.max_steps=2")
     data, _ = load_training_data(cfg)
-    model, tokenizer = load_model(str(lively), cfg)
-    batch = data.batch(0, 2, PairTokenizer(tokenizer, cfg.model), listwise=True)
+    model, tokenizer = load_model(str(lively), cfg.model, training=True, duplicate=cfg.data.duplicate)
+    batch = data.batch(0, 2, tokenizer, listwise=True)
     assert batch.clusters is not None and batch.clusters.shape == (2, 8)
     # the teacher's top-2 are the query's two relevant passages, which share most words: one cluster
     assert batch.clusters[:, 0].tolist() == batch.clusters[:, 1].tolist() and batch.clusters.max() >= 5

@@ -462,8 +462,8 @@ def test_micro_batch_far_larger_than_batch_tokens_trains_in_bounded_chunks(quiet
 
     shapes, plans, load, plan = [], [], training.load_model, parts.plan_score_parts
 
-    def recording(path, cfg):
-        model, tokenizer = load(path, cfg)
+    def recording(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
         model.register_forward_pre_hook(  # training forwards only (validation runs in eval mode)
             lambda m, args, kwargs: shapes.append((*kwargs["input_ids"].shape[1:], torch.is_grad_enabled()))
             if m.training else None,

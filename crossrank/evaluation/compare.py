@@ -15,6 +15,7 @@ from pathlib import Path
 from crossrank import cli
 from crossrank.evaluation import metrics as evaluation
 from crossrank.errors import CrossrankError
+from crossrank.evaluation.report import report, write_per_run
 from crossrank.data.runs import load_run
 from crossrank.data.qrels import read_qrels
 from crossrank.data.texts import read_topics
@@ -89,19 +90,6 @@ def _novelty(args, corpus: str | None, qrels, topics, rel_level: int, runs) -> s
     return evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, args.subtopics)
 
 
-def _write_per_run(args, runs, paths: dict[str, str], qrels, metrics, topics, base: int) -> None:
-    """`--per-query` CSVs and `--plot` difference plots next to each run."""
-    evals = {n: evaluation.evaluate(r, qrels, metrics, topics, n) for n, r in runs.items()}
-    baseline_name = list(runs)[base]
-    for name, result in evals.items():
-        stem = Path(paths[name]).with_suffix("")
-        if args.per_query:
-            evaluation.write_per_query(result, f"{stem}.perquery.csv")
-        if args.plot and name != baseline_name:
-            evaluation.plot_difference(result, evals[baseline_name], f"{stem}.ndcg10-diff.png",
-                                       title=f"{name} vs {baseline_name}")
-
-
 def _compare(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     qrels_source, topics_source, rel_level, corpus = _sources(args)
@@ -113,17 +101,14 @@ def _compare(argv: list[str] | None) -> int:
         raise CrossrankError("command line: two runs have the same file name (expected distinct names)")
     paths = dict(zip(runs, args.runs))
     base = _baseline(args.baseline, list(paths.values()))
-    novelty = _novelty(args, corpus, qrels, topics, rel_level or 1, runs) if args.novelty else ""
-    table, notes = evaluation.compare(runs, qrels, metrics, topics, base, "holm" if args.holm else None)
+    novelty = _novelty(args, corpus, qrels, topics, rel_level or 1, runs) if args.novelty else None
+    result = report(runs, qrels, metrics, topics, base, "holm" if args.holm else None, novelty=novelty)
     if args.per_query or args.plot:
-        _write_per_run(args, runs, paths, qrels, metrics, topics, base)
-    for note in dict.fromkeys(notes):
+        write_per_run(runs, qrels, metrics, topics, {n: Path(p).with_suffix("") for n, p in paths.items()}, base,
+                      args.per_query, args.plot)
+    for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(evaluation.format_table(table, metrics))
-    print(f"(* p < 0.05, paired two-sided t-test against {list(runs)[base]}"
-          f"{', Holm-corrected' if args.holm else ''}; {len(evaluation.judged_qids(qrels, topics))} judged queries)")
-    if novelty:
-        print(novelty)
+    print(result.text)
     return 0
 
 

@@ -67,8 +67,9 @@ def build_index(corpus: str, threads: int = 1, lenient: bool = False) -> "PisaIn
         documents = iter(feed)
         first = next(documents, None)  # PISA peeks at the first document in this thread: check it here
         feed.raise_error()
-        PisaIndex(str(tmp), text_field="text", stemmer="porter2", stops="terrier", threads=threads,
-                  overwrite=True).index(itertools.chain([first], documents))
+        with engine_log_held():
+            PisaIndex(str(tmp), text_field="text", stemmer="porter2", stops="terrier", threads=threads,
+                      overwrite=True).index(itertools.chain([first], documents))
         feed.raise_error()
         shutil.rmtree(folder, ignore_errors=True)  # a half-built index of an older version
         os.replace(tmp, folder)
@@ -78,6 +79,42 @@ def build_index(corpus: str, threads: int = 1, lenient: bool = False) -> "PisaIn
             folder.parent.rmdir()  # only when empty: nothing of this failed build stays
         raise
     return PisaIndex(str(folder), stemmer="porter2", stops="terrier", threads=threads)
+
+
+@contextlib.contextmanager
+def engine_log_held():
+    """PISA (C++) logs every indexing step (`[info] Merging titles`, ... about 20 lines on stdout, progress bars on
+    stderr), nothing a user acts on: hold what the engine writes to the process's stdout and stderr in a temporary
+    file meanwhile, and show it on stderr only if the call fails. crossrank's own messages (`sys.stderr`, e.g.
+    the corpus feed's count of skipped lines) still go out, and its line `indexing <corpus> into <folder>` says
+    what happens."""
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    python_stderr = sys.stderr
+    sys.stderr = open(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 1)
+        os.dup2(held.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.close()
+            sys.stderr = python_stderr
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if failed:
+                held.seek(0)
+                sys.stderr.write(held.read().decode("utf-8", "replace"))
 
 
 class _CorpusFeed:
@@ -118,9 +155,10 @@ def bm25_run(corpus: str, topics: dict[str, str], k: int = 1000, threads: int = 
     """Top-`k` BM25 results per topic as {qid: [(docno, score)]}."""
     import pandas as pd
 
-    retriever = build_index(corpus, threads, lenient).bm25(k1=0.9, b=0.4, num_results=k, threads=threads)
+    index = build_index(corpus, threads, lenient)
     queries = pd.DataFrame({"qid": list(topics), "query": list(topics.values())})
-    results = retriever(queries)
+    with engine_log_held():  # the first BM25 retriever compresses the index, which PISA logs too
+        results = index.bm25(k1=0.9, b=0.4, num_results=k, threads=threads)(queries)
     run: Run = {qid: [] for qid in topics}
     for qid, docno, score in zip(results["qid"], results["docno"], results["score"]):
         run[qid].append((docno, float(score)))

@@ -130,7 +130,7 @@ def build_index(corpus: str, model, folder: Path, devices: list[str], batch_size
     done, held = progress["documents"], _indexed_documents(folder)
     if held != done:  # killed inside add_documents: fast-plaid's files and our count disagree
         raise CrossrankError(f"{folder}: the index holds {held} passages but progress.json records {done} "
-                             f"(a build was interrupted while adding a shard); rebuild it with -r")
+                             f"(a build was interrupted while adding a shard); rebuild it with -R (--rebuild)")
     index = indexes.PLAID(index_folder=str(folder), index_name="plaid", override=done == 0,
                           device=devices if len(devices) > 1 else devices[0], show_progress=False)
     docs = read_corpus(corpus, lenient)
@@ -140,7 +140,7 @@ def build_index(corpus: str, model, folder: Path, devices: list[str], batch_size
             pass
         if count < done or last != progress["last_docno"]:
             raise CrossrankError(f"{corpus}: passage {done} is no longer {progress['last_docno']!r} (the corpus "
-                                 f"changed since the index was started); rebuild it with -r")
+                                 f"changed since the index was started); rebuild it with -R (--rebuild)")
         print(f"resuming the index in {folder} after {done:,} passages", file=sys.stderr)
     pool = model.start_multi_process_pool(devices) if len(devices) > 1 else None
     try:

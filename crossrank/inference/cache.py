@@ -11,6 +11,7 @@ from pathlib import Path
 
 from crossrank.config import ModelConfig
 from crossrank.errors import CrossrankError
+from crossrank.models.card import SETTINGS_FILE
 from crossrank.models.mono import resolve_model_path
 
 
@@ -19,7 +20,10 @@ def model_fingerprint(path: str | os.PathLike, model_cfg: ModelConfig, listwise:
     `listwise` (the loaded model's): the Set-Encoder's `model.sample_at_inference` counts too."""
     folder = Path(resolve_model_path(str(path)))
     digest = hashlib.sha256()
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".txt", ".model"))
+    # crossrank.json (the model card's settings, its step and validation figure) is left out: the settings that
+    # change scores are hashed below, as they apply
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".txt", ".model")
+                   and p.name != SETTINGS_FILE)
     for file in files:
         digest.update(file.name.encode())
         with open(file, "rb") as f:

@@ -21,6 +21,9 @@ class Candidates:
     queries: dict[str, str]  # qid -> text
     texts: dict[str, str]  # docno -> text
     notes: list[str] = dataclasses.field(default_factory=list)
+    # as read by `load_candidates`, for evaluating the first stage without reading the files again:
+    first_stage: Run | None = None  # the run's top `depth` before --lenient skipped anything (else `run`)
+    topics: dict[str, str] | None = None  # every topic of the topics file (the judged queries are cut to them)
 
     @property
     def num_pairs(self) -> int:
@@ -32,7 +35,7 @@ def load_candidates(run_path: str, topics: str, corpus: str, depth: int, lenient
     corpus, duplicate lines and an empty run are errors with counts; `lenient` skips them and notes counts."""
     notes: list[str] = []
     try:
-        run = load_run(run_path, depth=depth, lenient=lenient)
+        first_stage = run = load_run(run_path, depth=depth, lenient=lenient)
     except CrossrankError as e:
         if "appears twice" in str(e):  # say how many, not only where the first one is
             duplicates = run_problems(run_path).get("duplicate", 0)
@@ -62,4 +65,4 @@ def load_candidates(run_path: str, topics: str, corpus: str, depth: int, lenient
         run = {q: r for q, r in run.items() if r}
     if not run:
         raise CrossrankError(f"{run_path}: nothing left to re-rank (expected queries with candidates)")
-    return Candidates(run, {q: all_topics[q] for q in run}, texts, notes)
+    return Candidates(run, {q: all_topics[q] for q in run}, texts, notes, first_stage, all_topics)

@@ -3,6 +3,7 @@ the inference engine (`crossrank.inference`), and write the run, its YAML, the p
 difference plot and the significance table against the first stage."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import sys
@@ -13,20 +14,21 @@ from torch import nn
 
 from crossrank import config
 from crossrank.evaluation import metrics as evaluation
+from crossrank.evaluation.report import report, write_per_run
 from crossrank.config import resolve_config_file
 from crossrank.models.encoding import PairTokenizer
 from crossrank.data.datasets import load_dataset
 from crossrank.distributed import Distributed, setup_distributed
 from crossrank.inference.cache import check_score_cache, model_fingerprint
 from crossrank.inference.candidates import load_candidates
-from crossrank.inference.rerank import rerank
+from crossrank.inference.rerank import rerank, with_precision
+from crossrank.models.card import explicit_keys
 from crossrank.models.loading import load_model
 from crossrank.errors import CrossrankError
-from crossrank.data.texts import load_corpus, read_topics
-from crossrank.data.runs import load_run
+from crossrank.data.texts import load_corpus
 from crossrank.data.qrels import read_qrels
 from crossrank.training.naming import backbone_name, find_model, model_label, objective_chain
-from crossrank.models.precision import cpu_flags, cpu_model, resolve_precision, slow_precision_note
+from crossrank.models.precision import cpu_flags, cpu_model, slow_precision_note
 
 
 def dataset_keys(key: str) -> list[str]:
@@ -65,27 +67,21 @@ def rerank_dataset(cfg, model: nn.Module, tokenizer: PairTokenizer, fingerprint:
              f"(top {e.depth} of {e.first_stage}) -> {out}", *(f"note: {n}" for n in candidates.notes)]
     if not dataset.qrels:
         return "\n".join(lines + [f"note: dataset {dataset.name} has no qrels; not evaluated"])
-    qrels, topics = read_qrels(dataset.source("qrels")), read_topics(dataset.source("topics"))
+    qrels, topics = read_qrels(dataset.source("qrels")), candidates.topics
     metrics = evaluation.parse_metrics(e.metrics, dataset.rel_level)
-    first = load_run(run_path, depth=e.depth, lenient=e.lenient)
-    runs = {f"{e.first_stage} (top {e.depth})": first, model_name: run}
-    evals = {name: evaluation.evaluate(r, qrels, metrics, topics, name) for name, r in runs.items()}
-    evaluation.write_per_query(evals[model_name], out.with_suffix(".perquery.csv"))
-    if "nDCG@10" in evals[model_name].per_query:
-        evaluation.plot_difference(evals[model_name], evals[next(iter(runs))], out.with_suffix(".ndcg10-diff.png"),
-                                   title=f"{dataset.name}: {model_name} vs {e.first_stage}")
-    table, notes = evaluation.compare(runs, qrels, metrics, topics, 0, e.correction or None)
-    lines += [f"note: {n}" for n in dict.fromkeys(notes)]
-    lines += [evaluation.format_table(table, metrics),
-              f"(* p < 0.05, paired two-sided t-test against {e.first_stage}{', Holm' if e.correction else ''}; "
-              f"{len(evaluation.judged_qids(qrels, topics))} judged queries; binary measures at rel >= "
-              f"{dataset.rel_level})"]
+    runs = {f"{e.first_stage} (top {e.depth})": candidates.first_stage, model_name: run}
+    write_per_run(runs, qrels, metrics, topics, {model_name: out.with_suffix("")}, plot="nDCG@10" in e.metrics,
+                  title=lambda name, base: f"{dataset.name}: {name} vs {e.first_stage}")
+    novelty = None
     if e.novelty:
         protocol = e.novelty_subtopics
         texts = load_corpus(dataset.source("corpus"),
                             evaluation.relevant_docnos(qrels, topics, dataset.rel_level, protocol), missing_ok=True)
         subtopics = evaluation.cluster_subtopics(qrels, texts, dataset.rel_level, protocol)
-        lines.append(evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, protocol))
+        novelty = evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, protocol)
+    result = report(runs, qrels, metrics, topics, 0, e.correction or None, baseline_label=e.first_stage,
+                    rel_level=dataset.rel_level, novelty=novelty)
+    lines += [f"note: {n}" for n in result.notes] + [result.text]
     return "\n".join(lines)
 
 
@@ -99,9 +95,12 @@ def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: in
         chain = objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
         label = model_label(cfg.model.name, cfg.data.novelty)  # data.novelty: the novelty-trained variant
         model_path = str(find_model(label, chain, cfg.train.stage, lr, seed))
-    model, tokenizer = load_model(model_path, cfg.model, dist.device, cfg.eval.compile)
-    fingerprint = model_fingerprint(model_path, cfg.model, model.listwise)
-    precision = resolve_precision(cfg.eval.precision, dist.device.type, cpu_flags(), model.listwise)
+    # the checkpoint's settings (crossrank.json), unless chosen explicitly: tokenizer.model is what applies
+    model, tokenizer = load_model(model_path, cfg.model, dist.device, compile=cfg.eval.compile,
+                                  explicit=explicit_keys(cfg), announce=dist.is_main)
+    cfg = dataclasses.replace(cfg, model=tokenizer.model)  # recorded with each run
+    fingerprint = model_fingerprint(model_path, tokenizer.model, model.listwise)
+    precision = with_precision(cfg.eval, dist.device, model.listwise).precision  # rerank resolves it alike
     if dist.is_main:
         print(f"model: {model_path} (fingerprint {fingerprint[:12]}) on {dist.device} x {dist.world}, "
               f"eval.precision={cfg.eval.precision} -> {precision}", file=sys.stderr)

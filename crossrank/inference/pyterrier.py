@@ -30,14 +30,21 @@ COLUMNS = ("qid", "query", "docno", "text")
 
 
 class CrossEncoderReranker(pt.Transformer):
-    """Re-ranks each query's candidates with a crossrank (or any 1-logit Hugging Face) cross-encoder."""
+    """Re-ranks each query's candidates with a crossrank (or any 1-logit Hugging Face) cross-encoder.
+
+    A crossrank checkpoint brings its settings (crossrank.json: kind, max length, truncation, field lengths), so
+    `CrossEncoderReranker(folder)` re-ranks as infer.py does, a Set-Encoder included. Fields of `model` that
+    differ from ModelConfig's defaults (or those named in `explicit`) are used instead, each conflict named in
+    one line on stderr; `self.model_config` is what applies."""
 
     def __init__(self, model_path: str | os.PathLike, model: ModelConfig | None = None,
-                 eval_cfg: EvalConfig | None = None, device: str | torch.device | None = None):
-        self.model_config = model or ModelConfig()
+                 eval_cfg: EvalConfig | None = None, device: str | torch.device | None = None,
+                 explicit: set[str] | None = None):
         self.eval_config = eval_cfg or EvalConfig()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.tokenizer = load_model(model_path, self.model_config, self.device)
+        self.model, self.tokenizer = load_model(model_path, model or ModelConfig(), self.device,
+                                                explicit=explicit)
+        self.model_config = self.tokenizer.model
 
     def transform(self, inp: pd.DataFrame) -> pd.DataFrame:
         missing = [c for c in COLUMNS if c not in inp.columns]

@@ -51,10 +51,6 @@ ScoredPair = tuple[str, str, float]  # (qid, docno, score)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model, fingerprint, cache
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Batching and scoring
 
 
@@ -145,7 +141,8 @@ def parts_folder(out: Path, fingerprint: str, candidates: Candidates, eval_cfg: 
 def score_blocks(model: nn.Module, tokenizer: PairTokenizer, candidates: Candidates, blocks: list[list[str]],
                  todo: list[int], eval_cfg: EvalConfig, device: torch.device, cache: ScoreCache | None = None,
                  progress: tqdm | None = None) -> Iterator[tuple[int, list[ScoredPair]]]:
-    """Yield (block index, [(qid, docno, score)]) for the blocks in `todo`, in order. On CUDA the next block's
+    """Yield (block index, [(qid, docno, score)]) for the blocks in `todo`, in order (`eval_cfg.precision`
+    resolved by `with_precision`). On CUDA the next block's
     cache look-up and tokenisation run in a background thread while the model scores the current one (the fast
     tokenizer and torch both release the GIL)."""
     def pairs_of(b: int) -> list[tuple[str, str]]:  # built per block: a top-1000 run has millions of pairs
@@ -162,7 +159,7 @@ def score_blocks(model: nn.Module, tokenizer: PairTokenizer, candidates: Candida
         return pairs, cached, uncached, prepare_block(uncached, candidates, tokenizer, eval_cfg.batch_tokens,
                                                       model.listwise)
 
-    precision = resolve_precision(eval_cfg.precision, device.type, cpu_flags(), model.listwise)
+    precision = eval_cfg.precision  # resolved by the caller (`with_precision`)
     if precision == "int8":
         model = int8_model(model)
     # On CUDA the next block is prepared in a thread while the GPU works; on CPU the model already uses every
@@ -184,11 +181,20 @@ def score_blocks(model: nn.Module, tokenizer: PairTokenizer, candidates: Candida
             yield b, [(q, d, merged[key(q, d)]) for q, d in pairs]
 
 
+def with_precision(eval_cfg: EvalConfig, device: torch.device, listwise: bool = False) -> EvalConfig:
+    """`eval_cfg` with `eval.precision` made concrete for `device` and this CPU (never auto), where re-ranking
+    starts (`rerank`, `score_candidates`, infer.py's report of it): the value keys the resume parts and the
+    score cache, and the scoring below takes it as it is."""
+    return dataclasses.replace(eval_cfg, precision=resolve_precision(eval_cfg.precision, device.type, cpu_flags(),
+                                                                     listwise))
+
+
 def score_candidates(model: nn.Module, tokenizer: PairTokenizer, candidates: Candidates,
                      eval_cfg: EvalConfig) -> Run:
     """Re-rank in memory (no files): the same blocks and batches as `rerank`, so the same scores."""
     blocks = blocks_of(candidates, eval_cfg.block_queries)
     device = next(model.parameters()).device
+    eval_cfg = with_precision(eval_cfg, device, model.listwise)
     run: Run = {}
     for _, scored in score_blocks(model, tokenizer, candidates, blocks, list(range(len(blocks))), eval_cfg,
                                   device):
@@ -204,8 +210,7 @@ def rerank(model: nn.Module, tokenizer: PairTokenizer, candidates: Candidates, o
     rank 0 merges; returns the run on rank 0 and None elsewhere. Interrupted runs resume from the parts."""
     dist = dist or Distributed(device=next(model.parameters()).device)
     # from here on the precision is concrete (never auto): it keys the parts (resume) and the score cache
-    eval_cfg = dataclasses.replace(eval_cfg, precision=resolve_precision(eval_cfg.precision, dist.device.type,
-                                                                         cpu_flags(), model.listwise))
+    eval_cfg = with_precision(eval_cfg, dist.device, model.listwise)
     out = Path(out)
     parts = parts_folder(out, fingerprint, candidates, eval_cfg)  # made by the first finished block's write
     blocks = blocks_of(candidates, eval_cfg.block_queries)

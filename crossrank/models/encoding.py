@@ -35,6 +35,7 @@ class PairTokenizer:
         if not tokenizer.is_fast:
             raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; crossrank needs one")
         self.model = model
+        self.tokenizer = tokenizer  # the Hugging Face tokenizer (saved with the model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.uses_token_types = "token_type_ids" in tokenizer.model_input_names
         self.fields = copy.deepcopy(tokenizer.backend_tokenizer)

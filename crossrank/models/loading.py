@@ -1,34 +1,75 @@
-"""Loading a checkpoint or backbone: `load_scorer` is the one place that turns `model.kind` into a model class
-(training and inference both load through it; elsewhere a branch asks the model, `model.listwise`), and
-`load_model` readies it for scoring (eval mode, device, first-token-only last layer, its pair tokenizer)."""
+"""`load_model`: the one model loader. Training and inference both load through it, and it is the one place
+that turns `model.kind` into a model class; elsewhere a branch asks the model (`model.listwise`)."""
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from crossrank.config import ModelConfig
 from crossrank.errors import CrossrankError
+from crossrank.models.card import apply_settings
+from crossrank.models.encoding import PairTokenizer, load_set_tokenizer
 from crossrank.models.mono import (MonoEncoder, freeze_position_embeddings, load_tokenizer, resolve_model_path,
                                    score_first_token_only)
-from crossrank.models.encoding import PairTokenizer, load_set_tokenizer
 from crossrank.models.set_encoder import CONFIG_FILE, SetEncoder
 
 
-def load_scorer(path: str | os.PathLike, cfg: ModelConfig, training: bool = False,
-                sdpa: bool = False) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """The model of `cfg.kind` from `path` (backbone, checkpoint or training state) and its tokenizer.
+def load_model(path: str | os.PathLike, cfg: ModelConfig | None = None, device: torch.device | str = "cpu", *,
+               training: bool = False, duplicate: bool = False, compile: bool = False,
+               explicit: set[str] | None = None, announce: bool = True) -> tuple[nn.Module, PairTokenizer]:
+    """The model in `path` (backbone, checkpoint or training state) on `device`, and its pair tokenizer
+    (`.tokenizer` is the Hugging Face one, for saving).
 
-    `training`: the Set-Encoder takes `depth` and `sample_missing_docs` from `cfg` (at inference the values
-    saved with it), and `cfg.gradient_checkpointing` / `cfg.freeze_position_embeddings` apply. `sdpa`: a mono
-    model uses SDPA attention (inference on CUDA). A Set-Encoder folder is never read as a mono model."""
+    Inference (`training` False): the checkpoint's own settings (`crossrank.models.card.apply_settings`: kind,
+    max length, truncation, field lengths from its crossrank.json) replace those of `cfg` not chosen explicitly
+    (`explicit`: the model field names the user set; None: those differing from ModelConfig's defaults); a
+    conflicting explicit one is used and named in one line on stderr (`announce`). Eval mode; SDPA attention on
+    CUDA; a bare backbone's new head is seeded (every rank of a sharded run and every resumed run gets the same
+    one); `compile` wraps the model in `torch.compile` (dynamic shapes).
+
+    Training: `cfg` as it is (the Set-Encoder takes `depth` and `sample_missing_docs` from it, and
+    `gradient_checkpointing` / `freeze_position_embeddings` apply); the caller seeds the new head. The
+    Set-Encoder's duplicate head trains only with `duplicate` (stage 1); frozen otherwise, so DDP needs no
+    find_unused_parameters.
+
+    Both: a mono model's last layer runs for the first token only (`FirstTokenLayer`: its head reads nothing
+    else, so the same scores and gradients for ~1/7 less work); a Set-Encoder is scored with per-field
+    truncation; a Set-Encoder folder is never read as a mono model."""
+    cfg = cfg or ModelConfig()
+    device = torch.device(device)
+    if not training:
+        cfg, notes = apply_settings(cfg, resolve_model_path(str(path)), explicit)
+        if announce:
+            for note in notes:
+                print(note, file=sys.stderr)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, tokenizer = _load(path, cfg, training, sdpa=device.type == "cuda")
+        model = model.to(device).eval()
+    else:
+        model, tokenizer = _load(path, cfg, training)
+        model = model.to(device)
+    if model.listwise:  # scored one whole query list per forward pass, fields truncated on their own
+        cfg = dataclasses.replace(cfg, truncation="per_field")  # the Set-Encoder's convention
+        if training:
+            model.duplicate.requires_grad_(duplicate)
+    else:
+        score_first_token_only(model)
+    if compile and not training:  # fuses the element-wise ops around the GEMMs: a one-off compile, then faster
+        model = torch.compile(model, dynamic=True)
+    return model, PairTokenizer(tokenizer, cfg)
+
+
+def _load(path: str | os.PathLike, cfg: ModelConfig, training: bool, sdpa: bool = False):
+    """The model of `cfg.kind` and its Hugging Face tokenizer."""
     if cfg.kind == "set-encoder":
         overrides = {"sample_at_inference": cfg.sample_at_inference}
-        if training:  # the [INT] set's size, whatever the list's
+        if training:  # the [INT] set's size, whatever the list's (at inference: the value saved with it)
             overrides.update(sample_missing_docs=cfg.sample_missing_docs, depth=cfg.depth)
         model, tokenizer = SetEncoder.from_pretrained(path, **overrides), load_set_tokenizer(path)
     else:
@@ -43,23 +84,3 @@ def load_scorer(path: str | os.PathLike, cfg: ModelConfig, training: bool = Fals
     if training and cfg.freeze_position_embeddings:
         freeze_position_embeddings(model)
     return model, tokenizer
-
-
-def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.device,
-               compile: bool = False) -> tuple[nn.Module, PairTokenizer]:
-    """The checkpoint (`load_scorer`) in eval mode on `device` and its pair tokenizer. SDPA attention on CUDA;
-    a mono model scores its last layer for the first token only; `compile` wraps it in `torch.compile`
-    (dynamic shapes)."""
-    # A bare backbone (no trained head) gets a random head: seed it, so that every rank of a sharded run and
-    # every resumed run has the same one (transformers reports the missing weights).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model, tokenizer = load_scorer(path, model_cfg, sdpa=device.type == "cuda")
-        model = model.to(device).eval()
-    if model.listwise:  # scored one whole query list per forward pass, fields truncated on their own
-        model_cfg = dataclasses.replace(model_cfg, truncation="per_field")  # the Set-Encoder's convention
-    else:
-        score_first_token_only(model)
-    if compile:  # fuses the element-wise ops around the GEMMs; a one-off compile, then faster steady state
-        model = torch.compile(model, dynamic=True)
-    return model, PairTokenizer(tokenizer, model_cfg)

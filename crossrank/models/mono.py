@@ -1,12 +1,16 @@
-"""Cross-encoder models and the inference-only surgery on them (`FirstTokenLayer`).
+"""Cross-encoder models and the surgery on them that training and inference share (`FirstTokenLayer`).
 
 Every scorer (`MonoEncoder` here, `crossrank.models.set_encoder.SetEncoder`) has one contract:
-`scores[Q, D] = model(input_ids[Q, D, L], attention_mask[Q, D, L], mask[Q, D], token_type_ids[Q, D, L])`,
-Q queries with lists of D passages, `mask` False (score 0) at padding. Its class attribute `listwise` says
-whether a query's list may be split across calls (False: each pair is scored on its own)."""
+`scores[Q, D] = model(input_ids[Q, D, L], attention_mask[Q, D, L], token_type_ids[Q, D, L])`, Q queries with
+lists of D passages; a listwise model also takes the list mask `mask[Q, D]` (False, score 0, at padding). Its class
+attribute `listwise` says whether a query's list may be split across calls (False: each pair is scored on its
+own, and every row is a pair)."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -52,6 +56,53 @@ def check_model_folder(path: str | os.PathLike) -> None:
             raise CrossrankError(f"{file}: corrupt or truncated weights ({e})") from None
 
 
+# transformers' messages while loading that are not the user's to act on: the multi-line table of weights it
+# initialised (`announce_new_weights` says it in one line) and how it initialises a new token's embedding
+LOADING_NOISE = ("LOAD REPORT", "The new embeddings will be initialized from a multivariate normal")
+
+
+class _DropLoadingNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(text in message for text in LOADING_NOISE)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """While a model loads or is saved: drop transformers' LOAD REPORT table (`announce_new_weights` says what
+    matters in one line) and its per-weight / per-shard progress bars. Other warnings and every error still come
+    through."""
+    from transformers.utils import logging as hf_logging
+
+    logger, noise = logging.getLogger("transformers.modeling_utils"), _DropLoadingNoise()
+    bars = hf_logging.is_progress_bar_enabled()
+    logger.addFilter(noise)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.removeFilter(noise)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def announce_new_weights(model: nn.Module, info: dict, path: str, head: str | None = None) -> None:
+    """One line on stderr (the first process only) for the weights `from_pretrained` had to initialise: the
+    expected new `head` (a backbone without a trained one; None: `model` is a bare encoder, all backbone), and a
+    warning if backbone weights were missing too. Unexpected keys (a pretraining head or pooler the backbone
+    came with) are dropped without a word: nothing to act on."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    prefix = f"{model.base_model_prefix}."
+    missing = list(info.get("missing_keys", []))
+    backbone = [k for k in missing if head is None or k.startswith(prefix)]
+    if head and len(backbone) < len(missing):
+        print(f"note: new {head} initialised for {path}", file=sys.stderr)
+    if backbone:
+        print(f"warning: {path}: {len(backbone)} backbone weights were not in the checkpoint and start random "
+              f"({', '.join(backbone[:3])}{', ...' if len(backbone) > 3 else ''})", file=sys.stderr)
+
+
 class MonoEncoder(nn.Module):
     """A pointwise cross-encoder: any Hugging Face encoder with a 1-logit sequence-classification head on the
     first token (monoBERT/monoELECTRA/monoRoBERTa). It *is* a `transformers` model inside, so a checkpoint
@@ -67,27 +118,25 @@ class MonoEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "MonoEncoder":
         """Load a checkpoint or a bare backbone (then the 1-logit head starts random)."""
-        path = resolve_model_path(str(path))
+        name, path = str(path), resolve_model_path(str(path))
         check_model_folder(path)
-        encoder = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+        with quiet_transformers():
+            encoder, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
+                                                                               output_loading_info=True, **kwargs)
+        announce_new_weights(encoder, info, name, "classification head (1 logit)")
         return cls(encoder)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids/attention_mask/token_type_ids [Q, D, L], mask [Q, D] (False = padding in the list) -> scores
-        [Q, D] (raw logits, 0 at padding). Without a mask every row is a pair: the engines hand their flat
-        token-budget chunks over as one list [1, N, L] (a view), scored with no gather and no scatter."""
+        """input_ids/attention_mask/token_type_ids [Q, D, L], every row a pair -> scores [Q, D] (raw logits). The
+        engines hand their flat token-budget chunks over as one list [1, N, L] (`PairTokenizer.pad_list`, a view):
+        scored with no gather and no scatter, and no list mask (padding rows are the listwise models' concern)."""
         Q, D, L = input_ids.shape
         tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             tokens["token_type_ids"] = token_type_ids
-        if mask is None:
-            flat = {k: v.reshape(Q * D, L) for k, v in tokens.items()}  # [N, L]
-            return self.encoder(**flat).logits.view(Q, D)  # [N, 1] -> [Q, D]
-        rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] flat index of each real pair
-        flat = {k: v.reshape(Q * D, L)[rows] for k, v in tokens.items()}  # [N, L]
-        logits = self.encoder(**flat).logits.squeeze(-1)  # [N]
-        return logits.new_zeros(Q * D).index_copy(0, rows, logits).view(Q, D)
+        flat = {k: v.reshape(Q * D, L) for k, v in tokens.items()}  # [N, L]
+        return self.encoder(**flat).logits.view(Q, D)  # [N, 1] -> [Q, D]
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         self.encoder.save_pretrained(folder, safe_serialization=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,12 +36,13 @@ from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.models.electra.modeling_electra import ElectraSelfAttention
 from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
 
+from crossrank.models.card import SET_ENCODER_FILE
 from crossrank.models.encoding import INTERACTION_TOKEN, load_set_tokenizer
 from crossrank.errors import CrossrankError
-from crossrank.models.mono import check_model_folder, resolve_model_path
+from crossrank.models.mono import announce_new_weights, check_model_folder, quiet_transformers, resolve_model_path
 
 INT_POSITION = 1  # the [INT] token sits right after [CLS] / <s> in every pair
-CONFIG_FILE = "set_encoder.json"
+CONFIG_FILE = SET_ENCODER_FILE  # "set_encoder.json"
 HEADS_FILE = "heads.safetensors"
 # model_type -> the self-attention class whose instances are replaced (they share one structure in
 # transformers 5: query/key/value Linear, num_attention_heads, attention_head_size, scaling, dropout).
@@ -190,7 +192,7 @@ class SetEncoder(nn.Module):
         """Load a Set-Encoder folder, or start one from a bare BERT/ELECTRA/RoBERTa backbone (or a mono
         checkpoint): then [INT] is added to the vocabulary (embedding initialised to the mean of the others by
         `resize_token_embeddings`) and the heads start random. `overrides` set `SetEncoderConfig` fields."""
-        path = resolve_model_path(str(path))
+        name, path = str(path), resolve_model_path(str(path))
         check_model_folder(path)
         saved = Path(path) / CONFIG_FILE
         backbone_config = AutoConfig.from_pretrained(path)
@@ -198,14 +200,20 @@ class SetEncoder(nn.Module):
             raise CrossrankError(f"{path}: Set-Encoder backbone type {backbone_config.model_type!r} is not "
                                  f"supported (expected one of {', '.join(SELF_ATTENTION)})")
         extra = {"add_pooling_layer": False} if backbone_config.model_type in ("bert", "roberta") else {}
-        backbone = AutoModel.from_pretrained(path, **extra)
+        with quiet_transformers():
+            backbone, info = AutoModel.from_pretrained(path, output_loading_info=True, **extra)
+        announce_new_weights(backbone, info, name)
         if saved.is_file():
             config = SetEncoderConfig(**json.loads(saved.read_text()))
         else:
             tokenizer = load_set_tokenizer(path)
             config = SetEncoderConfig(interaction_token_id=tokenizer.convert_tokens_to_ids(INTERACTION_TOKEN))
             if len(tokenizer) > backbone.config.vocab_size:
-                backbone.resize_token_embeddings(len(tokenizer))
+                with quiet_transformers():
+                    backbone.resize_token_embeddings(len(tokenizer))
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"note: new Set-Encoder heads (score, duplicate) and [INT] token initialised for {name}",
+                      file=sys.stderr)
         config = dataclasses.replace(config, **overrides)
         model = cls(backbone, config)
         if saved.is_file():

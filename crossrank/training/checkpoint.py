@@ -20,7 +20,9 @@ from crossrank.config import RunConfig
 from crossrank.distributed import Distributed
 from crossrank.data.atomic import FILE_MODE
 from crossrank.errors import CrossrankError
-from crossrank.models.mono import check_model_folder
+from crossrank.models import card
+from crossrank.models.mono import check_model_folder, quiet_transformers
+from crossrank.training.naming import objective_chain
 
 
 @dataclasses.dataclass
@@ -40,11 +42,9 @@ class TrainState:
 
 
 def save_model(model: nn.Module, tokenizer, cfg: RunConfig, folder: Path, state: TrainState) -> None:
-    """A Hugging Face folder (safetensors + tokenizer) with crossrank.yaml and which step it is."""
+    """`_write_model`'s folder plus selected.json: which step it is and its validation value."""
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        config_io.save(cfg, tmp / "crossrank.yaml")
+        _write_model(tmp, model, tokenizer, cfg, state)
         selected = {"step": state.step, "metric": cfg.train.select_metric,
                     "value": state.best_metric if math.isfinite(state.best_metric) else None}
         (tmp / "selected.json").write_text(json.dumps(selected) + "\n")
@@ -53,14 +53,25 @@ def save_model(model: nn.Module, tokenizer, cfg: RunConfig, folder: Path, state:
 
 def save_checkpoint(model: nn.Module, tokenizer, optimizer, scaler, cfg: RunConfig, state: TrainState,
                     folder: Path) -> None:
-    """The model folder plus state.pt: optimiser, scaler and the TrainState (step, cursor, best, RNG)."""
+    """`_write_model`'s folder plus state.pt: optimiser, scaler and the TrainState (step, cursor, best, RNG)."""
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        config_io.save(cfg, tmp / "crossrank.yaml")
+        _write_model(tmp, model, tokenizer, cfg, state)
         torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "state": dataclasses.asdict(state)}, tmp / "state.pt")
     _replace_folder(folder, write)
+
+
+def _write_model(tmp: Path, model: nn.Module, tokenizer, cfg: RunConfig, state: TrainState) -> None:
+    """What every saved folder holds: a Hugging Face folder (safetensors + tokenizer), crossrank.yaml (the
+    resolved config), crossrank.json and README.md (the settings to use it with and the model card,
+    `crossrank.models.card`)."""
+    with quiet_transformers():  # no "Writing model shards" bar for a one-shard model
+        model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    config_io.save(cfg, tmp / "crossrank.yaml")
+    best = state.best_metric if math.isfinite(state.best_metric) else None
+    chain = objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
+    card.write(tmp, cfg, chain, state.step, best, state.best_step)
 
 
 def _replace_folder(folder: Path, write) -> None:

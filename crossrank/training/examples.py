@@ -34,7 +34,9 @@ class TrainingQuery:
 
     qid: str
     docnos: list[str]  # best first
-    scores: list[float]  # first-stage scores, or teacher scores (depth - rank + 1)
+    # the first-stage run's scores; a teacher run's own scores as they are (its order comes from the rank column);
+    # for RankGPT answers, which carry no scores, depth - rank + 1
+    scores: list[float]
     judged: dict[str, int]  # docno -> relevance (empty when the source has no qrels)
 
 

@@ -1,6 +1,6 @@
 """Fine-tuning a cross-encoder: one plain-PyTorch loop, `train(cfg)`, read top to bottom.
 
-`model.kind` picks the model (`crossrank.models.loading.load_scorer`): `mono` (pointwise, one score per pair) or
+`model.kind` picks the model (`crossrank.models.loading.load_model`): `mono` (pointwise, one score per pair) or
 `set-encoder` (listwise, `crossrank.models.set_encoder`: every query's list in one forward pass). They differ only in
 how a micro-batch is scored, which the model's `listwise` attribute selects (`mono_backward`: parts of whole
 queries within `train.batch_tokens`, in length-sorted chunks; `batch_loss`: whole lists); the loop, resume,
@@ -53,9 +53,8 @@ from crossrank.inference.rerank import score_candidates
 from crossrank.errors import CrossrankError
 from crossrank.data.runs import qid_order
 from crossrank.training.losses import LOSSES
-from crossrank.models.mono import score_first_token_only
 from crossrank.training.examples import TrainingQuery
-from crossrank.models.loading import load_scorer
+from crossrank.models.loading import load_model
 from crossrank.training.checkpoint import TrainState, check_checkpoint, check_same_recipe, gather_rng, load_state, recover_folder, save_checkpoint, save_model, set_rng
 from crossrank.training.parts import WithDuplicates, batch_loss, mono_backward
 from crossrank.training.reporting import format_duration, log_row, open_reporters, plot_curve, truncate_metrics
@@ -107,19 +106,6 @@ def lr_at(step: int, optim: OptimConfig, total: int) -> float:
     if optim.schedule == "constant":
         return optim.lr
     return optim.lr * max(0.0, (total - step) / max(1, total - optim.warmup_steps))
-
-
-def load_model(path: str, cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """Model and tokenizer to train from `path` (backbone, stage-1 model or checkpoint), by `load_scorer`.
-    Outside stage 1 the Set-Encoder's duplicate head gets no loss, so it is frozen (DDP then needs no
-    find_unused_parameters). A mono model's last layer runs for [CLS] only (`FirstTokenLayer`): the head reads
-    nothing else, so the gradient is the same for ~1/7 less work."""
-    model, tokenizer = load_scorer(path, cfg.model, training=True)
-    if model.listwise:
-        model.duplicate.requires_grad_(cfg.data.duplicate)
-    else:
-        score_first_token_only(model)
-    return model, tokenizer
 
 
 @dataclasses.dataclass
@@ -237,13 +223,13 @@ def _setup(cfg: RunConfig) -> Setup:
     init = str(folder / "checkpoint") if resume else cfg.train.init_from
 
     torch.manual_seed(cfg.train.seed)  # the same fresh head on every process
-    raw_model, tokenizer = load_model(init, cfg)
-    raw_model.to(ddp.device)
+    raw_model, pair_tokenizer = load_model(init, cfg.model, ddp.device, training=True,
+                                           duplicate=cfg.data.duplicate)
     forward = WithDuplicates(raw_model) if cfg.data.duplicate else raw_model  # stage 1: the duplicate head trains
     model = DistributedDataParallel(forward, device_ids=[ddp.device] if cuda else None) if ddp.world > 1 else forward
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    return Setup(cfg, ddp, data, valid, folder, total_steps, resume, tokenizer, raw_model, model,
-                 PairTokenizer(tokenizer, cfg.model), optimizer, scaler, autocast, LOSSES[cfg.train.loss])
+    return Setup(cfg, ddp, data, valid, folder, total_steps, resume, pair_tokenizer.tokenizer, raw_model, model,
+                 pair_tokenizer, optimizer, scaler, autocast, LOSSES[cfg.train.loss])
 
 
 def _restore(run: Setup) -> TrainState:
@@ -371,7 +357,7 @@ def _validate(run: Setup, state: TrainState, done: bool, reporters: list) -> Non
     Without validation queries the last weights are the model."""
     cfg, ddp = run.cfg, run.ddp
     if run.valid and (validation_due(state.step, cfg.train) or done):
-        value = evaluate(run.raw_model, run.pair_tokenizer, run.valid, run.data, cfg, ddp)
+        value = validation_value(run.raw_model, run.pair_tokenizer, run.valid, run.data, cfg, ddp)
         run.model.train()
         if ddp.is_main:
             log_row(run.folder, {"step": state.step, f"valid_{cfg.train.select_metric}": value}, reporters)
@@ -409,9 +395,9 @@ def _finish(run: Setup, state: TrainState, reporters: list) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokenizer: PairTokenizer, valid: list[TrainingQuery], data: TrainingData,
-             cfg: RunConfig, ddp: Distributed) -> float:
-    """`train.select_metric` of the model on the validation queries, computed as infer.py computes it: scores
+def validation_value(model: nn.Module, tokenizer: PairTokenizer, valid: list[TrainingQuery], data: TrainingData,
+                     cfg: RunConfig, ddp: Distributed) -> float:
+    """`train.select_metric` of the model on the validation queries by the one evaluation path, infer.py's: scores
     from the inference engine (`inference.score_candidates`: its blocks of `eval.block_queries`, batches of
     `eval.batch_tokens`, `eval.precision` and score rounding; each process scores a share of the blocks), the
     metric from `evaluation.evaluate` (trec_eval's tie order, binary measures at the data's rel_level).

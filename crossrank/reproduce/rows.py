@@ -251,7 +251,7 @@ def build_plan(row: str, tiny: bool = False, gpus: str | None = None, threads: i
         run_path = _dataset_run(dataset, first)
         first_step = produced.get(run_path, "")
         lenient = " -L" if dataset.endswith("-shared") else ""  # ../shared/data lacks a few run passages
-        command = (f"./inference-monoencoder.sh -M {{model:{model_step}}} -d {dataset} -s {first} -k {depth} "
+        command = (f"./inference-monoencoder.sh -M {{model:{model_step}}} -d {dataset} -r {first} -k {depth} "
                    f"-g {gpus}{flags}{lenient}")
         hours = 0.0 if tiny else float(per_set.get(dataset, per_set.get("beir-all-seven", 0.09) / 7
                                                if dataset.startswith("beir-") else 0.001))

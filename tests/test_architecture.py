@@ -6,6 +6,7 @@ not from a reader). Read with `ast` only: nothing is imported, so this runs in w
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "crossrank"
@@ -114,6 +115,28 @@ def test_layer_count_sees_the_longest_chain():
 def test_import_graph_stays_shallow():
     chain = layers(import_graph())
     assert len(chain) <= MAX_LAYERS, " -> ".join(chain)
+
+
+def layout_rows(readme: Path = PACKAGE.parent / "README.md") -> list[str]:
+    """The rows of the README's layout table that name crossrank/ paths."""
+    text = readme.read_text(encoding="utf-8")
+    table = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    return [line for line in table.splitlines() if line.startswith("| `crossrank/")]
+
+
+def test_readme_layout_names_every_module_and_nothing_else():
+    rows = layout_rows()
+    named = set()
+    for row in rows:
+        paths = [p for p in row.split("|")[1].replace("`", "").split(",")]
+        for path in (p.strip() for p in paths):
+            if path.endswith("/"):  # a folder row names its files in the second column
+                named |= {path + f for f in re.findall(r"`([a-z0-9_]+\.py)`", row.split("|")[2])}
+            else:
+                named.add(path)
+    actual = {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    assert sorted(actual - named) == [], "modules missing from the README's layout table"
+    assert sorted(named - actual) == [], "the README's layout table names files that do not exist"
 
 
 def test_every_module_is_small():

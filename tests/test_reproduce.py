@@ -33,7 +33,7 @@ def _tree_digest(root: Path) -> str:
 def _project_copy(dest: Path) -> Path:
     """The code, configs and wrappers without data/, models/, runs/: an isolated project folder."""
     dest.mkdir()
-    for name in ("crossrank", "configs", "slurm"):
+    for name in ("crossrank", "configs", "slurm", "scripts"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for file in ROOT.glob("*.sh"):
         shutil.copy2(file, dest / file.name)
@@ -90,7 +90,7 @@ def test_dry_run_of_every_row_lists_steps_and_data_and_touches_nothing(capsys, t
     for row in rows.row_names(rows.load_rows()):
         assert cli.main([row, "--dry-run"] + (["--tiny"] if tiny else [])) == 0
         out = capsys.readouterr().out
-        plan = rows.build_plan(row, tiny=tiny)
+        plan = rows.build_plan(row, tiny=tiny, shared=tiny and rows.shared_data() is not None)  # as the CLI decides
         for i, step in enumerate(plan.steps, 1):
             assert f"[{i:02d}] {step.id} (" in out
         assert "GPU-hours" in out and "total GPU-hours" in out

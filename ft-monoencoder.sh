@@ -37,7 +37,8 @@ while getopts ":f:c:m:l:b:g:p:s:d:nh" opt; do
 done
 shift $((OPTIND - 1))
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-if [[ ! -f $here/configs/objectives/$objective.yaml ]]; then
+name='^[A-Za-z0-9][A-Za-z0-9._+-]*$'  # a name, never a path: -m ../backbones/bert must not pick another folder's file
+if [[ ! $objective =~ $name || $objective == *..* || ! -f $here/configs/objectives/$objective.yaml ]]; then
   echo "error: -m $objective is unknown (expected CL, KD or BCE)" >&2; exit 2
 fi
 configs=(--config "$here/configs/objectives/$objective.yaml") prefix=""
@@ -45,7 +46,7 @@ if [[ $backbone == set-encoder || $backbone == set-encoder:* ]]; then  # listwis
   prefix=set-encoder- backbone=${backbone#set-encoder} backbone=${backbone#:}
   [[ -f $here/configs/set-encoder/$objective.yaml ]] && configs+=(--config "$here/configs/set-encoder/$objective.yaml")
 fi
-if [[ -f $here/configs/backbones/$backbone.yaml ]]; then
+if [[ $backbone =~ $name && $backbone != *..* && -f $here/configs/backbones/$backbone.yaml ]]; then
   configs=(--config "$here/configs/backbones/$backbone.yaml" "${configs[@]}")
   [[ -n $prefix ]] && overrides=("model.name=$prefix$backbone" "${overrides[@]}")
 elif [[ -n $backbone ]]; then  # a hub id or a folder: its last path part names the run folder

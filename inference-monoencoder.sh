@@ -40,7 +40,8 @@ if [[ $backbone == set-encoder || $backbone == set-encoder:* ]]; then  # the lis
   prefix=set-encoder- backbone=${backbone#set-encoder} backbone=${backbone#:}
   opts+=(--config configs/backbones/set-encoder.yaml)
 fi
-if [[ -f "configs/backbones/$backbone.yaml" ]]; then
+name='^[A-Za-z0-9][A-Za-z0-9._+-]*$'  # a config name, never a path (-c ../x must not pick a file outside)
+if [[ $backbone =~ $name && $backbone != *..* && -f "configs/backbones/$backbone.yaml" ]]; then
   opts+=(--config "configs/backbones/$backbone.yaml")
   [[ -n $prefix ]] && kv+=(model.name="$prefix$backbone")
 elif [[ -n "$backbone" ]]; then

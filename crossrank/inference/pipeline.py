@@ -54,11 +54,11 @@ def output_run(dataset_name: str, first_stage: str, model_name: str) -> Path:
     return config.ROOT / "runs" / f"{dataset_name}.{first_stage}.{model_name}.run"
 
 
-def outputs_of(run: Path) -> list[tuple[str, Path]]:
+def outputs_of(run: Path, key: str) -> list[tuple[str, Path]]:
     """What re-ranking one dataset writes: the run, its config, the per-query CSV and the nDCG@10 plot."""
-    return [("the re-ranked run", run), ("the run's config", run.with_suffix(".yaml")),
-            ("the per-query CSV", run.with_suffix(".perquery.csv")),
-            ("the nDCG@10 plot", run.with_suffix(".ndcg10-diff.png"))]
+    return [(f"the re-ranked run of {key}", run), (f"the run's config of {key}", run.with_suffix(".yaml")),
+            (f"the per-query CSV of {key}", run.with_suffix(".perquery.csv")),
+            (f"the nDCG@10 plot of {key}", run.with_suffix(".ndcg10-diff.png"))]
 
 
 def rerank_dataset(cfg, model: nn.Module, tokenizer: PairTokenizer, fingerprint: str, model_name: str,
@@ -118,7 +118,7 @@ def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: in
         label = model_label(cfg.model.name, cfg.data.novelty)  # data.novelty: the novelty-trained variant
         model_path = str(find_model(label, chain, cfg.train.stage, lr, seed))
     runs = [output_run(load_dataset(key).name, cfg.eval.first_stage, model_run_name(model_path)) for key in keys]
-    refuse_overwriting_inputs([output for run in runs for output in outputs_of(run)] +
+    refuse_overwriting_inputs([output for run, key in zip(runs, keys) for output in outputs_of(run, key)] +
                               [("eval.score_cache", cfg.eval.score_cache)], inputs)
     with contextlib.ExitStack() as held:
         lock_outputs(held, runs, dist)  # before the model loads: a second writer stops at once

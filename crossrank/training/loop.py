@@ -105,7 +105,7 @@ def training_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
         from crossrank.data.datasets import resolve_source
         from crossrank.training.preprocessing import load_meta
 
-        found += [(f"the training {key} ({meta})", resolve_source(str(value)))
+        found += [(f"the training {key} (named in {meta})", resolve_source(str(value)))
                   for key, value in load_meta(folder).items() if key in ("topics", "corpus") and value]
     found += [("train.init_from", cfg.train.init_from and str(_project_path(cfg.train.init_from)))]
     if cfg.model.path and Path(cfg.model.path).expanduser().exists():

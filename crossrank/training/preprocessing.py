@@ -337,9 +337,9 @@ def prepare(dataset: str, objective: str = "", run: str = "", evalperc: float = 
     ds = load_dataset(key)
     folder = Path(out) if out else config.ROOT / "data" / ds.name / objective
     flag = "--out" if out else "the default output folder"
-    refuse_overwriting_inputs([(flag, folder)] + [(f"{flag}'s {name}", folder / name) for name in
-                                                  ("train.parquet", "valid.parquet", "meta.yaml", "topics.tsv",
-                                                   "passages.tsv")],
+    rankgpt = objective == "KD" and ds.teacher.endswith((".jsonl", ".jsonl.zip", ".zip"))  # texts copied too
+    written = ("train.parquet", "valid.parquet", "meta.yaml") + (("topics.tsv", "passages.tsv") if rankgpt else ())
+    refuse_overwriting_inputs([(flag, folder)] + [(f"{flag}'s {name}", folder / name) for name in written],
                               ds.inputs() + ([("the --run file", run)] if run and Path(run).is_file() else []))
     with output_lock(folder):  # one writer per training folder
         return _prepare(ds, folder, objective, run, evalperc, seed, depth, lenient, repair)

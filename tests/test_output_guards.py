@@ -337,6 +337,10 @@ def test_output_lock_is_reentrant_and_released(tmp_path: Path) -> None:
     assert not lock_path(out).exists()
     with output_lock(out):  # free again
         pass
+    deep = tmp_path / "new" / "sub" / "x.run"
+    with output_lock(deep):  # the folders made for the lock go with it when nothing else was put there
+        assert lock_path(deep).is_file()
+    assert not (tmp_path / "new").exists()
 
 
 def test_ddp_ranks_of_one_job_share_the_lock_and_a_second_job_is_refused(world: Path, tmp_path: Path) -> None:

@@ -252,6 +252,11 @@ def acquire_output_lock(path: str | os.PathLike) -> None:
     if key in _HELD:
         _HELD[key][1] += 1
         return
+    created = []  # the folders made for the lock: removed again on release if nothing else was put there
+    folder = lock.parent
+    while not folder.exists():
+        created.append(folder)
+        folder = folder.parent
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, FILE_MODE)
@@ -261,6 +266,7 @@ def acquire_output_lock(path: str | os.PathLike) -> None:
             holder = os.read(fd, 200).decode("utf-8", "replace").split()
             os.close(fd)
             who = f" (pid {holder[0]} on host {holder[1]})" if len(holder) == 2 else ""
+            _remove_empty(created)
             raise CrossrankError(f"{path}: another crossrank process{who} is writing it (expected one writer "
                                  f"per output; wait for it to end, or stop it)") from None
         except BaseException:
@@ -274,9 +280,10 @@ def acquire_output_lock(path: str | os.PathLike) -> None:
         except FileNotFoundError:
             pass
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-    _HELD[key] = [fd, 1]
+    with contextlib.suppress(OSError):  # who holds it, for the message of a second writer (a full disk: no one)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    _HELD[key] = [fd, 1, created]
 
 
 def release_output_lock(path: str | os.PathLike) -> None:
@@ -290,3 +297,14 @@ def release_output_lock(path: str | os.PathLike) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(key)  # while still holding it: a waiter then sees another inode and retries
         os.close(held[0])
+        _remove_empty(held[2])
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a lock created, deepest first, as long as they are empty (a refused or failed command
+    leaves no folder behind; one that wrote its output keeps it)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return

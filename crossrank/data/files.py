@@ -209,7 +209,7 @@ def refuse_overwriting_inputs(outputs: Sources, inputs: Sources, folders: Source
     for i, (label, out) in enumerate(every):
         for what, source in inputs:
             if same_file(out, source):
-                how = "" if os.path.abspath(out) == os.path.abspath(source) else f" ({source}, through a link)"
+                how = "" if os.path.abspath(out) == os.path.abspath(source) else f" ({source})"
                 raise CrossrankError(f"{out}: {label} is {what}{how}; refusing to overwrite an input (expected "
                                      f"an output path that is none of the inputs; nothing was written)")
             if i >= len(files) and _inside(source, out):

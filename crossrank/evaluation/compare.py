@@ -106,11 +106,12 @@ def _write_per_run(args, runs, paths: dict[str, str], qrels, metrics, topics, ba
 def _refuse_overwriting_inputs(args, qrels_source, topics_source, corpus) -> None:
     """`--per-query` and `--plot` write next to each run: never over one of the inputs, nor twice to one file."""
     outputs = []
-    for path in args.runs:
+    base = _baseline(args.baseline, args.runs) if args.plot else -1  # the baseline gets no plot
+    for i, path in enumerate(args.runs):
         stem = Path(path).with_suffix("")
         if args.per_query:
             outputs.append((f"--per-query's CSV of {path}", f"{stem}.perquery.csv"))
-        if args.plot:
+        if args.plot and i != base:
             outputs.append((f"--plot's plot of {path}", f"{stem}.ndcg10-diff.png"))
     if outputs:
         inputs = [(f"the run {path}", path) for path in args.runs]

@@ -259,7 +259,13 @@ def acquire_output_lock(path: str | os.PathLike) -> None:
         folder = folder.parent
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except PermissionError:  # another user's lock file (left by a crash): flock works on a read-only fd too
+            if not lock.exists():
+                _remove_empty(created)
+                raise
+            fd = os.open(lock, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -3,7 +3,8 @@
 import sys
 
 from crossrank import cli
-from crossrank.training.preprocessing import PRESETS, load_meta, prepare
+from crossrank.training.preprocessing import PRESETS, prepare
+from crossrank.training.examples import load_meta
 
 
 def main() -> int:

@@ -9,7 +9,6 @@ BM25 first, and for scale: PISA's compiled BlockMax-WAND index is built for MS M
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -260,7 +260,7 @@ def workload(data: Path, n_queries: int, depth: int, seed: int = 0):
 def write_training_data(root: Path, candidates) -> dict[str, Path]:
     """The workload as preprocessed CL and KD folders (crossrank.training.preprocessing's layout, no validation split):
     CL marks one random candidate of each query relevant; KD reads the candidate order as a teacher ranking."""
-    from crossrank.training.preprocessing import TrainingQuery, write_meta, write_split
+    from crossrank.training.examples import TrainingQuery, write_meta, write_split
 
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
@@ -365,7 +365,8 @@ def rerank_model(name: str, folder: str, candidates, plan: Plan, device: torch.d
     from sentence_transformers import CrossEncoder
 
     from crossrank.config import EvalConfig, ModelConfig
-    from crossrank.inference.rerank import load_model, score_candidates
+    from crossrank.inference.rerank import score_candidates
+    from crossrank.models.loading import load_model
 
     keys = [(q, d) for q, r in candidates.run.items() for d, _ in r]
     texts = [(candidates.queries[q], candidates.texts[d]) for q, d in keys]
@@ -550,7 +551,8 @@ def set_encoder_section(folder: str, data: dict[str, Path], candidates, plan: Pl
                         tmp: Path, report: Report) -> None:
     """Section 3: one Set-Encoder training step on a `depth`-passage list, then re-ranking the workload."""
     from crossrank.config import EvalConfig, ModelConfig
-    from crossrank.inference.rerank import load_model, score_candidates
+    from crossrank.inference.rerank import score_candidates
+    from crossrank.models.loading import load_model
 
     section = "3 set-encoder"
     files = [ROOT / "configs" / "backbones" / "set-encoder.yaml", ROOT / "configs" / "objectives" / "KD.yaml",

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import random
-import sys
 import tempfile
 import time
 import warnings
@@ -46,7 +45,8 @@ import torch  # noqa: E402
 from crossrank.config import EvalConfig, ModelConfig  # noqa: E402
 from crossrank.demo import ASPECTS, FILLER, THEMES  # noqa: E402
 from crossrank.inference.candidates import Candidates, load_candidates  # noqa: E402
-from crossrank.inference.rerank import load_model, score_candidates
+from crossrank.inference.rerank import score_candidates
+from crossrank.models.loading import load_model
 from crossrank.models.mono import MonoEncoder, load_tokenizer, resolve_model_path  # noqa: E402
 from crossrank.models.precision import cpu_flags, cpu_model, relevant_flags, resolve_precision  # noqa: E402
 

@@ -49,7 +49,7 @@ def build_data(folder: Path) -> tuple[Path, str]:
     from crossrank.data.runs import load_run
     from crossrank.data.qrels import read_qrels
     from crossrank.data.texts import read_topics
-    from crossrank.training.preprocessing import TrainingQuery, write_meta, write_split
+    from crossrank.training.examples import TrainingQuery, write_meta, write_split
 
     if (DL19 / "runs" / "bm25.top100.run").is_file():
         topics, corpus, source = DL19 / "queries.jsonl", DL19 / "corpus.jsonl", "TREC DL 2019 BM25 top-100 (real text)"

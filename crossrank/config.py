@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import yaml
 
 from crossrank.errors import CrossrankError
-from crossrank.data.files import atomic_write
+from crossrank.data.atomic import atomic_write
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent  # the project folder: configs/, models/, runs/, data/

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from crossrank import cli
 from crossrank.config import ROOT
-from crossrank.data.files import atomic_write, refuse_overwriting_inputs, same_file
+from crossrank.data.atomic import atomic_write
+from crossrank.data.outputs import refuse_overwriting_inputs, same_file
 from crossrank.data.runs import format_run_lines, sort_ranking
 
 THEMES = {

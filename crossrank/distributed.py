@@ -49,10 +49,10 @@ def setup_distributed(timeout: datetime.timedelta | None = None) -> Distributed:
 
 
 def lock_outputs(held: contextlib.ExitStack, paths: list, ddp: Distributed) -> None:
-    """Take the output locks of `paths` (`crossrank.data.files.output_lock`) into `held` on rank 0 only, and tell
+    """Take the output locks of `paths` (`crossrank.data.outputs.output_lock`) into `held` on rank 0 only, and tell
     every rank whether that worked: the ranks of one job never block each other, and when another job writes
     an output, all ranks stop with the same CrossrankError (rank 0 reports it)."""
-    from crossrank.data.files import output_lock
+    from crossrank.data.outputs import output_lock
 
     error = None
     if ddp.is_main:

@@ -106,7 +106,7 @@ def write_tiny_collection(root: Path, valid_is_train: bool = False) -> dict[str,
     valid = the last 2, or the training queries themselves with `valid_is_train`). Returns the paths."""
     import random as _random
 
-    from crossrank.training.preprocessing import TrainingQuery, write_meta, write_split
+    from crossrank.training.examples import TrainingQuery, write_meta, write_split
 
     root.mkdir(parents=True, exist_ok=True)
     rng = _random.Random(0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "crossrank"
 MAX_MODULE_LINES = 500
+MAX_LAYERS = 6  # the longest import chain (entry point -> ... -> errors); it was 7 in the flat layout
 
 
 def module_names(package: Path = PACKAGE) -> dict[str, Path]:
@@ -94,6 +95,27 @@ def test_no_import_cycles():
     assert cycles(import_graph()) == [], "import cycles in crossrank/"
 
 
+def layers(graph: dict[str, set[str]]) -> list[str]:
+    """The longest import chain of an acyclic graph, first importer first."""
+    best: dict[str, list[str]] = {}
+
+    def chain(node: str) -> list[str]:
+        if node not in best:
+            best[node] = [node] + max((chain(m) for m in sorted(graph[node])), key=len, default=[])
+        return best[node]
+
+    return max((chain(n) for n in sorted(graph)), key=len, default=[])
+
+
+def test_layer_count_sees_the_longest_chain():
+    assert layers({"a": {"b", "c"}, "b": {"c"}, "c": set(), "d": {"c"}}) == ["a", "b", "c"]
+
+
+def test_import_graph_stays_shallow():
+    chain = layers(import_graph())
+    assert len(chain) <= MAX_LAYERS, " -> ".join(chain)
+
+
 def test_every_module_is_small():
     sizes = {name: len(path.read_text().splitlines()) for name, path in module_names().items()}
     assert {name: n for name, n in sizes.items() if n >= MAX_MODULE_LINES} == {}
@@ -101,3 +123,4 @@ def test_every_module_is_small():
 
 if __name__ == "__main__":
     print(cycles(import_graph()) or "no import cycles")
+    print("longest import chain:", " -> ".join(layers(import_graph())))

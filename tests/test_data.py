@@ -12,7 +12,7 @@ from crossrank.training.data import TrainingData, collate, load_training_data, s
 from crossrank.models.encoding import PairTokenizer
 from crossrank.errors import CrossrankError
 from crossrank.models.mono import load_tokenizer
-from crossrank.training.preprocessing import TrainingQuery, write_meta, write_split
+from crossrank.training.examples import TrainingQuery, write_meta, write_split
 
 # 12 candidates; within the top 8, d3 (grade 2) and d7 (grade 1) are relevant, d5 is judged non-relevant;
 # d10 is relevant but below the top 8

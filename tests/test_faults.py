@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from crossrank.inference import rerank as inference
+from crossrank.models.loading import load_model
 from crossrank.inference.candidates import Candidates
-from crossrank.data.files import FILE_MODE, remove_stale_temporaries
+from crossrank.data.atomic import FILE_MODE, remove_stale_temporaries
 from crossrank.data.runs import write_run
 from crossrank.training import checkpoint as training
 from crossrank.config import EvalConfig, ModelConfig, RunConfig
@@ -33,7 +34,7 @@ def fill_the_disk(limit=4096):
 
 RUN_WRITE = FULL_DISK + """
 import sys
-from crossrank.data.files import FILE_MODE, remove_stale_temporaries
+from crossrank.data.atomic import FILE_MODE, remove_stale_temporaries
 from crossrank.data.runs import write_run
 fill_the_disk()
 try:
@@ -111,7 +112,7 @@ def test_checkpoint_files_get_the_umask_mode(tiny_bert, tmp_path):
 
 
 def test_a_failed_rerank_start_leaves_no_parts_folder(tiny_bert, tmp_path):
-    model, tokenizer = inference.load_model(tiny_bert, ModelConfig(kind="set-encoder"), torch.device("cpu"))
+    model, tokenizer = load_model(tiny_bert, ModelConfig(kind="set-encoder"), torch.device("cpu"))
     candidates = Candidates({"1": [("d1", 1.0)]}, {"1": "a query"}, {"d1": "a passage"})
     cfg = EvalConfig(score_cache=str(tmp_path / "cache"))
     with pytest.raises(CrossrankError, match="eval.score_cache cannot be used with model.kind set-encoder"):

@@ -18,6 +18,7 @@ import torch
 from crossrank import config
 from crossrank.inference import pipeline as experiment
 from crossrank.inference import rerank as inference
+from crossrank.models.loading import load_model
 from crossrank.inference.candidates import Candidates, load_candidates
 from crossrank.models import mono as models
 from crossrank.config import EvalConfig, ModelConfig
@@ -76,7 +77,7 @@ def test_plan_batches_respects_the_token_budget():
 def test_first_token_last_layer_gives_the_full_models_scores(tiny_models, kind):
     from crossrank.models.mono import MonoEncoder
 
-    model, tok = inference.load_model(tiny_models[kind], ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(tiny_models[kind], ModelConfig(), torch.device("cpu"))
     assert isinstance(model.encoder.base_model.encoder.layer[-1], models.FirstTokenLayer)
     full = MonoEncoder.from_pretrained(tiny_models[kind]).eval()
     batch = tok(["the cat sat", "what is a dog", "python"], ["on the mat", "a dog barks loudly in the house", "code"])
@@ -87,7 +88,7 @@ def test_first_token_last_layer_gives_the_full_models_scores(tiny_models, kind):
 
 
 def test_reranked_order_follows_scores_with_deterministic_ties(tiny_bert, collection, tmp_path):
-    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
     cands = _candidates(collection)
     run = inference.rerank(model, tok, cands, tmp_path / "out.run", _eval_cfg(), "fp")
     # every score equals the model's score for that pair alone (no batch or padding effects beyond fp noise)
@@ -110,14 +111,14 @@ def _shard(rank: int, world: int, port: int, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     model_path, c, out = args
-    model, tok = inference.load_model(model_path, ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(model_path, ModelConfig(), torch.device("cpu"))
     cands = _candidates(c)
     inference.rerank(model, tok, cands, out, _eval_cfg(), "fp", inference.Distributed(rank, world))
     torch.distributed.destroy_process_group()
 
 
 def test_two_gloo_shards_give_the_single_process_run(tiny_bert, collection, tmp_path):
-    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
     inference.rerank(model, tok, _candidates(collection), tmp_path / "single.run", _eval_cfg(), "fp")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -143,7 +144,7 @@ class _Interrupting(torch.nn.Module):
 
 
 def test_resume_after_interruption_gives_the_same_run(tiny_bert, collection, tmp_path):
-    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
     cands, cfg = _candidates(collection), _eval_cfg()
     full = _Interrupting(model, fail_at=-1)
     inference.rerank(full, tok, cands, tmp_path / "full.run", cfg, "fp")
@@ -175,7 +176,7 @@ class _Killing(torch.nn.Module):
 
 
 def _killed_rerank(model_path, c, out) -> None:
-    model, tok = inference.load_model(model_path, ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(model_path, ModelConfig(), torch.device("cpu"))
     inference.rerank(_Killing(model, kill_at=10), tok, _candidates(c), out, _eval_cfg(), "fp")
 
 
@@ -186,14 +187,14 @@ def test_resume_after_sigkill_gives_the_same_run(tiny_bert, collection, tmp_path
     process.join()
     assert process.exitcode == -signal.SIGKILL and not (tmp_path / "k.run").exists()
     assert 0 < len(list(next(tmp_path.glob(".k.run.parts-*")).glob("*.tsv"))) < 5  # finished blocks kept
-    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
     inference.rerank(model, tok, _candidates(collection), tmp_path / "k.run", _eval_cfg(), "fp")
     inference.rerank(model, tok, _candidates(collection), tmp_path / "ref.run", _eval_cfg(), "fp")
     assert (tmp_path / "k.run").read_bytes() == (tmp_path / "ref.run").read_bytes()
 
 
 def test_score_cache_skips_scored_pairs(tiny_bert, collection, tmp_path):
-    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
     cands, cfg = _candidates(collection), _eval_cfg(score_cache=str(tmp_path / "cache.sqlite"))
     inference.rerank(model, tok, cands, tmp_path / "a.run", cfg, "fp")
     counting = _Interrupting(model, fail_at=-1)
@@ -205,7 +206,7 @@ def test_score_cache_skips_scored_pairs(tiny_bert, collection, tmp_path):
 
 
 def test_bf16_precision_on_cpu_is_close_and_cached_apart(tiny_bert, collection, tmp_path):
-    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
     cands = _candidates(collection)
     fp32 = inference.score_candidates(model, tok, cands, _eval_cfg())
     bf16 = inference.score_candidates(model, tok, cands, _eval_cfg(precision="bf16"))
@@ -227,7 +228,7 @@ def test_set_encoder_scores_each_query_list_in_one_pass(tiny_bert, collection, t
     torch.manual_seed(0)
     SetEncoder.from_pretrained(tiny_bert).save_pretrained(tmp_path / "se", load_set_tokenizer(tiny_bert))
     model_cfg = ModelConfig(kind="set-encoder")
-    model, tok = inference.load_model(tmp_path / "se", model_cfg, torch.device("cpu"))
+    model, tok = load_model(tmp_path / "se", model_cfg, torch.device("cpu"))
     cands = _candidates(collection)
     run = inference.rerank(model, tok, cands, tmp_path / "se.run", _eval_cfg(), "fp")
     q = "4"
@@ -299,7 +300,7 @@ def test_rerank_a_few_dl19_queries_with_minilm(shared_data, tmp_path):
     cands = load_candidates(str(tmp_path / "run.txt"), str(dl19 / "queries.jsonl"),
                                       str(dl19 / "corpus.jsonl"), depth=20)
     assert cands.num_pairs == 60
-    model, tok = inference.load_model("packaged:all-MiniLM-L6-v2", ModelConfig(), torch.device("cpu"))
+    model, tok = load_model("packaged:all-MiniLM-L6-v2", ModelConfig(), torch.device("cpu"))
     run = inference.rerank(model, tok, cands, tmp_path / "out.run", EvalConfig(), "fp")
     assert sorted(run) == sorted(qids) and all(len(r) == 20 for r in run.values())
     assert {d for d, _ in run[qids[0]]} == {d for d, _ in cands.run[qids[0]]}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from crossrank.data.files import atomic_write
+from crossrank.data.atomic import atomic_write
 from crossrank.data.qrels import read_qrels
 from crossrank.data.runs import load_run, read_run, read_run_queries, run_problems, write_run
 from crossrank.data.texts import load_corpus, read_corpus, read_topics
@@ -190,8 +190,9 @@ def test_irds_sources_read_through_ir_datasets(tmp_path, shared_data):
     import sys
 
     shutil.copytree(shared_data / "ir_datasets_home" / "vaswani", tmp_path / "vaswani")
-    code = ("from crossrank import io; t = read_topics('irds:vaswani'); q = read_qrels('irds:vaswani'); "
-            "d = next(read_corpus('irds:vaswani')); print(len(t), sum(map(len, q.values())), d[0], bool(d[1]))")
+    code = ("from crossrank.data.texts import read_corpus, read_topics; from crossrank.data.qrels import read_qrels\n"
+            "t = read_topics('irds:vaswani'); q = read_qrels('irds:vaswani'); d = next(read_corpus('irds:vaswani'))\n"
+            "print(len(t), sum(map(len, q.values())), d[0], bool(d[1]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "IR_DATASETS_HOME": str(tmp_path)}, cwd=Path(__file__).parent.parent)
     assert out.stdout.split() == ["93", "2083", "1", "True"]
@@ -201,7 +202,7 @@ def test_irds_offline_download_failure_is_explained(tmp_path):
     import subprocess
     import sys
 
-    code = "from crossrank import io; read_topics('irds:cranfield')"
+    code = "from crossrank.data.texts import read_topics; read_topics('irds:cranfield')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "IR_DATASETS_HOME": str(tmp_path)}, cwd=Path(__file__).parent.parent)
     assert "irds:cranfield: ir_datasets could not download what its cache lacks" in out.stderr

@@ -7,7 +7,7 @@ every input, the shared model) and the project's output folders, hidden files (l
 
 - GUARD: for every entry point, an output path equal to each of its inputs (and to one through a symlink and
   through a hard link) is refused before anything is written.
-- LOCKED: the test process holds an output's lock (`crossrank.data.files.output_lock`), as a running writer
+- LOCKED: the test process holds an output's lock (`crossrank.data.outputs.output_lock`), as a running writer
   would; the command is refused in one line naming the holder's pid. Deterministic: no two commands race.
 - NAMES: names that become file names (`name: ../../x` in a dataset YAML, `-m ../backbones/bert`, ...).
 """
@@ -28,7 +28,7 @@ import pytest
 
 from conftest import _build_bert_like, write_tiny_collection
 from crossrank.config import ROOT
-from crossrank.data.files import lock_path, output_lock, refuse_overwriting_inputs
+from crossrank.data.outputs import lock_path, output_lock, refuse_overwriting_inputs
 from crossrank.errors import CrossrankError
 from test_bad_input import OUTPUT_FOLDERS, _env, messages
 
@@ -297,7 +297,7 @@ def test_a_lock_left_by_a_killed_writer_does_not_block(tmp_path: Path) -> None:
     out = c / "imported.run"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from crossrank.data.files import acquire_output_lock
+        from crossrank.data.outputs import acquire_output_lock
         acquire_output_lock({str(out)!r})
         print("locked", flush=True)
         time.sleep(600)
@@ -330,7 +330,7 @@ def test_output_lock_is_reentrant_and_released(tmp_path: Path) -> None:
         with output_lock(tmp_path / "." / "x.run"):  # the same output, spelled differently: this process's lock
             assert lock_path(out).is_file()
         assert lock_path(out).is_file()  # still held by the outer block
-        other = subprocess.run([sys.executable, "-c", f"from crossrank.data.files import acquire_output_lock; "
+        other = subprocess.run([sys.executable, "-c", f"from crossrank.data.outputs import acquire_output_lock; "
                                 f"acquire_output_lock({str(out)!r})"], cwd=ROOT, env=_env(), capture_output=True,
                                text=True)
         assert other.returncode != 0 and "another crossrank process" in other.stderr

@@ -11,6 +11,7 @@ import torch
 from scipy.stats import kendalltau
 
 from crossrank.inference import rerank as inference
+from crossrank.models.loading import load_model
 from crossrank.models import precision
 from crossrank.config import ModelConfig
 from crossrank.errors import CrossrankError
@@ -78,7 +79,7 @@ def spread_bert(tiny_bert, tmp_path):
 
 
 def test_int8_scores_are_close_to_fp32_and_rank_alike(spread_bert, collection):
-    model, tok = inference.load_model(spread_bert, ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(spread_bert, ModelConfig(), torch.device("cpu"))
     cands = _candidates(collection)
     fp32 = _scores(inference.score_candidates(model, tok, cands, _eval_cfg(precision="fp32")))
     int8 = _scores(inference.score_candidates(model, tok, cands, _eval_cfg(precision="int8")))
@@ -109,7 +110,7 @@ class _Counting(torch.nn.Module):
 
 
 def test_cache_key_has_resolved_precision_and_passage_text(tiny_bert, collection, tmp_path, monkeypatch):
-    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
     cands, cache = _candidates(collection), str(tmp_path / "cache.sqlite")
     inference.rerank(model, tok, cands, tmp_path / "a.run", _eval_cfg(score_cache=cache, precision="fp32"), "fp")
     monkeypatch.setattr(inference, "cpu_flags", lambda: frozenset(OLD))  # a CPU where auto means fp32
@@ -133,7 +134,7 @@ def test_cache_key_has_resolved_precision_and_passage_text(tiny_bert, collection
 
 
 def test_resume_key_has_the_resolved_precision(tiny_bert, collection, tmp_path, monkeypatch):
-    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
     cands, out = _candidates(collection), tmp_path / "r.run"
     fp32, bf16 = _eval_cfg(precision="fp32"), _eval_cfg(precision="bf16")
     assert inference.parts_folder(out, "fp", cands, fp32) != inference.parts_folder(out, "fp", cands, bf16)

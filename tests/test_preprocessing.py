@@ -16,7 +16,8 @@ from crossrank.data.texts import read_corpus, read_topics
 from crossrank.training import preprocessing
 from crossrank.data import runs
 from crossrank.errors import CrossrankError
-from crossrank.training.preprocessing import TrainingQuery, is_validation, load_split, preprocess_run
+from crossrank.training.preprocessing import preprocess_run
+from crossrank.training.examples import TrainingQuery, is_validation, load_meta, load_split
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -211,7 +212,7 @@ def test_preprocessing_cli_on_the_demo_collection(tmp_path):
     out = subprocess.run([sys.executable, "preprocessing.py", "--dataset", str(dataset), "--objective", "KD",
                           "--evalperc", "10", "--out", str(tmp_path / "KD")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    meta = preprocessing.load_meta(tmp_path / "KD")
+    meta = load_meta(tmp_path / "KD")
     assert meta["objective"] == "KD" and meta["counts"]["kept_lines"] == 200 * 20
     first = load_split(tmp_path / "KD", "train")[0]
     assert first.scores == [float(20 - i) for i in range(20)]  # teacher order kept: 20, 19, ..., 1

@@ -10,6 +10,7 @@ from pyterrier.measures import RR, nDCG
 
 from crossrank.evaluation import metrics as evaluation
 from crossrank.inference import rerank as inference
+from crossrank.models.loading import load_model
 from crossrank.inference.candidates import load_candidates
 from crossrank.config import EvalConfig, ModelConfig
 from crossrank.errors import CrossrankError
@@ -39,7 +40,7 @@ def test_pipeline_equals_inference_run(tiny_bert, collection, frames, tmp_path):
     result = pipeline.transform(topic_frame)
     assert {"qid", "query", "docno", "text", "score", "rank"} <= set(result.columns)
 
-    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
     cands = load_candidates(str(collection["run.txt"]), str(collection["topics.tsv"]),
                                       str(collection["corpus.tsv"]), 100)
     inference.rerank(model, tok, cands, tmp_path / "infer.run", cfg, "fp")

@@ -162,7 +162,7 @@ def test_duplicate_head_learns_toy_set(tiny_bert):
         lists += [[passage, passage] + rng.sample(others, 2), [passage] + rng.sample(others, 3)]
     batch, targets = encode(["what is it"] * len(lists), lists), duplicate_targets(lists)
     score_head = model.score.weight.detach().clone()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # 3e-3 sat on the edge of stability: it fit or not by thread count
     for _ in range(200):  # eval mode: no dropout, so the toy fit is quick and deterministic
         _, logits = model.scores_and_duplicates(**batch)
         loss = duplicate_bce(logits, targets, batch["mask"])

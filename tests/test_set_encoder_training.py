@@ -25,7 +25,7 @@ from crossrank.models.encoding import PairTokenizer, encode_lists, load_set_toke
 from crossrank.errors import CrossrankError
 from crossrank.training.losses import rank_net
 from crossrank.novelty import na_rank_net
-from crossrank.training.preprocessing import load_split
+from crossrank.training.examples import load_split
 from crossrank.models.set_encoder import SetEncoder
 from crossrank.training.parts import batch_loss
 from crossrank.training.loop import initial_weights, load_model, train
@@ -147,7 +147,7 @@ def test_positive_from_the_qrels_when_the_first_stage_missed_it():
 
     from crossrank.config import DataConfig
     from crossrank.training.data import TrainingData
-    from crossrank.training.preprocessing import TrainingQuery
+    from crossrank.training.examples import TrainingQuery
 
     query = TrainingQuery("q1", ["a", "b", "c"], [3.0, 2.0, 1.0], {"z": 1, "b": 0})
     texts = {d: d for d in "abcz"}

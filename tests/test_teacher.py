@@ -181,7 +181,7 @@ def test_happy_path_run_log_summary_and_preprocessing(collection, server, tmp_pa
     assert server.requests[0]["path"] == "/v1/chat/completions"
 
     # the output is a dataset's `teacher:` for preprocessing.py as it is: teacher order, best first
-    from crossrank.training.preprocessing import load_split
+    from crossrank.training.examples import load_split
     (tmp_path / "kd.yaml").write_text(f"name: kd\ncorpus: {collection['corpus']}\ntopics: {collection['topics']}\n"
                                       f"teacher: {out}\n")
     prep = subprocess.run([sys.executable, str(ROOT / "preprocessing.py"), "--dataset", str(tmp_path / "kd.yaml"),

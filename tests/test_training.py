@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import interrupt_and_resume, write_tiny_collection
 from crossrank.config import ROOT, load_run_config
 from crossrank.errors import CrossrankError
-from crossrank.training.preprocessing import TrainingQuery, write_meta, write_split
+from crossrank.training.examples import TrainingQuery, write_meta, write_split
 from crossrank.training.loop import initial_weights, train
 
 
@@ -493,7 +493,8 @@ def test_validation_value_is_what_the_inference_engine_reports(quiet_bert, colle
     from crossrank.evaluation import metrics as evaluation
     from crossrank.training.data import load_training_data
     from crossrank.inference.candidates import Candidates
-    from crossrank.inference.rerank import load_model, score_candidates
+    from crossrank.inference.rerank import score_candidates
+    from crossrank.models.loading import load_model
 
     cfg = config(quiet_bert, collection["CL"], tmp_path, "CL", "train.max_steps=3", "train.eval_every=3",
                  "eval.block_queries=3", "eval.batch_tokens=64")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from crossrank.data.files import BadLines, numbered_lines
 from crossrank.data.irds import irds_errors, is_irds, open_irds
-from crossrank.data.texts import beir_member
+from crossrank.data.files import beir_member
 from crossrank.errors import CrossrankError
 
 

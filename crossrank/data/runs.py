@@ -16,7 +16,8 @@ from pathlib import Path
 
 import concurrent.futures
 from typing import TYPE_CHECKING
-from crossrank.data.files import BadLines, GZIP_ERRORS, atomic_write, remove_stale_temporaries, text_lines
+from crossrank.data.files import BadLines, GZIP_ERRORS, text_lines
+from crossrank.data.atomic import atomic_write, remove_stale_temporaries
 from crossrank.data.irds import IRDS_PREFIX, irds_errors, is_irds, open_irds
 from crossrank.errors import CrossrankError
 

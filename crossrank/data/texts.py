@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from crossrank.data.files import BadLines, numbered_lines, read_text
+from crossrank.data.files import BadLines, beir_member, numbered_lines, read_text
 from crossrank.data.irds import irds_errors, is_irds, open_irds
 from crossrank.errors import CrossrankError
 
@@ -192,17 +192,6 @@ def _json_text(record: dict, field: str) -> str:
     if not isinstance(value, str):
         raise _BadLine(f"\"{field}\" is {_json_type(value)} (expected a string)")
     return value.strip()
-
-
-def beir_member(path: str | os.PathLike, names: tuple[str, ...]) -> Path:
-    """A BEIR folder stands for its member file (the first of `names` that exists)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in names:
-            if (path / name).is_file():
-                return path / name
-        raise CrossrankError(f"{path}: folder has none of {', '.join(names)} (expected a BEIR folder)")
-    return path
 
 
 def _first_line(path: Path) -> str:

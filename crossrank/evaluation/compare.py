@@ -15,7 +15,7 @@ from pathlib import Path
 from crossrank import cli
 from crossrank.evaluation import metrics as evaluation
 from crossrank.errors import CrossrankError
-from crossrank.data.files import refuse_overwriting_inputs
+from crossrank.data.outputs import refuse_overwriting_inputs
 from crossrank.data.runs import load_run
 from crossrank.data.qrels import read_qrels
 from crossrank.data.texts import read_topics

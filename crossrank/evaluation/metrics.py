@@ -27,7 +27,7 @@ import pandas as pd
 from crossrank.errors import CrossrankError
 from crossrank.data.qrels import Qrels
 from crossrank.data.runs import Run, sort_ranking
-from crossrank.data.files import atomic_write
+from crossrank.data.atomic import atomic_write
 
 BINARY = {"RR", "AP", "R", "P", "Success"}  # measures that need a relevance threshold
 DEFAULT_METRICS = ["nDCG@10", "RR@10", "AP", "R@100", "R@1000"]

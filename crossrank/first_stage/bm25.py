@@ -22,7 +22,8 @@ from crossrank import config
 from crossrank.data.datasets import load_dataset
 from crossrank.errors import CrossrankError
 from crossrank.data.runs import Run, write_run
-from crossrank.data.files import output_lock, pid_is_alive, refuse_overwriting_inputs
+from crossrank.data.atomic import pid_is_alive
+from crossrank.data.outputs import output_lock, refuse_overwriting_inputs
 from crossrank.data.texts import read_corpus, read_topics
 
 if TYPE_CHECKING:

@@ -33,7 +33,8 @@ from crossrank import cli
 from crossrank import config
 from crossrank.data.datasets import load_dataset
 from crossrank.errors import CrossrankError
-from crossrank.data.files import atomic_write, output_lock, refuse_overwriting_inputs
+from crossrank.data.atomic import atomic_write
+from crossrank.data.outputs import output_lock, refuse_overwriting_inputs
 from crossrank.data.runs import format_run_lines, sort_ranking
 from crossrank.data.texts import read_corpus, read_topics
 

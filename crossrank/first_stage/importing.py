@@ -26,7 +26,8 @@ from pathlib import Path
 
 from crossrank import cli
 from crossrank.errors import CrossrankError
-from crossrank.data.files import atomic_write, output_lock, refuse_overwriting_inputs
+from crossrank.data.atomic import atomic_write
+from crossrank.data.outputs import output_lock, refuse_overwriting_inputs
 from crossrank.data.runs import clean_tag, format_run_lines
 from crossrank.data.runs import read_run_blocks
 

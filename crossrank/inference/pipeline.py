@@ -18,10 +18,11 @@ from crossrank.config import resolve_config_file
 from crossrank.models.encoding import PairTokenizer
 from crossrank.data.datasets import load_dataset
 from crossrank.distributed import Distributed, lock_outputs, setup_distributed
-from crossrank.data.files import refuse_overwriting_inputs
+from crossrank.data.outputs import refuse_overwriting_inputs
 from crossrank.inference.cache import check_score_cache, model_fingerprint
 from crossrank.inference.candidates import load_candidates
-from crossrank.inference.rerank import load_model, rerank
+from crossrank.inference.rerank import rerank
+from crossrank.models.loading import load_model
 from crossrank.errors import CrossrankError
 from crossrank.data.texts import load_corpus, read_topics
 from crossrank.data.runs import load_run

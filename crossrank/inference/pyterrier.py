@@ -21,7 +21,8 @@ import torch
 
 from crossrank.config import EvalConfig, ModelConfig
 from crossrank.inference.candidates import Candidates
-from crossrank.inference.rerank import load_model, score_candidates
+from crossrank.inference.rerank import score_candidates
+from crossrank.models.loading import load_model
 from crossrank.errors import CrossrankError
 from crossrank.data.runs import sort_ranking
 

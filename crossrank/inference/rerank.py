@@ -35,14 +35,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from crossrank.config import EvalConfig, ModelConfig
-from crossrank.models.encoding import INTERACTION_TOKEN, PairTokenizer, encode_lists
+from crossrank.config import EvalConfig
+from crossrank.models.encoding import INTERACTION_TOKEN, PairTokenizer, encode_lists, plan_batches
 from crossrank.distributed import Distributed
 from crossrank.errors import CrossrankError
 from crossrank.data.runs import Run, qid_order, sort_ranking, write_run
-from crossrank.data.files import atomic_write
-from crossrank.models.mono import score_first_token_only
-from crossrank.models.loading import load_scorer
+from crossrank.data.atomic import atomic_write
 from crossrank.models.precision import autocast_dtype, cpu_flags, resolve_precision
 from crossrank.inference.cache import ScoreCache, text_digest
 from crossrank.inference.candidates import Candidates
@@ -56,50 +54,8 @@ ScoredPair = tuple[str, str, float]  # (qid, docno, score)
 # Model, fingerprint, cache
 
 
-def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.device,
-               compile: bool = False) -> tuple[nn.Module, PairTokenizer]:
-    """The checkpoint (`load_scorer`) in eval mode on `device` and its pair tokenizer. SDPA attention on CUDA;
-    a mono model scores its last layer for the first token only; `compile` wraps it in `torch.compile`
-    (dynamic shapes)."""
-    # A bare backbone (no trained head) gets a random head: seed it, so that every rank of a sharded run and
-    # every resumed run has the same one (transformers reports the missing weights).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model, tokenizer = load_scorer(path, model_cfg, sdpa=device.type == "cuda")
-        model = model.to(device).eval()
-    if model.listwise:  # scored one whole query list per forward pass, fields truncated on their own
-        model_cfg = dataclasses.replace(model_cfg, truncation="per_field")  # the Set-Encoder's convention
-    else:
-        score_first_token_only(model)
-    if compile:  # fuses the element-wise ops around the GEMMs; a one-off compile, then faster steady state
-        model = torch.compile(model, dynamic=True)
-    return model, PairTokenizer(tokenizer, model_cfg)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Batching and scoring
-
-
-def plan_batches(lengths: list[int], groups: list[int], batch_tokens: int,
-                 listwise: bool = False) -> list[list[int]]:
-    """Indices of pairs per batch. Pointwise: pairs sorted by length (longest first, so an out-of-memory error
-    shows at once), each batch as many pairs as fit `batch_tokens` padded tokens. `listwise` (the Set-Encoder):
-    whole queries (`groups[i]` = query index of pair i) per batch, because a query's passages attend to each
-    other."""
-    if listwise:
-        by_query: dict[int, list[int]] = {}
-        for i, g in enumerate(groups):
-            by_query.setdefault(g, []).append(i)
-        return list(by_query.values())
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        # sorted descending, so the first pair of a batch sets its padded length
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 def prepare_block(pairs: list[tuple[str, str]], candidates: Candidates, tokenizer: PairTokenizer,

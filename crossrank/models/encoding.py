@@ -125,3 +125,25 @@ def encode_lists(tokenizer: PairTokenizer, interaction_id: int, queries: list[st
         out[key] = dense.view(Q, D, L)  # [Q, D, L]
     out["mask"] = mask
     return out
+
+
+def plan_batches(lengths: list[int], groups: list[int], batch_tokens: int,
+                 listwise: bool = False) -> list[list[int]]:
+    """Indices of pairs per batch. Pointwise: pairs sorted by length (longest first, so an out-of-memory error
+    shows at once), each batch as many pairs as fit `batch_tokens` padded tokens. `listwise` (the Set-Encoder):
+    whole queries (`groups[i]` = query index of pair i) per batch, because a query's passages attend to each
+    other."""
+    if listwise:
+        by_query: dict[int, list[int]] = {}
+        for i, g in enumerate(groups):
+            by_query.setdefault(g, []).append(i)
+        return list(by_query.values())
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        # sorted descending, so the first pair of a batch sets its padded length
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches

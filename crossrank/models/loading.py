@@ -1,17 +1,21 @@
-"""`load_scorer`: the one place that turns `model.kind` into a model class. Training and inference both load
-through it; elsewhere a branch asks the model (`model.listwise`)."""
+"""Loading a checkpoint or backbone: `load_scorer` is the one place that turns `model.kind` into a model class
+(training and inference both load through it; elsewhere a branch asks the model, `model.listwise`), and
+`load_model` readies it for scoring (eval mode, device, first-token-only last layer, its pair tokenizer)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from crossrank.config import ModelConfig
 from crossrank.errors import CrossrankError
-from crossrank.models.mono import MonoEncoder, freeze_position_embeddings, load_tokenizer, resolve_model_path
-from crossrank.models.encoding import load_set_tokenizer
+from crossrank.models.mono import (MonoEncoder, freeze_position_embeddings, load_tokenizer, resolve_model_path,
+                                   score_first_token_only)
+from crossrank.models.encoding import PairTokenizer, load_set_tokenizer
 from crossrank.models.set_encoder import CONFIG_FILE, SetEncoder
 
 
@@ -39,3 +43,23 @@ def load_scorer(path: str | os.PathLike, cfg: ModelConfig, training: bool = Fals
     if training and cfg.freeze_position_embeddings:
         freeze_position_embeddings(model)
     return model, tokenizer
+
+
+def load_model(path: str | os.PathLike, model_cfg: ModelConfig, device: torch.device,
+               compile: bool = False) -> tuple[nn.Module, PairTokenizer]:
+    """The checkpoint (`load_scorer`) in eval mode on `device` and its pair tokenizer. SDPA attention on CUDA;
+    a mono model scores its last layer for the first token only; `compile` wraps it in `torch.compile`
+    (dynamic shapes)."""
+    # A bare backbone (no trained head) gets a random head: seed it, so that every rank of a sharded run and
+    # every resumed run has the same one (transformers reports the missing weights).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, tokenizer = load_scorer(path, model_cfg, sdpa=device.type == "cuda")
+        model = model.to(device).eval()
+    if model.listwise:  # scored one whole query list per forward pass, fields truncated on their own
+        model_cfg = dataclasses.replace(model_cfg, truncation="per_field")  # the Set-Encoder's convention
+    else:
+        score_first_token_only(model)
+    if compile:  # fuses the element-wise ops around the GEMMs; a one-off compile, then faster steady state
+        model = torch.compile(model, dynamic=True)
+    return model, PairTokenizer(tokenizer, model_cfg)

@@ -7,7 +7,7 @@ import contextlib
 from crossrank import cli
 from crossrank.teacher.chat import OPENAI_HOST, OPENAI_KEY_ENV
 from crossrank.errors import CrossrankError
-from crossrank.data.files import output_lock, refuse_overwriting_inputs
+from crossrank.data.outputs import output_lock, refuse_overwriting_inputs
 from crossrank.teacher.run import paths, rank
 from crossrank.teacher.config import TeacherConfig
 

@@ -23,7 +23,7 @@ from typing import Callable
 from crossrank.teacher.chat import ChatClient, JsonlLog, Stats, api_key_for
 from crossrank.errors import CrossrankError
 from crossrank.data.runs import qid_order, clean_tag, read_run_queries, write_run
-from crossrank.data.files import atomic_write, remove_stale_temporaries
+from crossrank.data.atomic import atomic_write, remove_stale_temporaries
 from crossrank.data.texts import load_corpus, read_topics
 from crossrank.teacher.rankgpt import fit_messages, parse_permutation, sliding_windows, token_counter
 from crossrank.data.runs import top_k_docnos

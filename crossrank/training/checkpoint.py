@@ -18,7 +18,7 @@ from torch import nn
 from crossrank import config as config_io
 from crossrank.config import RunConfig
 from crossrank.distributed import Distributed
-from crossrank.data.files import FILE_MODE
+from crossrank.data.atomic import FILE_MODE
 from crossrank.errors import CrossrankError
 from crossrank.models.mono import check_model_folder
 

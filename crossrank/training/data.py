@@ -15,7 +15,7 @@ from crossrank.data.datasets import resolve_source
 from crossrank.models.encoding import INTERACTION_TOKEN, Pair, PairTokenizer, encode_lists
 from crossrank.errors import CrossrankError
 from crossrank.data.texts import load_corpus, read_topics
-from crossrank.training.preprocessing import TrainingQuery, load_meta, load_split
+from crossrank.training.examples import TrainingQuery, load_meta, load_split
 
 # ---------------------------------------------------------------------------------------------------------
 # Training examples: which candidates of a query are scored together, and their targets.

@@ -47,7 +47,7 @@ from crossrank.training import naming
 from crossrank.config import ROOT, OptimConfig, RunConfig
 from crossrank.training.data import TrainingData, load_training_data, training_folder
 from crossrank.distributed import Distributed, lock_outputs, setup_distributed
-from crossrank.data.files import refuse_overwriting_inputs
+from crossrank.data.outputs import refuse_overwriting_inputs
 from crossrank.models.encoding import PairTokenizer
 from crossrank.inference.candidates import Candidates
 from crossrank.inference.rerank import score_candidates
@@ -55,7 +55,7 @@ from crossrank.errors import CrossrankError
 from crossrank.data.runs import qid_order
 from crossrank.training.losses import LOSSES
 from crossrank.models.mono import score_first_token_only
-from crossrank.training.preprocessing import TrainingQuery
+from crossrank.training.examples import TrainingQuery
 from crossrank.models.loading import load_scorer
 from crossrank.training.checkpoint import TrainState, check_checkpoint, check_same_recipe, gather_rng, load_state, recover_folder, save_checkpoint, save_model, set_rng
 from crossrank.training.parts import WithDuplicates, batch_loss, mono_backward
@@ -103,7 +103,7 @@ def training_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
     meta = folder / "meta.yaml"
     if meta.is_file():
         from crossrank.data.datasets import resolve_source
-        from crossrank.training.preprocessing import load_meta
+        from crossrank.training.examples import load_meta
 
         found += [(f"the training {key} (named in {meta})", resolve_source(str(value)))
                   for key, value in load_meta(folder).items() if key in ("topics", "corpus") and value]

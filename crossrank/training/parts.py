@@ -12,7 +12,7 @@ from torch import nn
 from crossrank.config import RunConfig
 from crossrank.training.data import Batch
 from crossrank.models.encoding import PairTokenizer
-from crossrank.inference.rerank import plan_batches
+from crossrank.models.encoding import plan_batches
 from crossrank.novelty import duplicate_bce, novelty_targets
 from crossrank.models.set_encoder import ListScores
 

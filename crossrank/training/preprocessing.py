@@ -1,129 +1,30 @@
 """Training files: first-stage or teacher rankings per query, split into train and validation queries.
 
-`preprocessing.py` writes, for one dataset and one objective, a folder `data/<dataset>/<objective>/`:
-
-    train.parquet, valid.parquet   one row per query: qid, docnos (ranked, best first), scores (float32),
-                                   judged_docnos, judged_rels (the query's qrels; empty lists where none)
-    meta.yaml                      dataset, objective, source files, topics and corpus sources (texts are
-                                   resolved from them at training time), evalperc, seed, counts
-
-Queries and passages are stored by id only; `train.py` reads the texts of the docnos it uses from the corpus.
+`preprocessing.py` writes, for one dataset and one objective, a folder `data/<dataset>/<objective>/` in the
+format of `crossrank.training.examples` (train/valid parquet, meta.yaml).
 Validation queries are chosen by a seeded hash of the qid (`is_validation`), so the split does not depend on
 file order, is the same in a streaming pass as in memory, and is disjoint by construction.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import hashlib
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
 
-from crossrank.data.files import (GZIP_ERRORS, atomic_write, decode_line, output_lock, read_text,
-                                  refuse_overwriting_inputs, remove_stale_temporaries, text_lines)
+from crossrank.data.files import GZIP_ERRORS, decode_line, read_text, text_lines
+from crossrank.data.atomic import atomic_write
+from crossrank.data.outputs import output_lock, refuse_overwriting_inputs
 from crossrank.errors import CrossrankError
 from crossrank.data.runs import read_run
 from crossrank.teacher.rankgpt import parse_permutation  # one parser for the teacher's answers, ours or RankGPT's
 from crossrank.data.runs import group_starts, read_run_blocks
+from crossrank.training.examples import TrainingQuery, is_validation, split_writers, write_meta, write_split, parquet_schema
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-SPLITS = ("train", "valid")
-
-
-@dataclasses.dataclass
-class TrainingQuery:
-    """One training query: its ranked candidates (first-stage run or teacher order) and its judgements."""
-
-    qid: str
-    docnos: list[str]  # best first
-    scores: list[float]  # first-stage scores, or teacher scores (depth - rank + 1)
-    judged: dict[str, int]  # docno -> relevance (empty when the source has no qrels)
-
-
-def is_validation(qid: str, evalperc: float, seed: int) -> bool:
-    """True for the ~`evalperc`% of qids held out for validation: a seeded hash, order-independent."""
-    digest = hashlib.blake2b(f"{seed}\t{qid}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < evalperc / 100.0
-
-
-def load_meta(folder: str | Path) -> dict:
-    path = Path(folder) / "meta.yaml"
-    if not path.is_file():
-        raise CrossrankError(f"{path}: no such file (run preprocessing.py for this dataset and objective first)")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
-def load_split(folder: str | Path, split: str) -> list[TrainingQuery]:
-    """Read `train` or `valid` queries written by preprocessing.py."""
-    import pyarrow.parquet as pq
-
-    if split not in SPLITS:
-        raise CrossrankError(f"split {split!r} is unknown (expected one of {', '.join(SPLITS)})")
-    path = Path(folder) / f"{split}.parquet"
-    if not path.is_file():
-        raise CrossrankError(f"{path}: no such file (run preprocessing.py for this dataset and objective first)")
-    table = pq.read_table(path).to_pydict()
-    return [TrainingQuery(qid, list(docnos), [float(s) for s in scores], dict(zip(jd, map(int, jr))))
-            for qid, docnos, scores, jd, jr in zip(table["qid"], table["docnos"], table["scores"],
-                                                    table["judged_docnos"], table["judged_rels"])]
-
-
-def _schema() -> "pa.Schema":
-    import pyarrow as pa
-
-    return pa.schema([("qid", pa.string()), ("docnos", pa.list_(pa.string())), ("scores", pa.list_(pa.float32())),
-                      ("judged_docnos", pa.list_(pa.string())), ("judged_rels", pa.list_(pa.int32()))])
-
-
-def _queries_table(queries: list[TrainingQuery]) -> "pa.Table":
-    import pyarrow as pa
-
-    columns = [[q.qid for q in queries], [q.docnos for q in queries], [q.scores for q in queries],
-               [list(q.judged) for q in queries], [list(q.judged.values()) for q in queries]]
-    schema = _schema()
-    return pa.Table.from_arrays([pa.array(c, type=t) for c, t in zip(columns, schema.types)], schema=schema)
-
-
-@contextlib.contextmanager
-def split_writers(folder: str | Path) -> "Iterator[dict[str, pq.ParquetWriter]]":
-    """{'train': writer, 'valid': writer} for `<folder>/{train,valid}.parquet`, both renamed into place only
-    when the block exits without an error (so a half-written split never replaces a good one)."""
-    import pyarrow.parquet as pq
-
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        writers = {}
-        for split in SPLITS:
-            remove_stale_temporaries(Path(folder) / f"{split}.parquet")  # left by a killed earlier attempt
-            f = stack.enter_context(atomic_write(Path(folder) / f"{split}.parquet", "wb"))
-            writers[split] = stack.enter_context(pq.ParquetWriter(f, _schema()))
-        yield writers
-
-
-def write_split(folder: str | Path, split: str, queries: Iterable[TrainingQuery]) -> int:
-    """Write queries to `<folder>/<split>.parquet` atomically (small data: tests, RankGPT files)."""
-    import pyarrow.parquet as pq
-
-    queries = list(queries)
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(Path(folder) / f"{split}.parquet")
-    with atomic_write(Path(folder) / f"{split}.parquet", "wb") as f:
-        pq.write_table(_queries_table(queries), f)
-    return len(queries)
-
-
-def write_meta(folder: str | Path, meta: dict) -> None:
-    with atomic_write(Path(folder) / "meta.yaml") as f:
-        yaml.safe_dump(meta, f, sort_keys=False)
-
+    pass
 
 # ---------------------------------------------------------------------------------------------------------
 # Building the training folders
@@ -165,7 +66,7 @@ def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str |
                 pa.ListArray.from_arrays(offsets, table["score"].combine_chunks().cast(pa.float32())),
                 pa.array([list(j) for j in judged], pa.list_(pa.string())),
                 pa.array([list(j.values()) for j in judged], pa.list_(pa.int32())),
-            ], schema=_schema())
+            ], schema=parquet_schema())
             held_out = pa.array([is_validation(qid, evalperc, seed) for qid in qids])
             writers["valid"].write_table(rows.filter(held_out))
             writers["train"].write_table(rows.filter(pa.compute.invert(held_out)))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from crossrank import config as config_io
 from crossrank.config import RunConfig
-from crossrank.data.files import atomic_write
+from crossrank.data.atomic import atomic_write
 from crossrank.errors import CrossrankError
 
 

@@ -142,7 +142,8 @@ GUARD = _guard_cases() + [
                            "teacher: {c}/rankgpt.jsonl\nteacher_answers: {c}/answers.json\n")),
     # infer.py: the re-ranked run (runs/<dataset>.<first stage>.<model>.run) is another run the dataset lists
     Case("infer-run-is-another-run-of-the-dataset",
-         PY + " infer.py --model {w}/model eval.dataset={c}/guarded.yaml eval.depth=5", "runs/toy-guard.bm25.{wname}.run",
+         PY + " infer.py --model {w}/model eval.dataset={c}/guarded.yaml eval.depth=5",
+         "runs/toy-guard.bm25.{wname}.run",
          write("guarded.yaml", "name: toy-guard\ncorpus: {c}/corpus.tsv\ntopics: {c}/topics.tsv\n"
                                "qrels: {c}/qrels.txt\nruns: {{bm25: {c}/run.txt, "
                                "reranked: {root}/runs/toy-guard.bm25.{wname}.run}}\n")),
@@ -177,6 +178,8 @@ GUARD = _guard_cases() + [
 
 LOCKED = [
     Case("bm25-run-locked", BM25.replace("{out}", "{c}/bm25.run"), "{c}/bm25.run", lock="{c}/bm25.run"),
+    Case("colbert-run-locked", COLBERT.replace("{out}", "{c}/colbert.run"), "{c}/colbert.run",
+         lock="{c}/colbert.run"),
     Case("import-run-locked", IMPORT.replace("{out}", "{c}/imported.run"), "{c}/imported.run",
          lock="{c}/imported.run"),
     Case("import-locked-through-a-symlinked-folder", IMPORT.replace("{out}", "{c}/alias/imported.run"),
@@ -200,7 +203,8 @@ NAMES = [
     Case("dataset-name-dotdot-bm25", "./create_bm25_baseline_run.sh -d {c}/evil.yaml", "{c}/evil.yaml:2",
          write("evil.yaml", "corpus: {c}/corpus.tsv\nname: ../x\ntopics: {c}/topics.tsv\n")),
     Case("dataset-name-slash-preprocessing", PY + " preprocessing.py --dataset {c}/evil.yaml", "{c}/evil.yaml:1",
-         write("evil.yaml", "name: a/b\ncorpus: {c}/corpus.tsv\ntopics: {c}/topics.tsv\nruns: {{bm25: {c}/run.txt}}\n")),
+         write("evil.yaml", "name: a/b\ncorpus: {c}/corpus.tsv\ntopics: {c}/topics.tsv\n"
+                            "runs: {{bm25: {c}/run.txt}}\n")),
     Case("dataset-name-from-a-bad-file-name", PY + " -m crossrank compare -d '{c}/my data.yaml' {c}/run.txt",
          "{c}/my data.yaml", write("my data.yaml", "corpus: {c}/corpus.tsv\nqrels: {c}/qrels.txt\n")),
     Case("ft-objective-is-a-path", "./ft-monoencoder.sh -m ../backbones/bert train.output_dir={c}/out",

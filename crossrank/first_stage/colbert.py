@@ -223,12 +223,12 @@ def main() -> int:
     # the index folder is deleted by --rebuild: it must not hold an input either
     refuse_overwriting_inputs([("--out" if args.out else "the default output", out)],
                               dataset.inputs("colbert") + checkpoint, [("the index folder (under --indexes)", folder)])
-    try:
-        import pylate  # noqa: F401
-    except ImportError:
-        raise CrossrankError(f"{sys.executable}: PyLate is not installed; run ./create_colbert_baseline_runs.sh, "
-                             f"which creates the ColBERT environment (README, 'ColBERTv2 first stage')") from None
     with output_lock(out), output_lock(folder):  # one writer per run and per index
+        try:
+            import pylate  # noqa: F401
+        except ImportError:
+            raise CrossrankError(f"{sys.executable}: PyLate is not installed; run ./create_colbert_baseline_runs.sh, "
+                                 f"which creates the ColBERT environment (README, 'ColBERTv2 first stage')") from None
         return _index_and_retrieve(args, dataset, corpus, folder, devices, out)
 
 

@@ -36,7 +36,7 @@ on_flag() {
 }
 parse_flags "f:c:m:l:b:g:p:s:d:n" "$@"
 set -- "${REST[@]}"
-if [[ ! -f $here/configs/objectives/$objective.yaml ]]; then
+if ! is_name "$objective" || [[ ! -f $here/configs/objectives/$objective.yaml ]]; then
   echo "error: -m $objective is unknown (expected CL, KD or BCE)" >&2; exit 2
 fi
 split_backbone "$here"

@@ -27,7 +27,7 @@ def main() -> int:
         raise CrossrankError(f"{args.model}: no such model folder (expected a checkpoint folder or a hub id)")
     from crossrank.inference.pipeline import run_inference  # torch and transformers: only once the config is valid
 
-    run_inference(cfg, args.model, args.lr, args.seed)
+    run_inference(cfg, args.model, args.lr, args.seed, config_files=args.config)
     return 0
 
 

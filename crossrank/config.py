@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -55,11 +56,32 @@ def load(cls: type[T], files: list[str | os.PathLike] = (), overrides: list[str]
     return config
 
 
+# A name that becomes part of a file name (dataset names, model.name, run keys, objectives, config names): a
+# letter or digit, then letters, digits, `.`, `_`, `+` or `-`, and never `..`, so it cannot leave its folder.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+NAME_RULE = "letters, digits, '.', '_', '+' and '-', starting with a letter or digit, without '..'"
+
+
+def is_name(value: str) -> bool:
+    return bool(NAME.fullmatch(value)) and ".." not in value
+
+
+def check_name(value: str, where: str, what: str) -> str:
+    """`value` if it is a valid name, else a CrossrankError `where: what '...' is not a valid name`."""
+    if not is_name(value):
+        raise CrossrankError(f"{where}: {what} {value!r} is not a valid name (expected {NAME_RULE}: it becomes "
+                             f"part of file names)")
+    return value
+
+
 def resolve_config_file(name: str, folder: str) -> Path:
     """`configs/<folder>/<name>.yaml` for a short name, or `name` itself if it is a path to a YAML file."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
+    if path.suffix not in (".yaml", ".yml") and not is_name(name):  # `../x` must not reach outside configs/
+        raise CrossrankError(f"{name}: not a name of configs/{folder}/ (expected {NAME_RULE}, or a path to a "
+                             f".yaml file)")
     candidate = CONFIGS / folder / f"{name}.yaml"
     if candidate.is_file():
         return candidate
@@ -361,6 +383,15 @@ class RunConfig:
              self.train.novelty_ties),
             (set(self.train.report_to) <= {"tensorboard", "wandb"}, "train.report_to",
              "a list of tensorboard, wandb", self.train.report_to),
+            # names that become parts of file names (run folders, runs/<dataset>.<first_stage>.<model>.run)
+            (not self.model.name or is_name(self.model.name), "model.name", f"a name ({NAME_RULE})",
+             self.model.name),
+            (self.train.previous in ("", "CL", "KD", "BCE"), "train.previous", "empty, CL, KD or BCE",
+             self.train.previous),
+            (is_name(self.eval.first_stage), "eval.first_stage", f"a run key of the dataset ({NAME_RULE})",
+             self.eval.first_stage),
+            (is_name(self.data.dataset) or self.data.dataset.endswith((".yaml", ".yml")), "data.dataset",
+             f"a configs/datasets name ({NAME_RULE}) or a path to a .yaml file", self.data.dataset),
         ]
         listwise = self.model.kind == "set-encoder"
         checks += [  # the Set-Encoder's conventions and the parts only it has

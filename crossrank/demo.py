@@ -33,6 +33,7 @@ from pathlib import Path
 from crossrank import cli
 from crossrank.config import ROOT
 from crossrank.data.atomic import atomic_write
+from crossrank.data.outputs import refuse_overwriting_inputs, same_file
 from crossrank.data.runs import format_run_lines, sort_ranking
 
 THEMES = {
@@ -193,11 +194,35 @@ def _write_teacher(path: Path, rng: random.Random, queries: list[Query], docs: l
                                                      enumerate(ranking)], "demo-teacher"))
 
 
+FILES = ("corpus.tsv", "topics.train.tsv", "topics.test.tsv", "qrels.train.txt", "qrels.test.txt", "teacher.train.run")
+
+
+def _refuse_overwriting_inputs(out: Path) -> None:
+    """`--out` must be a folder, and none of the files written there may be an input of a configured dataset
+    (configs/datasets/), apart from the demo's own files in data/demo/, which this command exists to (re)write."""
+    from crossrank.data.datasets import load_dataset
+    from crossrank.errors import CrossrankError
+
+    if out.exists() and not out.is_dir():
+        raise CrossrankError(f"{out}: --out is a file (expected a folder for the demo collection's files)")
+    own = [ROOT / "data" / "demo" / name for name in FILES]
+    inputs = []
+    for yaml_file in sorted((ROOT / "configs" / "datasets").glob("*.yaml")):
+        try:
+            dataset = load_dataset(str(yaml_file))
+        except (CrossrankError, OSError):  # a dataset list (indomain) or a broken config: not this command's
+            continue
+        inputs += [(what, path) for what, path in dataset.inputs()
+                   if not any(same_file(path, mine) for mine in own)]
+    refuse_overwriting_inputs([(f"--out's {name}", out / name) for name in FILES], inputs)
+
+
 def main() -> int:
     parser = cli.ArgumentParser(description="Generate the synthetic demo collection.")
     parser.add_argument("--out", default=str(ROOT / "data" / "demo"), help="output folder (default: data/demo)")
     parser.add_argument("--seed", type=cli.int_in(0), default=13)
     args = parser.parse_args()
+    _refuse_overwriting_inputs(Path(args.out))
     counts = generate(Path(args.out), args.seed)
     print(f"demo collection in {args.out}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
     return 0

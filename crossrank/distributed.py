@@ -5,6 +5,7 @@ the single process uses the first GPU, else the CPU. NCCL on CUDA, gloo on CPU (
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -45,3 +46,24 @@ def setup_distributed(timeout: datetime.timedelta | None = None) -> Distributed:
         extra = {"device_id": device} if cuda else {}
         dist.init_process_group("nccl" if cuda else "gloo", **extra, **({"timeout": timeout} if timeout else {}))
     return Distributed(rank, world, device)
+
+
+def lock_outputs(held: contextlib.ExitStack, paths: list, ddp: Distributed) -> None:
+    """Take the output locks of `paths` (`crossrank.data.outputs.output_lock`) into `held` on rank 0 only, and tell
+    every rank whether that worked: the ranks of one job never block each other, and when another job writes
+    an output, all ranks stop with the same CrossrankError (rank 0 reports it)."""
+    from crossrank.data.outputs import output_lock
+
+    error = None
+    if ddp.is_main:
+        try:
+            for path in paths:
+                held.enter_context(output_lock(path))
+        except CrossrankError as e:
+            error = str(e)
+    if ddp.world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise CrossrankError(error)

@@ -65,6 +65,11 @@ set_gpus() {
 # -c: BACKBONE without a set-encoder[:] prefix, SET_ENCODER=1 with one, and BACKBONE_ARGS: its
 # configs/backbones YAML (--config) or, for a hub id / folder, model.path; model.name names the run folder
 # (set-encoder-<backbone> for the Set-Encoder). $1: the project folder.
+# NAME: a config name, never a path (`-m ../backbones/bert` must not pick another folder's file)
+is_name() {
+  [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._+-]*$ && $1 != *..* ]]
+}
+
 split_backbone() {
   local root=$1
   SET_ENCODER="" BACKBONE_ARGS=() BACKBONE_NAME=()
@@ -72,7 +77,7 @@ split_backbone() {
     SET_ENCODER=1 BACKBONE=${BACKBONE#set-encoder} BACKBONE=${BACKBONE#:}
   fi
   local prefix=${SET_ENCODER:+set-encoder-}
-  if [[ -f $root/configs/backbones/$BACKBONE.yaml ]]; then
+  if is_name "$BACKBONE" && [[ -f $root/configs/backbones/$BACKBONE.yaml ]]; then
     BACKBONE_ARGS=(--config "$root/configs/backbones/$BACKBONE.yaml")
     [[ -n $prefix ]] && BACKBONE_NAME=("model.name=$prefix$BACKBONE")
   elif [[ -n $BACKBONE ]]; then

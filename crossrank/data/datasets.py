@@ -50,6 +50,21 @@ class DatasetConfig:
                              f"{', '.join(self.runs) or 'none configured'}, or a path to a run file)")
 
 
+    def inputs(self, produced_run: str = "", produced_teacher: bool = False) -> list[tuple[str, str]]:
+        """(what, path) of every local file the dataset lists (corpus, topics, qrels, runs, teacher files) and its
+        YAML, for `refuse_overwriting_inputs`; `produced_run` is the run key the command writes itself (bm25's
+        `bm25`), `produced_teacher` the teacher ranking rank_gpt.py writes: those are outputs, not inputs."""
+        what = f"dataset {self.name}'s"
+        found = [(f"{what} config", getattr(self, "file", ""))]
+        found += [(f"{what} {field}", resolve_source(getattr(self, field))) for field in ("corpus", "topics", "qrels")
+                  if getattr(self, field)]
+        found += [(f"{what} run {key!r}", resolve_source(path)) for key, path in self.runs.items()
+                  if path and key != produced_run]
+        found += [(f"{what} {field}", resolve_source(getattr(self, field))) for field in ("teacher", "teacher_answers")
+                  if getattr(self, field) and not produced_teacher]
+        return found
+
+
 def resolve_source(value: str) -> str:
     if value.startswith(IRDS_PREFIX):
         return value
@@ -59,6 +74,9 @@ def resolve_source(value: str) -> str:
 
 def load_dataset(key: str) -> DatasetConfig:
     """Load `configs/datasets/<key>.yaml` (or a YAML path); the name defaults to the key."""
-    dataset = config.load(DatasetConfig, [config.resolve_config_file(key, "datasets")])
-    dataset.name = dataset.name or Path(key).stem
+    file = config.resolve_config_file(key, "datasets")
+    dataset = config.load(DatasetConfig, [file])
+    origin = dataset._origins.get("name") if dataset.name else f"{file} (its file name; set name: in it)"
+    dataset.name = config.check_name(dataset.name or Path(key).stem, origin, "dataset name")
+    dataset.file = str(file)
     return dataset

@@ -15,6 +15,7 @@ from pathlib import Path
 from crossrank import cli
 from crossrank.evaluation import metrics as evaluation
 from crossrank.errors import CrossrankError
+from crossrank.data.outputs import refuse_overwriting_inputs
 from crossrank.evaluation.report import report, write_per_run
 from crossrank.data.runs import load_run
 from crossrank.data.qrels import read_qrels
@@ -90,9 +91,30 @@ def _novelty(args, corpus: str | None, qrels, topics, rel_level: int, runs) -> s
     return evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, args.subtopics)
 
 
+def _refuse_overwriting_inputs(args, qrels_source, topics_source, corpus) -> None:
+    """`--per-query` and `--plot` write next to each run: never over one of the inputs, nor twice to one file."""
+    outputs = []
+    base = _baseline(args.baseline, args.runs) if args.plot else -1  # the baseline gets no plot
+    for i, path in enumerate(args.runs):
+        stem = Path(path).with_suffix("")
+        if args.per_query:
+            outputs.append((f"--per-query's CSV of {path}", f"{stem}.perquery.csv"))
+        if args.plot and i != base:
+            outputs.append((f"--plot's plot of {path}", f"{stem}.ndcg10-diff.png"))
+    if outputs:
+        inputs = [(f"the run {path}", path) for path in args.runs]
+        inputs += [("the qrels", qrels_source), ("the topics", topics_source), ("the corpus", corpus)]
+        if args.dataset:
+            from crossrank.data.datasets import load_dataset
+
+            inputs += load_dataset(args.dataset).inputs()
+        refuse_overwriting_inputs(outputs, inputs)
+
+
 def _compare(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     qrels_source, topics_source, rel_level, corpus = _sources(args)
+    _refuse_overwriting_inputs(args, qrels_source, topics_source, corpus)
     qrels = read_qrels(qrels_source)
     topics = read_topics(topics_source) if topics_source else None
     metrics = evaluation.parse_metrics([m for m in args.metrics.split(",") if m], rel_level or 1)

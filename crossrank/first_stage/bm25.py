@@ -27,6 +27,7 @@ from crossrank.data.datasets import load_dataset
 from crossrank.errors import CrossrankError
 from crossrank.data.runs import Run, write_run
 from crossrank.data.atomic import pid_is_alive
+from crossrank.data.outputs import output_lock, refuse_overwriting_inputs
 from crossrank.data.texts import read_corpus, read_topics
 
 if TYPE_CHECKING:
@@ -174,10 +175,13 @@ def main() -> int:
     parser.add_argument("--lenient", action="store_true", help="skip malformed corpus/topic lines")
     args = parser.parse_args()
     dataset = load_dataset(args.dataset)
-    topics = read_topics(dataset.source("topics"), args.lenient)
-    run = bm25_run(dataset.source("corpus"), topics, args.k, args.threads, args.lenient)
     out = Path(args.out) if args.out else config.ROOT / "runs" / f"{dataset.name}.bm25.run"
-    write_run(out, run, tag="bm25")
+    # the dataset's own `bm25` run is what this command makes; every other file it lists is an input
+    refuse_overwriting_inputs([("--out" if args.out else "the default output", out)], dataset.inputs("bm25"))
+    with output_lock(out):  # before the index is built: a second writer stops at once
+        topics = read_topics(dataset.source("topics"), args.lenient)
+        run = bm25_run(dataset.source("corpus"), topics, args.k, args.threads, args.lenient)
+        write_run(out, run, tag="bm25")
     empty = sum(1 for ranking in run.values() if not ranking)
     print(f"wrote {out}: {len(run)} queries, top {args.k}" + (f" ({empty} with no result)" if empty else ""))
     return 0

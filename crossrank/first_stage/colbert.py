@@ -34,6 +34,7 @@ from crossrank import config
 from crossrank.data.datasets import load_dataset
 from crossrank.errors import CrossrankError
 from crossrank.data.atomic import atomic_write
+from crossrank.data.outputs import output_lock, refuse_overwriting_inputs
 from crossrank.data.runs import format_run_lines, sort_ranking
 from crossrank.data.texts import read_corpus, read_topics
 
@@ -213,14 +214,25 @@ def main() -> int:
     args = parser.parse_args()
     logging.getLogger("pylate.indexes.fast_plaid").setLevel(logging.ERROR)  # "adding to an existing index": by design
     devices = parse_devices(args.devices)  # a bad -g is reported before the missing engine
-    try:
-        import pylate  # noqa: F401
-    except ImportError:
-        raise CrossrankError(f"{sys.executable}: PyLate is not installed; run ./create_colbert_baseline_runs.sh, "
-                             f"which creates the ColBERT environment (README, 'ColBERTv2 first stage')") from None
     dataset = load_dataset(args.dataset)
+    out = Path(args.out) if args.out else config.ROOT / "runs" / f"{dataset.name}.colbert.run"
+    # the dataset's own `colbert` run is what this command makes; every other file it lists is an input
     corpus = dataset.source("corpus")
     folder = index_folder(corpus, args.checkpoint, Path(args.indexes))
+    checkpoint = [("the --checkpoint folder", args.checkpoint)] if Path(args.checkpoint).expanduser().exists() else []
+    # the index folder is deleted by --rebuild: it must not hold an input either
+    refuse_overwriting_inputs([("--out" if args.out else "the default output", out)],
+                              dataset.inputs("colbert") + checkpoint, [("the index folder (under --indexes)", folder)])
+    with output_lock(out), output_lock(folder):  # one writer per run and per index
+        try:
+            import pylate  # noqa: F401
+        except ImportError:
+            raise CrossrankError(f"{sys.executable}: PyLate is not installed; run ./create_colbert_baseline_runs.sh, "
+                                 f"which creates the ColBERT environment (README, 'ColBERTv2 first stage')") from None
+        return _index_and_retrieve(args, dataset, corpus, folder, devices, out)
+
+
+def _index_and_retrieve(args, dataset, corpus: str, folder: Path, devices: list[str], out: Path) -> int:
     if args.rebuild:
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -231,7 +243,6 @@ def main() -> int:
               f"indexed in {folder}; run the same command again to continue")
         return 0
     topics = read_topics(dataset.source("topics"), args.lenient)
-    out = Path(args.out) if args.out else config.ROOT / "runs" / f"{dataset.name}.colbert.run"
     short = retrieve(folder, model, topics, args.k, devices, args.batch_size, out)
     print(f"wrote {out}: {len(topics)} queries, top {args.k}" + (f" ({short} with fewer results)" if short else ""))
     return 0

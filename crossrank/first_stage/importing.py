@@ -27,6 +27,7 @@ from pathlib import Path
 from crossrank import cli
 from crossrank.errors import CrossrankError
 from crossrank.data.atomic import atomic_write
+from crossrank.data.outputs import output_lock, refuse_overwriting_inputs
 from crossrank.data.runs import clean_tag, format_run_lines
 from crossrank.data.runs import read_run_blocks
 
@@ -129,8 +130,10 @@ def _import(argv: list[str] | None) -> int:
     imp.add_argument("--tag", default="colbertv2", help="run tag written in the last column (default colbertv2)")
     imp.add_argument("--lenient", action="store_true", help="skip malformed lines and report how many")
     args = parser.parse_args(argv)
-    shape = import_run(args.source, args.out or None, args.depth, args.queries, args.exact, args.tag,
-                       args.lenient)
+    refuse_overwriting_inputs([("OUT", args.out)], [("the SOURCE run", args.source)])
+    with output_lock(args.out) if args.out else contextlib.nullcontext():
+        shape = import_run(args.source, args.out or None, args.depth, args.queries, args.exact, args.tag,
+                           args.lenient)
     print(shape.summary() + (f" -> {args.out}" if args.out else " (checked; nothing written)"))
     return 0
 

@@ -3,6 +3,7 @@ the inference engine (`crossrank.inference`), and write the run, its YAML, the p
 difference plot and the significance table against the first stage."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -18,7 +19,8 @@ from crossrank.evaluation.report import report, write_per_run
 from crossrank.config import resolve_config_file
 from crossrank.models.encoding import PairTokenizer
 from crossrank.data.datasets import load_dataset
-from crossrank.distributed import Distributed, setup_distributed
+from crossrank.distributed import Distributed, lock_outputs, setup_distributed
+from crossrank.data.outputs import refuse_overwriting_inputs
 from crossrank.inference.cache import check_score_cache, model_fingerprint
 from crossrank.inference.candidates import load_candidates
 from crossrank.inference.rerank import rerank, with_precision
@@ -50,6 +52,18 @@ def model_run_name(model_path: str | os.PathLike) -> str:
     return path.parent.name if path.name == "model" and path.parent.name else backbone_name(str(path))
 
 
+def output_run(dataset_name: str, first_stage: str, model_name: str) -> Path:
+    """runs/<dataset>.<first stage>.<model>.run (every part a checked name: it stays in runs/)."""
+    return config.ROOT / "runs" / f"{dataset_name}.{first_stage}.{model_name}.run"
+
+
+def outputs_of(run: Path, key: str) -> list[tuple[str, Path]]:
+    """What re-ranking one dataset writes: the run, its config, the per-query CSV and the nDCG@10 plot."""
+    return [(f"the re-ranked run of {key}", run), (f"the run's config of {key}", run.with_suffix(".yaml")),
+            (f"the per-query CSV of {key}", run.with_suffix(".perquery.csv")),
+            (f"the nDCG@10 plot of {key}", run.with_suffix(".ndcg10-diff.png"))]
+
+
 def rerank_dataset(cfg, model: nn.Module, tokenizer: PairTokenizer, fingerprint: str, model_name: str,
                    key: str, dist: Distributed) -> str | None:
     """Re-rank one dataset's first-stage run into runs/<dataset>.<first_stage>.<model>.run, evaluate it against
@@ -58,7 +72,7 @@ def rerank_dataset(cfg, model: nn.Module, tokenizer: PairTokenizer, fingerprint:
     e = cfg.eval
     run_path = dataset.run(e.first_stage)
     candidates = load_candidates(run_path, dataset.source("topics"), dataset.source("corpus"), e.depth, e.lenient)
-    out = config.ROOT / "runs" / f"{dataset.name}.{e.first_stage}.{model_name}.run"
+    out = output_run(dataset.name, e.first_stage, model_name)
     run = rerank(model, tokenizer, candidates, out, e, fingerprint, dist, tag=model_name)
     if not dist.is_main:
         return None
@@ -85,16 +99,30 @@ def rerank_dataset(cfg, model: nn.Module, tokenizer: PairTokenizer, fingerprint:
     return "\n".join(lines)
 
 
-def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: int | None = None) -> None:
-    """infer.py's work: find the checkpoint, then re-rank and evaluate every dataset of eval.dataset."""
+def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: int | None = None,
+                  config_files: list[str] = ()) -> None:
+    """infer.py's work: find the checkpoint, then re-rank and evaluate every dataset of eval.dataset. No output
+    may be an input (`config_files`, every file the datasets list), and each output run has one writer."""
     keys = dataset_keys(cfg.eval.dataset)
+    inputs = [("a --config file", file) for file in config_files]
+    inputs += [source for key in keys for source in load_dataset(key).inputs()]
     if cfg.eval.score_cache:
+        refuse_overwriting_inputs([("eval.score_cache", cfg.eval.score_cache)], inputs)
         check_score_cache(cfg.eval.score_cache)
     dist = setup_distributed(timeout=datetime.timedelta(hours=12))  # shards may finish far apart
     if model_path is None:
         chain = objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
         label = model_label(cfg.model.name, cfg.data.novelty)  # data.novelty: the novelty-trained variant
         model_path = str(find_model(label, chain, cfg.train.stage, lr, seed))
+    runs = [output_run(load_dataset(key).name, cfg.eval.first_stage, model_run_name(model_path)) for key in keys]
+    refuse_overwriting_inputs([output for run, key in zip(runs, keys) for output in outputs_of(run, key)] +
+                              [("eval.score_cache", cfg.eval.score_cache)], inputs)
+    with contextlib.ExitStack() as held:
+        lock_outputs(held, runs, dist)  # before the model loads: a second writer stops at once
+        _rerank_all(cfg, model_path, keys, dist)
+
+
+def _rerank_all(cfg, model_path: str, keys: list[str], dist: Distributed) -> None:
     # the checkpoint's settings (crossrank.json), unless chosen explicitly: tokenizer.model is what applies
     model, tokenizer = load_model(model_path, cfg.model, dist.device, compile=cfg.eval.compile,
                                   explicit=explicit_keys(cfg), announce=dist.is_main)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from crossrank import cli
 from crossrank.teacher.endpoint import OPENAI_HOST, OPENAI_KEY_ENV
 from crossrank.errors import CrossrankError
-from crossrank.teacher.run import rank
+from crossrank.data.outputs import output_lock, refuse_overwriting_inputs
+from crossrank.teacher.run import paths, rank
 from crossrank.teacher.config import TeacherConfig
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse the command line, resolve `--dataset` sources, rank; returns the summary."""
     args = vars(build_parser().parse_args(argv))
     dataset = args.pop("dataset")
+    inputs = []
     if dataset:
         from crossrank.data.datasets import load_dataset
 
@@ -81,10 +84,17 @@ def main(argv: list[str] | None = None) -> dict:
         args["run"] = ds.run(args["run"])
         args["topics"] = args["topics"] or ds.source("topics")
         args["corpus"] = args["corpus"] or ds.source("corpus")
+        inputs = ds.inputs(produced_teacher=True)  # its teacher ranking is what this command makes
     for flag in ("topics", "corpus"):
         if not args[flag]:
             raise CrossrankError(f"--{flag} is missing (expected a path or irds:<id>, or --dataset KEY)")
-    return rank(TeacherConfig(**args))
+    out = args["output"]
+    refuse_overwriting_inputs([("-o", out)] + [(f"-o's {kind} file", path) for kind, path in paths(out).items()
+                                               if kind != "run"],
+                              [("the --run file", args["run"]), ("the --topics file", args["topics"]),
+                               ("the --corpus file", args["corpus"])] + inputs)
+    with output_lock(out) if not args["dry_run"] else contextlib.nullcontext():  # one session per output
+        return rank(TeacherConfig(**args))
 
 
 def format_summary(summary: dict) -> str:

@@ -45,8 +45,9 @@ from crossrank import config as config_io
 from crossrank.evaluation import metrics as evaluation
 from crossrank.training import naming
 from crossrank.config import ROOT, OptimConfig, RunConfig
-from crossrank.training.data import TrainingData, load_training_data
-from crossrank.distributed import Distributed, setup_distributed
+from crossrank.training.data import TrainingData, load_training_data, training_folder
+from crossrank.distributed import Distributed, lock_outputs, setup_distributed
+from crossrank.data.outputs import refuse_overwriting_inputs
 from crossrank.models.encoding import PairTokenizer
 from crossrank.inference.candidates import Candidates
 from crossrank.inference.rerank import score_candidates
@@ -91,6 +92,24 @@ def initial_weights(cfg: RunConfig) -> str:
     seed = cfg.train.previous_seed if cfg.train.previous_seed >= 0 else None
     return str(naming.find_model(cfg.model.name or cfg.model.path, previous, 1, lr=cfg.train.previous_lr or None,
                                  seed=seed, models=_project_path(cfg.train.models_dir)))
+
+
+def training_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
+    """What a run reads and its folder must never be or hold: the training folder with its texts, the model it
+    starts from (`train.init_from`, set by `_setup` for stage 2), the backbone folder."""
+    folder = training_folder(cfg)
+    found = [("the training data folder (data.train)", str(folder))]
+    meta = folder / "meta.yaml"
+    if meta.is_file():
+        from crossrank.data.datasets import resolve_source
+        from crossrank.training.examples import load_meta
+
+        found += [(f"the training {key} (named in {meta})", resolve_source(str(value)))
+                  for key, value in load_meta(folder).items() if key in ("topics", "corpus") and value]
+    found += [("train.init_from", cfg.train.init_from and str(_project_path(cfg.train.init_from)))]
+    if cfg.model.path and Path(cfg.model.path).expanduser().exists():
+        found.append(("model.path", cfg.model.path))
+    return found
 
 
 def _project_path(value: str) -> Path:
@@ -149,8 +168,14 @@ class StepRecord:
 
 
 def train(cfg: RunConfig) -> TrainState:
-    """Fine-tune `cfg.model` on `cfg.data` with `cfg.train.loss`; see the module docstring."""
-    run = _setup(cfg)
+    """Fine-tune `cfg.model` on `cfg.data` with `cfg.train.loss`; see the module docstring. The run folder is
+    locked for the whole run (one writer; released when the run ends or its process dies)."""
+    with contextlib.ExitStack() as held:
+        return _train(cfg, held)
+
+
+def _train(cfg: RunConfig, held: contextlib.ExitStack) -> TrainState:
+    run = _setup(cfg, held)
     cfg, ddp = run.cfg, run.ddp
     state = _restore(run)
     if ddp.is_main:
@@ -194,8 +219,9 @@ def train(cfg: RunConfig) -> TrainState:
     return state
 
 
-def _setup(cfg: RunConfig) -> Setup:
-    """Processes, checks, data, the run folder, the model (from checkpoint/ when resuming) and its optimiser."""
+def _setup(cfg: RunConfig, held: contextlib.ExitStack) -> Setup:
+    """Processes, checks, data, the run folder (never an input; locked into `held`), the model (from checkpoint/
+    when resuming) and its optimiser."""
     ddp = setup_distributed()
     if cfg.train.loss not in LOSSES:
         raise CrossrankError(f"config: train.loss is unknown (expected one of {', '.join(LOSSES)}, "
@@ -214,6 +240,9 @@ def _setup(cfg: RunConfig) -> Setup:
     # checkpoint that started elsewhere is refused by the recipe check below before anything is loaded
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=initial_weights(cfg)))
     folder = run_folder(cfg)
+    refuse_overwriting_inputs([], training_inputs(cfg), [("train.output_dir" if cfg.train.output_dir else
+                                                          "the run folder", folder)])
+    lock_outputs(held, [folder], ddp)  # before anything in it is read, recovered or written
     global_queries = cfg.train.queries_per_batch * cfg.train.accumulation
     total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * len(data) // global_queries)
     resume = recover_folder(folder / "checkpoint")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from crossrank.data.files import GZIP_ERRORS, decode_line, read_text, text_lines
 from crossrank.data.atomic import atomic_write
+from crossrank.data.outputs import output_lock, refuse_overwriting_inputs
 from crossrank.errors import CrossrankError
 from crossrank.data.runs import read_run
 from crossrank.teacher.rankgpt import parse_permutation  # one parser for the teacher's answers, ours or RankGPT's
@@ -281,8 +282,6 @@ def prepare(dataset: str, objective: str = "", run: str = "", evalperc: float = 
     configs/datasets or a YAML path. Returns the folder."""
     from crossrank import config
     from crossrank.data.datasets import load_dataset
-    from crossrank.data.qrels import read_qrels
-    from crossrank.data.texts import read_topics
 
     if not 0 <= evalperc < 100:
         raise CrossrankError(f"--evalperc {evalperc} is out of range (expected a percentage in [0, 100))")
@@ -296,6 +295,20 @@ def prepare(dataset: str, objective: str = "", run: str = "", evalperc: float = 
         raise CrossrankError(f"--texts {texts!r} is unknown (expected dataset or teacher)")
     ds = load_dataset(key)
     folder = Path(out) if out else config.ROOT / "data" / ds.name / objective
+    flag = "--out" if out else "the default output folder"
+    rankgpt = objective == "KD" and ds.teacher.endswith((".jsonl", ".jsonl.zip", ".zip"))  # texts copied too
+    written = ("train.parquet", "valid.parquet", "meta.yaml") + (("topics.tsv", "passages.tsv") if rankgpt else ())
+    refuse_overwriting_inputs([(flag, folder)] + [(f"{flag}'s {name}", folder / name) for name in written],
+                              ds.inputs() + ([("the --run file", run)] if run and Path(run).is_file() else []))
+    with output_lock(folder):  # one writer per training folder
+        return _prepare(ds, folder, objective, run, evalperc, seed, depth, lenient, repair)
+
+
+def _prepare(ds, folder: Path, objective: str, run: str, evalperc: float, seed: int, depth: int | None,
+             lenient: bool, repair: bool) -> Path:
+    from crossrank.data.qrels import read_qrels
+    from crossrank.data.texts import read_topics
+
     meta = {"dataset": ds.name, "objective": objective, "evalperc": evalperc, "seed": seed, "rel_level": ds.rel_level,
             "topics": ds.source("topics"), "corpus": ds.source("corpus"),
             "qrels": ds.source("qrels") if ds.qrels else "", "split": split}

@@ -301,11 +301,11 @@ def prepare(dataset: str, objective: str = "", run: str = "", evalperc: float = 
     refuse_overwriting_inputs([(flag, folder)] + [(f"{flag}'s {name}", folder / name) for name in written],
                               ds.inputs() + ([("the --run file", run)] if run and Path(run).is_file() else []))
     with output_lock(folder):  # one writer per training folder
-        return _prepare(ds, folder, objective, run, evalperc, seed, depth, lenient, repair)
+        return _prepare(ds, folder, objective, run, evalperc, seed, depth, lenient, repair, split, texts)
 
 
 def _prepare(ds, folder: Path, objective: str, run: str, evalperc: float, seed: int, depth: int | None,
-             lenient: bool, repair: bool) -> Path:
+             lenient: bool, repair: bool, split: str, texts: str) -> Path:
     from crossrank.data.qrels import read_qrels
     from crossrank.data.texts import read_topics
 

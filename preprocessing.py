@@ -21,9 +21,10 @@ def main() -> int:
     parser.add_argument("--lenient", action="store_true", help="skip malformed lines and report how many")
     parser.add_argument("--repair", action="store_true", help="RankGPT: keep answers that are not a permutation of "
                         "the top-20, repaired as RankGPT does (default: drop them, as the multi-stage seed does)")
-    parser.add_argument("--split", choices=["hash", "sklearn"], default="hash", help="validation queries: hash "
-                        "(seeded hash of the qid) or sklearn (the multi-stage seed's train_test_split(random_state="
-                        "seed) over the qids in source order); recorded in meta.yaml")
+    parser.add_argument("--split", choices=["sklearn", "hash"], default="sklearn", help="validation queries: "
+                        "sklearn (default: exactly ceil(evalperc%% of the queries), drawn as the multi-stage seed's "
+                        "train_test_split(random_state=seed) over the qids in source order) or hash (a seeded hash "
+                        "per qid: order-independent, about evalperc%%); recorded in meta.yaml")
     parser.add_argument("--texts", choices=["dataset", "teacher"], default="dataset", help="RankGPT KD: the "
                         "dataset's query and passage texts (as the references; default) or RankGPT's copies")
     args = parser.parse_args()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from pathlib import Path
 
 from crossrank.evaluation import compare
 from crossrank.evaluation import metrics as evaluation
@@ -125,6 +126,36 @@ def test_compare_cli_writes_csv_and_plot(files, capsys):
     assert csv[0] == "qid,nDCG@10,RR(rel=2)@10" and csv[1].startswith("q1,")
     assert (files / "b.ndcg10-diff.png").read_bytes()[:4] == b"\x89PNG"
     assert not (files / "a.ndcg10-diff.png").exists()
+
+
+def test_compare_prints_the_p_values_and_writes_into_out_dir(files, tmp_path, capsys):
+    """The p-values behind the marks are printed (the paired t-test's, recomputed here with scipy), and
+    --out-dir takes the per-query CSVs where the runs' own folder is read-only."""
+    from scipy import stats
+
+    (files / "b.run").write_text(RUN.replace("d1 3 1.0", "d1 3 9.0"))
+    runs = [str(files / "a.run"), str(files / "b.run")]
+    for path in runs:
+        Path(path).chmod(0o444)
+    files.chmod(0o555)
+    try:
+        code = compare.main(runs + ["--qrels", str(files / "qrels.txt"), "--rel-level", "2", "--metrics", "nDCG@10",
+                                    "--per-query", "--out-dir", str(tmp_path / "eval")])
+    finally:
+        files.chmod(0o755)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    lines = out.out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("p-value"))
+    assert lines[header].split() == ["p-value", "nDCG@10"] and lines[header + 1].split()[0] == "b"
+    qrels = read_qrels(files / "qrels.txt")
+    metric = evaluation.parse_metrics(["nDCG@10"], 2)
+    a, b = (evaluation.evaluate(load_run(r), qrels, metric).per_query for r in runs)
+    qids = sorted(a.index)
+    expected = stats.ttest_rel(b.loc[qids, "nDCG@10"], a.loc[qids, "nDCG@10"]).pvalue
+    assert float(lines[header + 1].split()[1]) == pytest.approx(expected, rel=1e-2)
+    assert (tmp_path / "eval" / "b.perquery.csv").read_text().startswith("qid,nDCG@10")
+    assert not (files / "b.perquery.csv").exists()
 
 
 def test_compare_cli_bad_input_is_one_line_exit_2(files, capsys):

@@ -218,6 +218,30 @@ def test_preprocessing_cli_on_the_demo_collection(tmp_path):
     assert first.scores == [float(20 - i) for i in range(20)]  # teacher order kept: 20, 19, ..., 1
 
 
+def test_the_cli_holds_out_exactly_the_requested_share_and_counts_relevance_at_rel_level(tmp_path):
+    """--evalperc 10 on 43 queries holds out ceil(4.3) = 5 (the seeded hash held out 9 on DL19), train and valid
+    are disjoint, another --seed draws others; a query whose only judged passage is grade 1 has no relevant one
+    at rel_level 2, as training counts it."""
+    qids = [str(1000 + q) for q in range(43)]
+    (tmp_path / "topics.tsv").write_text("".join(f"{q}\tquery {q}\n" for q in qids))
+    (tmp_path / "corpus.tsv").write_text("".join(f"d{d}\tpassage {d}\n" for d in range(5)))
+    (tmp_path / "run.txt").write_text("".join(f"{q} Q0 d{d} {d + 1} {5 - d}.0 r\n" for q in qids for d in range(5)))
+    (tmp_path / "qrels.txt").write_text("".join(f"{q} 0 d0 {1 if q == qids[0] else 2}\n" for q in qids))
+    (tmp_path / "d.yaml").write_text(f"name: d\ncorpus: {tmp_path}/corpus.tsv\ntopics: {tmp_path}/topics.tsv\n"
+                                     f"qrels: {tmp_path}/qrels.txt\nrel_level: 2\nruns: {{bm25: {tmp_path}/run.txt}}\n")
+    splits = {}
+    for seed in ("42", "7"):
+        out = subprocess.run([sys.executable, "preprocessing.py", "--dataset", str(tmp_path / "d.yaml"), "--evalperc",
+                              "10", "--seed", seed, "--out", str(tmp_path / seed)], cwd=ROOT, capture_output=True,
+                             text=True)
+        assert out.returncode == 0, out.stderr
+        train, valid = ({q.qid for q in load_split(tmp_path / seed, s)} for s in ("train", "valid"))
+        assert len(valid) == 5 and not train & valid and train | valid == set(qids)
+        assert load_meta(tmp_path / seed)["counts"]["queries_without_relevant"] == 1  # qids[0]: grade 1 only
+        splits[seed] = valid
+    assert splits["42"] != splits["7"]
+
+
 def test_preprocessing_cli_reports_errors_in_one_line(tmp_path):
     dataset = tmp_path / "d.yaml"
     bad_run = tmp_path / "bad.run"

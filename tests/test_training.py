@@ -506,3 +506,15 @@ def test_validation_value_is_what_the_inference_engine_reports(quiet_bert, colle
     metric = evaluation.parse_metrics(["nDCG@10"], 1)[0]
     expected = evaluation.evaluate(run, {q.qid: q.judged for q in valid}, [metric]).means[str(metric)]
     assert state.best_step == 3 and state.best_metric == expected
+
+
+def test_the_start_line_says_what_one_query_brings():
+    """The CL objective's defaults (1 + 99 from the top 200) surprise: the start line spells them out."""
+    from crossrank.config import DataConfig
+    from crossrank.training.loop import list_size
+
+    assert list_size(DataConfig(sampling="single_relevant", num_negatives=99, depth=200)) == \
+        "1 relevant + up to 99 negatives from the top 200"
+    assert list_size(DataConfig(sampling="top", num_negatives=19)) == "the top 20 candidates"
+    assert list_size(DataConfig(sampling="log_random", num_negatives=7, depth=100)) == \
+        "8 log-random candidates from the top 100"

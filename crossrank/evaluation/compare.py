@@ -5,7 +5,8 @@
 
 The first run is the baseline of the paired t-tests unless `--baseline` names another (by position or path).
 `--per-query` writes `<run>.perquery.csv` next to each run, `--plot` the per-query nDCG@10 difference against
-the baseline as `<run>.ndcg10-diff.png`.
+the baseline as `<run>.ndcg10-diff.png` (`--out-dir DIR`: into DIR instead). Below the table, the p-values behind
+its marks (Holm-adjusted with `--holm`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("--holm", action="store_true", help="Holm-correct the p-values over the compared runs")
     parser.add_argument("--per-query", action="store_true", help="write <run>.perquery.csv next to each run")
     parser.add_argument("--plot", action="store_true", help="write <run>.ndcg10-diff.png next to each run")
+    parser.add_argument("--out-dir", help="write the --per-query and --plot files into this folder instead of next "
+                                          "to each run (e.g. when the runs are read-only)")
     parser.add_argument("--novelty", action="store_true", help="also alpha-nDCG@10 (alpha 0.99) on Jaccard "
                         "clusters of the judged passages as subtopics (needs the corpus: -d or --corpus)")
     parser.add_argument("--subtopics", choices=evaluation.SUBTOPICS, default="reference",
@@ -91,12 +94,18 @@ def _novelty(args, corpus: str | None, qrels, topics, rel_level: int, runs) -> s
     return evaluation.format_alpha_ndcg(runs, subtopics, qrels, topics, args.subtopics)
 
 
+def _stem(args, run_path: str) -> Path:
+    """Where a run's --per-query CSV and --plot PNG go, without their suffix: next to it, or in --out-dir."""
+    stem = Path(run_path).with_suffix("")
+    return Path(args.out_dir) / stem.name if args.out_dir else stem
+
+
 def _refuse_overwriting_inputs(args, qrels_source, topics_source, corpus) -> None:
     """`--per-query` and `--plot` write next to each run: never over one of the inputs, nor twice to one file."""
     outputs = []
     base = _baseline(args.baseline, args.runs) if args.plot else -1  # the baseline gets no plot
     for i, path in enumerate(args.runs):
-        stem = Path(path).with_suffix("")
+        stem = _stem(args, path)
         if args.per_query:
             outputs.append((f"--per-query's CSV of {path}", f"{stem}.perquery.csv"))
         if args.plot and i != base:
@@ -126,7 +135,9 @@ def _compare(argv: list[str] | None) -> int:
     novelty = _novelty(args, corpus, qrels, topics, rel_level or 1, runs) if args.novelty else None
     result = report(runs, qrels, metrics, topics, base, "holm" if args.holm else None, novelty=novelty)
     if args.per_query or args.plot:
-        write_per_run(runs, qrels, metrics, topics, {n: Path(p).with_suffix("") for n, p in paths.items()}, base,
+        if args.out_dir:
+            Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        write_per_run(runs, qrels, metrics, topics, {n: _stem(args, p) for n, p in paths.items()}, base,
                       args.per_query, args.plot)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -157,6 +157,22 @@ def format_table(table: pd.DataFrame, metrics: list[ir_measures.Measure], alpha:
     return "\n".join(lines)
 
 
+def format_p_values(table: pd.DataFrame, metrics: list[ir_measures.Measure]) -> str:
+    """The p-values behind `format_table`'s marks: one row per compared run (not the baseline), one column per
+    measure; the corrected p-value where a correction was applied. Empty with a single run."""
+    names = [str(m) for m in metrics]
+    rows = [row for _, row in table.iterrows() if any(pd.notna(row.get(f"{n} p-value")) for n in names)]
+    if not rows:
+        return ""
+    width = max(len(str(row["name"])) for row in rows) + 2
+    lines = ["p-value".ljust(width) + "".join(n.rjust(16) for n in names)]
+    for row in rows:
+        cells = [row.get(f"{n} p-value corrected", row.get(f"{n} p-value")) for n in names]
+        lines.append(str(row["name"]).ljust(width) + "".join(
+            (f"{p:.3g}" if p is not None and pd.notna(p) else "-").rjust(16) for p in cells))
+    return "\n".join(lines)
+
+
 SUBTOPICS = ("reference", "relevant_words")  # eval.novelty_subtopics: how α-nDCG's subtopics are made
 REFERENCE_MAX_JUDGED = (1000, 5000)  # the reference clusters only grade >= 1 above 1000 judged, nothing above 5000
 

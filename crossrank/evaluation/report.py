@@ -18,7 +18,7 @@ from crossrank.evaluation import metrics as evaluation
 
 @dataclasses.dataclass
 class Report:
-    text: str  # the table, its footer and (with novelty) the alpha-nDCG table
+    text: str  # the table, its footer, the p-values and (with novelty) the alpha-nDCG table
     notes: list[str]  # about queries missing from a run, each once
 
 
@@ -35,6 +35,9 @@ def report(runs: dict[str, Run], qrels: Qrels, metrics: list[ir_measures.Measure
               f"{', Holm-corrected' if correction else ''}; {len(evaluation.judged_qids(qrels, topics))} judged "
               f"queries" + (f"; binary measures at rel >= {rel_level})" if rel_level is not None else ")"))
     parts = [evaluation.format_table(table, metrics), footer]
+    p_values = evaluation.format_p_values(table, metrics)
+    if p_values:
+        parts.append(p_values)
     if novelty:
         parts.append(novelty)
     return Report("\n".join(parts), list(dict.fromkeys(notes)))

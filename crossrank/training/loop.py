@@ -282,10 +282,21 @@ def _open_run_folder(run: Setup, state: TrainState) -> None:
     run.folder.mkdir(parents=True, exist_ok=True)
     config_io.save(run.cfg, run.folder / "crossrank.yaml")
     kept = f", {run.data.without_positive} kept without a positive" if run.data.without_positive else ""
+    train, data = run.cfg.train, run.cfg.data
     print(f"training {run.folder.name}: {len(run.data)} queries ({run.data.dropped} without a usable example "
-          f"dropped{kept}), {len(run.valid)} validation queries, {run.total_steps} steps of {run.global_queries} queries, "
-          f"{run.ddp.world} process(es) on {run.ddp.device}"
+          f"dropped{kept}), {len(run.valid)} validation queries, {run.total_steps} steps of {run.global_queries} "
+          f"queries (-b {train.queries_per_batch} x train.accumulation {train.accumulation}, the micro-steps of all "
+          f"{run.ddp.world} process(es) on {run.ddp.device}), {list_size(data)} per query"
           + (f", resuming at step {state.step}" if run.resume else ""))
+
+
+def list_size(data) -> str:
+    """What one query contributes to a micro-batch, for the start line (the CL defaults, 1 + 99, surprise)."""
+    if data.sampling == "single_relevant":
+        return f"1 relevant + up to {data.num_negatives} negatives from the top {data.depth}"
+    if data.sampling == "top":
+        return f"the top {data.num_negatives + 1} candidates"
+    return f"{data.num_negatives + 1} {data.sampling.replace('_', '-')} candidates from the top {data.depth}"
 
 
 def _accumulate(run: Setup, state: TrainState) -> tuple[torch.Tensor, int, int, dict[str, torch.Tensor]]:

@@ -68,7 +68,7 @@ def _run_qids(run: str | Path, lenient: bool) -> list[str]:
 
 def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str | Path, evalperc: float,
                    seed: int, depth: int | None = None, lenient: bool = False,
-                   progress: bool = True, split: str = "hash") -> dict[str, int]:
+                   progress: bool = True, split: str = "hash", rel_level: int = 1) -> dict[str, int]:
     """Stream a run (first-stage for CL, or a teacher's ranking for KD) into `out/{train,valid}.parquet`.
 
     Each query keeps its top `depth` candidates (all when None), best first, and its judgements from `qrels`.
@@ -96,7 +96,8 @@ def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str |
             offsets = pa.array(np.append(starts, table.num_rows).astype(np.int32))
             qids = table["qid"].take(pa.array(starts)).to_pylist()
             judged = [qrels.get(qid, {}) for qid in qids]
-            counts["queries_without_relevant"] += sum(1 for j in judged if not any(r > 0 for r in j.values()))
+            # at the dataset's rel_level, as training counts a positive (a grade-1 passage is not one on TREC DL)
+            counts["queries_without_relevant"] += sum(1 for j in judged if not any(r >= rel_level for r in j.values()))
             rows = pa.Table.from_arrays([
                 pa.array(qids, pa.string()),
                 pa.ListArray.from_arrays(offsets, table["docno"].combine_chunks()),
@@ -118,7 +119,7 @@ def preprocess_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str |
 
 def preprocess_teacher_run(run: str | Path, qrels: dict[str, dict[str, int]], out: str | Path, evalperc: float,
                            seed: int, depth: int | None = None, lenient: bool = False,
-                           split: str = "hash") -> dict[str, int]:
+                           split: str = "hash", rel_level: int = 1) -> dict[str, int]:
     """A teacher's TREC run -> KD folder `out/{train,valid}.parquet`, each query in the teacher's order.
 
     The order comes from the rank column (ties in rank keep file order), not from the scores: teacher files'
@@ -142,7 +143,7 @@ def preprocess_teacher_run(run: str | Path, qrels: dict[str, dict[str, int]], ou
         rows = rows[:depth] if depth is not None else rows
         counts["kept_lines"] += len(rows)
         judged = qrels.get(qid, {})
-        counts["queries_without_relevant"] += not any(r > 0 for r in judged.values())
+        counts["queries_without_relevant"] += not any(r >= rel_level for r in judged.values())
         part = "valid" if held(qid) else "train"
         queries[part].append(TrainingQuery(qid, [d for _, _, d in rows], [s for _, s, _ in rows], dict(judged)))
     for part, rows in queries.items():
@@ -275,7 +276,7 @@ PRESETS = {"colbert": ("msmarco-train", "CL"), "rankgpt": ("msmarco-train", "KD"
 
 def prepare(dataset: str, objective: str = "", run: str = "", evalperc: float = 1.0, seed: int = 42,
             depth: int | None = None, out: str = "", lenient: bool = False, repair: bool = False,
-            split: str = "hash", texts: str = "dataset") -> Path:
+            split: str = "sklearn", texts: str = "dataset") -> Path:
     """Build `data/<dataset>/<objective>/` from a dataset config: CL from one of its runs (hard negatives,
     judged by its qrels), KD from its teacher ranking (RankGPT files: malformed answers dropped unless
     `repair`; a TREC run: ordered by its rank column). `dataset` is a preset (colbert, rankgpt), a key of
@@ -324,7 +325,7 @@ def _prepare(ds, folder: Path, objective: str, run: str, evalperc: float, seed: 
         meta["source"] = ds.source("teacher") if objective == "KD" else ds.run(run or next(iter(ds.runs), ""))
         qrels = read_qrels(meta["qrels"], lenient) if meta["qrels"] else {}
         build = preprocess_teacher_run if objective == "KD" else preprocess_run  # KD: the rank column decides
-        counts = build(meta["source"], qrels, folder, evalperc, seed, depth, lenient, split=split)
+        counts = build(meta["source"], qrels, folder, evalperc, seed, depth, lenient, split=split, rel_level=ds.rel_level)
     meta["counts"] = counts
     write_meta(folder, meta)
     return folder

@@ -161,6 +161,45 @@ def test_resume_after_interruption_gives_the_same_run(tiny_bert, collection, tmp
     assert resumed.calls + interrupted.calls - 1 >= full.calls
 
 
+@pytest.mark.parametrize("damage", ["cut", "no-trailer", "edited", "foreign"])
+def test_resume_scores_a_damaged_part_again(tiny_bert, collection, tmp_path, capsys, damage):
+    """A part cut in half (960 of 1000 lines), without its trailer, edited, or holding another block's pairs is
+    never trusted: the resume scores that block again, says so in one line, and gives the uninterrupted run."""
+    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    cands, cfg = _candidates(collection), _eval_cfg()
+    inference.rerank(model, tok, cands, tmp_path / "full.run", cfg, "fp")
+    with pytest.raises(KeyboardInterrupt):
+        inference.rerank(_Interrupting(model, fail_at=10), tok, cands, tmp_path / "r.run", cfg, "fp")
+    part = sorted(next(tmp_path.glob(".r.run.parts-*")).iterdir())[0]
+    lines = part.read_text().splitlines(keepends=True)
+    assert lines[-1].startswith("#end\t") and len(lines) > 3
+    if damage == "cut":
+        part.write_text("".join(lines[: len(lines) // 2]))
+    elif damage == "no-trailer":
+        part.write_text("".join(lines[:-1]))
+    elif damage == "edited":  # a score changed after the trailer was written
+        q, d, _ = lines[0].rstrip("\n").split("\t")
+        part.write_text("".join([f"{q}\t{d}\t99.0\n", *lines[1:]]))
+    else:  # a complete part, but of the block after it
+        part.write_text(sorted(part.parent.iterdir())[1].read_text())
+    capsys.readouterr()
+    counting = _Interrupting(model, fail_at=-1)
+    inference.rerank(counting, tok, cands, tmp_path / "r.run", cfg, "fp")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(part) in warnings[0] and "scoring it again" in warnings[0]
+    assert (tmp_path / "r.run").read_bytes() == (tmp_path / "full.run").read_bytes()
+
+
+def test_merge_refuses_a_part_damaged_after_the_check(tmp_path):
+    with inference.atomic_write(tmp_path / "000000.tsv") as f:
+        inference.write_part(f, [("1", "d1", 0.5), ("1", "d2", 0.25)])
+    assert inference.merge_parts(tmp_path, 1) == {"1": [("d1", 0.5), ("d2", 0.25)]}
+    data = (tmp_path / "000000.tsv").read_text()
+    (tmp_path / "000000.tsv").write_text(data.replace("0.25", "0.75"))
+    with pytest.raises(CrossrankError, match="000000.tsv: block 0 is incomplete or damaged"):
+        inference.merge_parts(tmp_path, 1)
+
+
 class _Killing(torch.nn.Module):
     def __init__(self, model, kill_at: int):
         super().__init__()

@@ -22,6 +22,23 @@ def load_scorer(path: str | os.PathLike, cfg: ModelConfig, training: bool = Fals
     `training`: the Set-Encoder takes `depth` and `sample_missing_docs` from `cfg` (at inference the values
     saved with it), and `cfg.gradient_checkpointing` / `cfg.freeze_position_embeddings` apply. `sdpa`: a mono
     model uses SDPA attention (inference on CUDA). A Set-Encoder folder is never read as a mono model."""
+    try:
+        model, tokenizer = _load(path, cfg, training, sdpa)
+    except OSError as e:  # transformers' "couldn't connect / not a valid model identifier": several lines
+        if e.filename is not None:
+            raise
+        reason = " ".join(str(e).split()).split(". ")[0]
+        raise CrossrankError(f"{path}: could not be loaded ({reason}; expected a checkpoint folder or a hub "
+                             f"id)") from None
+    if training and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if training and cfg.freeze_position_embeddings:
+        freeze_position_embeddings(model)
+    return model, tokenizer
+
+
+def _load(path: str | os.PathLike, cfg: ModelConfig, training: bool,
+          sdpa: bool) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if cfg.kind == "set-encoder":
         overrides = {"sample_at_inference": cfg.sample_at_inference}
         if training:  # the [INT] set's size, whatever the list's
@@ -34,8 +51,4 @@ def load_scorer(path: str | os.PathLike, cfg: ModelConfig, training: bool = Fals
                                  f"model.truncation=per_field)")
         extra = {"attn_implementation": "sdpa"} if sdpa else {}
         model, tokenizer = MonoEncoder.from_pretrained(path, **extra), load_tokenizer(path)
-    if training and cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    if training and cfg.freeze_position_embeddings:
-        freeze_position_embeddings(model)
     return model, tokenizer

@@ -20,7 +20,7 @@ from crossrank.config import RunConfig
 from crossrank.distributed import Distributed
 from crossrank.data.files import FILE_MODE
 from crossrank.errors import CrossrankError
-from crossrank.models.mono import check_model_folder
+from crossrank.models.mono import check_model_folder, write_manifest
 
 
 @dataclasses.dataclass
@@ -71,6 +71,7 @@ def _replace_folder(folder: Path, write) -> None:
     try:
         tmp.mkdir(parents=True)
         write(tmp)
+        write_manifest(tmp)  # last: a folder with a manifest is complete, and any later damage is found on reuse
         for file in tmp.iterdir():
             os.chmod(file, FILE_MODE)  # safetensors writes owner-only files; checkpoints are shared like all outputs
             with open(file, "rb") as f:

@@ -8,12 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
 from torch import nn
 
 from crossrank import config
 from crossrank.evaluation import metrics as evaluation
-from crossrank.config import resolve_config_file
+from crossrank.config import read_yaml, resolve_config_file
 from crossrank.models.encoding import PairTokenizer
 from crossrank.data.datasets import load_dataset
 from crossrank.distributed import Distributed, setup_distributed
@@ -24,6 +23,8 @@ from crossrank.errors import CrossrankError
 from crossrank.data.texts import load_corpus, read_topics
 from crossrank.data.runs import load_run
 from crossrank.data.qrels import read_qrels
+from crossrank.data.irds import is_irds
+from crossrank.models.mono import check_model_source
 from crossrank.training.naming import backbone_name, find_model, model_label, objective_chain
 from crossrank.models.precision import cpu_flags, cpu_model, resolve_precision, slow_precision_note
 
@@ -35,9 +36,16 @@ def dataset_keys(key: str) -> list[str]:
                              "outofdomain, e.g. eval.dataset=dl19 or -d dl19)")
     keys: list[str] = []
     for part in (p.strip() for p in key.split(",") if p.strip()):
-        tree = yaml.safe_load(resolve_config_file(part, "datasets").read_text(encoding="utf-8")) or {}
-        keys.extend(str(k) for k in tree["datasets"]) if isinstance(tree, dict) and "datasets" in tree \
-            else keys.append(part)
+        file = resolve_config_file(part, "datasets")
+        tree = read_yaml(file)[0] or {}
+        if not (isinstance(tree, dict) and "datasets" in tree):
+            keys.append(part)
+            continue
+        listed = tree["datasets"]
+        if not isinstance(listed, list) or not listed or not all(isinstance(k, str) and k.strip() for k in listed):
+            raise CrossrankError(f"{file}: datasets must be a list of dataset keys (expected e.g. datasets: "
+                                 f"[dl19, dl20], got {listed!r})")
+        keys.extend(listed)
     return keys
 
 
@@ -88,16 +96,50 @@ def rerank_dataset(cfg, model: nn.Module, tokenizer: PairTokenizer, fingerprint:
     return "\n".join(lines)
 
 
+def check_datasets(cfg, keys: list[str]) -> tuple[list[str], list[str]]:
+    """Before the model loads and before anything is written: every dataset's config, its first-stage run,
+    topics, corpus and qrels exist, the topics and qrels parse, and eval.metrics are measures. Returns the
+    dataset names and the warnings to print once every check has passed (qrels without a relevant passage)."""
+    names, warnings = [], []
+    for key in keys:
+        dataset = load_dataset(key)
+        sources = {"run": dataset.run(cfg.eval.first_stage), "topics": dataset.source("topics"),
+                   "corpus": dataset.source("corpus")}
+        if dataset.qrels:
+            sources["qrels"] = dataset.source("qrels")
+        for kind, source in sources.items():
+            if not is_irds(source) and not Path(source).exists():
+                raise CrossrankError(f"{source}: no such file (the {kind} of dataset {dataset.name}; expected "
+                                     f"every dataset's files before re-ranking any)")
+        try:
+            metrics = evaluation.parse_metrics(cfg.eval.metrics, dataset.rel_level)
+        except CrossrankError as e:
+            origin = getattr(cfg, "_origins", {}).get("eval.metrics", "config")
+            raise CrossrankError(f"{origin}: eval.metrics: {e}") from None
+        if dataset.qrels and not is_irds(sources["qrels"]) and metrics:
+            warning = evaluation.no_relevant_warning(read_qrels(sources["qrels"]), dataset.rel_level,
+                                                     sources["qrels"])
+            warnings += [warning] if warning else []
+        names.append(dataset.name)
+    return names, warnings
+
+
 def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: int | None = None) -> None:
-    """infer.py's work: find the checkpoint, then re-rank and evaluate every dataset of eval.dataset."""
+    """infer.py's work: check every input, find the checkpoint, then re-rank and evaluate every dataset of
+    eval.dataset."""
     keys = dataset_keys(cfg.eval.dataset)
-    if cfg.eval.score_cache:
-        check_score_cache(cfg.eval.score_cache)
-    dist = setup_distributed(timeout=datetime.timedelta(hours=12))  # shards may finish far apart
+    _, warnings = check_datasets(cfg, keys)
     if model_path is None:
         chain = objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
         label = model_label(cfg.model.name, cfg.data.novelty)  # data.novelty: the novelty-trained variant
         model_path = str(find_model(label, chain, cfg.train.stage, lr, seed))
+    check_model_source(model_path)
+    if cfg.eval.score_cache:
+        check_score_cache(cfg.eval.score_cache)  # last: a damaged cache is set aside (one warning line)
+    dist = setup_distributed(timeout=datetime.timedelta(hours=12))  # shards may finish far apart
+    if dist.is_main:
+        for warning in warnings:
+            print(warning, file=sys.stderr)
     model, tokenizer = load_model(model_path, cfg.model, dist.device, cfg.eval.compile)
     fingerprint = model_fingerprint(model_path, cfg.model, model.listwise)
     precision = resolve_precision(cfg.eval.precision, dist.device.type, cpu_flags(), model.listwise)

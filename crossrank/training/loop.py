@@ -53,7 +53,7 @@ from crossrank.inference.rerank import score_candidates
 from crossrank.errors import CrossrankError
 from crossrank.data.runs import qid_order
 from crossrank.training.losses import LOSSES
-from crossrank.models.mono import score_first_token_only
+from crossrank.models.mono import check_model_source, score_first_token_only
 from crossrank.training.preprocessing import TrainingQuery
 from crossrank.models.loading import load_scorer
 from crossrank.training.checkpoint import TrainState, check_checkpoint, check_same_recipe, gather_rng, load_state, recover_folder, save_checkpoint, save_model, set_rng
@@ -218,6 +218,11 @@ def _setup(cfg: RunConfig) -> Setup:
         raise CrossrankError(f"config: train.accumulation={cfg.train.accumulation} is not divisible by the "
                              f"{ddp.world} processes (expected a multiple; the global batch is "
                              f"queries_per_batch x accumulation)")
+    try:  # before any data is read or any output is touched
+        evaluation.parse_metrics([cfg.train.select_metric], 1)
+    except CrossrankError as e:
+        origin = getattr(cfg, "_origins", {}).get("train.select_metric", "config")
+        raise CrossrankError(f"{origin}: train.select_metric: {e}") from None
     cuda = ddp.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16,
                               enabled=cuda and cfg.train.precision != "fp32")
@@ -227,6 +232,7 @@ def _setup(cfg: RunConfig) -> Setup:
     # the start this command asks for (stage 2: looked up now), recorded in the config, so that resuming a
     # checkpoint that started elsewhere is refused by the recipe check below before anything is loaded
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=initial_weights(cfg)))
+    check_model_source(cfg.train.init_from)  # complete, an encoder, with its tokenizer: before the run folder
     folder = run_folder(cfg)
     global_queries = cfg.train.queries_per_batch * cfg.train.accumulation
     total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * len(data) // global_queries)

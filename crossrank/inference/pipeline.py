@@ -13,7 +13,7 @@ from torch import nn
 from crossrank import config
 from crossrank.evaluation import metrics as evaluation
 from crossrank.config import read_yaml, resolve_config_file
-from crossrank.models.encoding import PairTokenizer
+from crossrank.models.encoding import PairTokenizer, empty_query_warning
 from crossrank.data.datasets import load_dataset
 from crossrank.distributed import Distributed, setup_distributed
 from crossrank.inference.cache import check_score_cache, model_fingerprint
@@ -64,6 +64,9 @@ def rerank_dataset(cfg, model: nn.Module, tokenizer: PairTokenizer, fingerprint:
     run_path = dataset.run(e.first_stage)
     candidates = load_candidates(run_path, dataset.source("topics"), dataset.source("corpus"), e.depth, e.lenient)
     out = config.ROOT / "runs" / f"{dataset.name}.{e.first_stage}.{model_name}.run"
+    warning = empty_query_warning(tokenizer, candidates.queries, dataset.source("topics"))
+    if warning and dist.is_main:
+        print(warning, file=sys.stderr)
     run = rerank(model, tokenizer, candidates, out, e, fingerprint, dist, tag=model_name)
     if not dist.is_main:
         return None

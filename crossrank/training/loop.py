@@ -30,6 +30,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +48,7 @@ from crossrank.training import naming
 from crossrank.config import ROOT, OptimConfig, RunConfig
 from crossrank.training.data import TrainingData, load_training_data
 from crossrank.distributed import Distributed, setup_distributed
-from crossrank.models.encoding import PairTokenizer
+from crossrank.models.encoding import PairTokenizer, empty_query_warning
 from crossrank.inference.candidates import Candidates
 from crossrank.inference.rerank import score_candidates
 from crossrank.errors import CrossrankError
@@ -248,8 +249,13 @@ def _setup(cfg: RunConfig) -> Setup:
     forward = WithDuplicates(raw_model) if cfg.data.duplicate else raw_model  # stage 1: the duplicate head trains
     model = DistributedDataParallel(forward, device_ids=[ddp.device] if cuda else None) if ddp.world > 1 else forward
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    pairs = PairTokenizer(tokenizer, cfg.model)
+    used = {q.qid: data.topics[q.qid] for q in [*data.queries, *valid]}
+    warning = empty_query_warning(pairs, used, cfg.data.train or cfg.data.dataset)
+    if warning and ddp.is_main:
+        print(warning, file=sys.stderr)
     return Setup(cfg, ddp, data, valid, folder, total_steps, resume, tokenizer, raw_model, model,
-                 PairTokenizer(tokenizer, cfg.model), optimizer, scaler, autocast, LOSSES[cfg.train.loss])
+                 pairs, optimizer, scaler, autocast, LOSSES[cfg.train.loss])
 
 
 def _restore(run: Setup) -> TrainState:

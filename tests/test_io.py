@@ -201,7 +201,7 @@ def test_irds_offline_download_failure_is_explained(tmp_path):
     import subprocess
     import sys
 
-    code = "from crossrank import io; read_topics('irds:cranfield')"
+    code = "from crossrank.data.texts import read_topics; read_topics('irds:cranfield')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "IR_DATASETS_HOME": str(tmp_path)}, cwd=Path(__file__).parent.parent)
     assert "irds:cranfield: ir_datasets could not download what its cache lacks" in out.stderr
@@ -293,3 +293,22 @@ def test_read_run_queries_groups_consecutive_lines_and_drops_a_torn_last_line(tm
 def test_run_problems_counts_by_kind(tmp_path):
     path = write(tmp_path, "run.txt", "q1 Q0 a 1 2 t\nq1 Q0 a 2 1 t\nq1 Q0 b 3\nq2 Q0 a 1 2 t\nq2 Q0 a 1 2 t\n")
     assert run_problems(path) == {"duplicate": 2, "malformed": 1}
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("name, text, read, expected", [
+    ("topics.tsv", "q201\tcats\nq202\tdogs\n", read_topics, {"q201": "cats", "q202": "dogs"}),
+    ("topics.jsonl", '{"_id": "q201", "text": "cats"}\n', read_topics, {"q201": "cats"}),
+    ("corpus.tsv", "d1\tone\nd2\ttwo\n", lambda p: dict(read_corpus(p)), {"d1": "one", "d2": "two"}),
+    ("qrels.txt", "q201 0 d1 2\n", read_qrels, {"q201": {"d1": 2}}),
+    ("run.txt", "q201 Q0 d1 1 2.0 r\nq201 Q0 d2 2 1.0 r\n", load_run, {"q201": [("d1", 2.0), ("d2", 1.0)]}),
+    ("run.tsv", "q201\tQ0\td1\t1\t2.0\tr\n", load_run, {"q201": [("d1", 2.0)]}),
+])
+def test_a_byte_order_mark_at_the_start_is_not_part_of_the_first_id(tmp_path, name, text, read, expected):
+    """Editors on Windows start UTF-8 files with a BOM: "q201 not in the topics" must not follow from it."""
+    (tmp_path / name).write_text(BOM + text, encoding="utf-8")
+    assert read(tmp_path / name) == expected
+    (tmp_path / ("gz-" + name + ".gz")).write_bytes(__import__("gzip").compress((BOM + text).encode()))
+    assert read(tmp_path / ("gz-" + name + ".gz")) == expected

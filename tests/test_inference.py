@@ -318,6 +318,13 @@ def test_infer_end_to_end_and_error_exit(tiny_bert, collection, tmp_path, monkey
     out = capsys.readouterr().out
     stem = tmp_path / "runs" / f"toy.bm25.{tiny_bert.name}"
     assert Path(f"{stem}.run").is_file() and Path(f"{stem}.perquery.csv").is_file()
+    lines = [line.split() for line in Path(f"{stem}.run").read_text().splitlines()]
+    assert len(lines) == 9 * 12 and {q for q, *_ in lines} == {str(q) for q in range(1, 10)}
+    for q in range(1, 10):  # each query's candidates, ranked 1..12 by falling score
+        rows = [row for row in lines if row[0] == str(q)]
+        assert [int(r[3]) for r in rows] == list(range(1, 13)) and [float(r[4]) for r in rows] == sorted(
+            (float(r[4]) for r in rows), reverse=True)
+    assert len(Path(f"{stem}.perquery.csv").read_text().splitlines()) >= 9  # a row per judged query
     assert Path(f"{stem}.ndcg10-diff.png").is_file() and Path(f"{stem}.yaml").is_file()
     assert "bm25 (top 100)" in out and "RR(rel=2)@10" in out and "9 judged queries" in out
 
@@ -326,6 +333,28 @@ def test_infer_end_to_end_and_error_exit(tiny_bert, collection, tmp_path, monkey
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "no config 'no-such-dataset'" in \
         result.stderr
+
+
+def test_infer_warns_once_about_unjudgeable_qrels_and_empty_queries(tiny_bert, collection, tmp_path, monkeypatch,
+                                                                    capsys):
+    """qrels in which no passage reaches the relevance level, and a query of zero-width spaces only (it tokenises
+    to nothing): the run is still made, with one warning line each (before the model banner for the qrels)."""
+    topics = collection["topics.tsv"].read_text().splitlines()
+    topics[0] = topics[0].split("\t")[0] + "\t\u200b\u200b"
+    collection["topics.tsv"].write_text("\n".join(topics) + "\n")
+    qrels = tmp_path / "qrels0.txt"
+    qrels.write_text("".join(f"{q} 0 d{q} 0\n" for q in range(1, 10)))
+    dataset = tmp_path / "toy.yaml"
+    dataset.write_text(f"name: toy\ncorpus: {collection['corpus.tsv']}\ntopics: {collection['topics.tsv']}\n"
+                       f"qrels: {qrels}\nruns: {{bm25: {collection['run.txt']}}}\nrel_level: 2\n")
+    monkeypatch.setattr(config, "ROOT", tmp_path)
+    experiment.run_inference(config.load_run_config(overrides=[f"eval.dataset={dataset}"]), str(tiny_bert))
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("re-rank")]
+    warnings = [line for line in err if line.startswith("warning:")]
+    assert len(warnings) == 2, err
+    assert warnings[0].startswith(f"warning: {qrels}: no judged passage is relevant") and err[0] == warnings[0]
+    assert warnings[1].startswith(f"warning: {collection['topics.tsv']}: 1 of 9 queries tokenise to nothing (e.g. 1)")
+    assert (tmp_path / "runs" / f"toy.bm25.{tiny_bert.name}.run").is_file()
 
 
 def test_rerank_a_few_dl19_queries_with_minilm(shared_data, tmp_path):

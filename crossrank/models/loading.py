@@ -10,7 +10,8 @@ from transformers import PreTrainedTokenizerBase
 
 from crossrank.config import ModelConfig
 from crossrank.errors import CrossrankError
-from crossrank.models.mono import MonoEncoder, freeze_position_embeddings, load_tokenizer, resolve_model_path
+from crossrank.models.mono import (MonoEncoder, check_model_folder, freeze_position_embeddings, load_tokenizer,
+                                   resolve_model_path)
 from crossrank.models.encoding import load_set_tokenizer
 from crossrank.models.set_encoder import CONFIG_FILE, SetEncoder
 
@@ -22,6 +23,7 @@ def load_scorer(path: str | os.PathLike, cfg: ModelConfig, training: bool = Fals
     `training`: the Set-Encoder takes `depth` and `sample_missing_docs` from `cfg` (at inference the values
     saved with it), and `cfg.gradient_checkpointing` / `cfg.freeze_position_embeddings` apply. `sdpa`: a mono
     model uses SDPA attention (inference on CUDA). A Set-Encoder folder is never read as a mono model."""
+    check_model_folder(resolve_model_path(str(path)))  # weights and tokenizer: before anything is loaded
     try:
         model, tokenizer = _load(path, cfg, training, sdpa)
     except OSError as e:  # transformers' "couldn't connect / not a valid model identifier": several lines

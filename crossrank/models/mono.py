@@ -171,7 +171,7 @@ class MonoEncoder(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "MonoEncoder":
         """Load a checkpoint or a bare backbone (then the 1-logit head starts random)."""
         path = resolve_model_path(str(path))
-        check_model_folder(path)
+        check_model_folder(path, tokenizer=False)  # the weights alone; load_tokenizer checks the vocabulary
         encoder = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
         return cls(encoder)
 

@@ -191,7 +191,7 @@ class SetEncoder(nn.Module):
         checkpoint): then [INT] is added to the vocabulary (embedding initialised to the mean of the others by
         `resize_token_embeddings`) and the heads start random. `overrides` set `SetEncoderConfig` fields."""
         path = resolve_model_path(str(path))
-        check_model_folder(path)
+        check_model_folder(path, tokenizer=False)  # the weights alone; load_set_tokenizer checks the vocabulary
         saved = Path(path) / CONFIG_FILE
         backbone_config = AutoConfig.from_pretrained(path)
         if backbone_config.model_type not in SELF_ATTENTION:

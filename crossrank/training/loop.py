@@ -233,7 +233,6 @@ def _setup(cfg: RunConfig) -> Setup:
     # the start this command asks for (stage 2: looked up now), recorded in the config, so that resuming a
     # checkpoint that started elsewhere is refused by the recipe check below before anything is loaded
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=initial_weights(cfg)))
-    check_model_source(cfg.train.init_from)  # complete, an encoder, with its tokenizer: before the run folder
     folder = run_folder(cfg)
     global_queries = cfg.train.queries_per_batch * cfg.train.accumulation
     total_steps = cfg.train.max_steps or max(1, cfg.train.epochs * len(data) // global_queries)
@@ -242,6 +241,8 @@ def _setup(cfg: RunConfig) -> Setup:
         check_checkpoint(folder / "checkpoint")
         check_same_recipe(cfg, folder / "checkpoint" / "crossrank.yaml")
     init = str(folder / "checkpoint") if resume else cfg.train.init_from
+    if not resume:  # complete, an encoder, with its tokenizer: before the run folder is opened
+        check_model_source(init)
 
     torch.manual_seed(cfg.train.seed)  # the same fresh head on every process
     raw_model, tokenizer = load_model(init, cfg)

@@ -21,7 +21,7 @@ def main() -> int:
     parser.add_argument("--seed", type=cli.int_in(0), help="narrow the checkpoint search to this seed")
     parser.add_argument("--lenient", action="store_true", help="skip unknown qids/docnos and duplicates")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.depth=1000")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # --config may follow a key=value
     cfg = load_run_config(args.config, args.overrides + (["eval.lenient=true"] if args.lenient else []))
     if args.model and args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().exists():
         raise CrossrankError(f"{args.model}: no such model folder (expected a checkpoint folder or a hub id)")

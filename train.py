@@ -14,9 +14,9 @@ def main() -> int:
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="YAML file (repeatable, later wins)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-5 train.max_steps=100")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # --config may follow a key=value
     cfg = load_run_config(args.config, args.overrides)
-    from crossrank.training.loop import train# torch and transformers: only once the config is valid
+    from crossrank.training.loop import train  # torch and transformers: only once the config is valid
 
     return 0 if train(cfg).finished else 3
 

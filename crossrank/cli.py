@@ -110,7 +110,7 @@ def describe_os_error(e: OSError) -> str:
     path = e.filename if e.filename is not None else "(unknown file)"
     if e.filename2 is not None:
         path = f"{path} -> {e.filename2}"
-    reason = e.strerror or str(e)
+    reason = " ".join((e.strerror or str(e)).split())  # one line, whatever the library put in its message
     hint = {errno.ENOSPC: "free some space and run the same command again",
             errno.EROFS: "write somewhere writable",
             errno.EACCES: "check the permissions", errno.EPERM: "check the permissions",

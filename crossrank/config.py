@@ -103,11 +103,20 @@ def save(config: Any, path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    """Parse a YAML mapping, and remember the line of every key (for error messages)."""
+def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """A YAML file's value and node tree, every failure one line naming `path:line`: invalid UTF-8, invalid
+    YAML, and a key given twice in one mapping (PyYAML would silently keep the last). A UTF-8 byte-order mark
+    at the start is dropped."""
     if not path.is_file():
-        raise CrossrankError(f"{path}: no such config file")
-    text = path.read_text(encoding="utf-8")
+        raise CrossrankError(f"{path}: no such config file" if not path.exists() else
+                             f"{path}: is a folder (expected a YAML file)")
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the YAML
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # config sits below the data readers: its own one-line error
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise CrossrankError(f"{path}:{line}: invalid UTF-8 (expected UTF-8 text, got "
+                             f"{raw[e.start:e.start + 4]!r})") from None
     try:
         node = yaml.compose(text)
         tree = yaml.safe_load(text)
@@ -115,6 +124,30 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise CrossrankError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    _check_duplicate_keys(path, node)
+    return tree, node
+
+
+def _check_duplicate_keys(path: Path, node: yaml.Node | None) -> None:
+    stack = [node] if node is not None else []
+    while stack:
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value_node in n.value:
+                key, line = str(key_node.value), key_node.start_mark.line + 1
+                if key in seen and key != "<<":
+                    raise CrossrankError(f"{path}:{line}: duplicate key {key!r} (first at line {seen[key]}; "
+                                         f"expected each key once in a mapping)")
+                seen.setdefault(key, line)
+                stack.append(value_node)
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """Parse a YAML mapping, and remember the line of every key (for error messages)."""
+    tree, node = read_yaml(path)
     if tree is None:
         return {}, {}
     if not isinstance(tree, dict):
@@ -404,6 +437,9 @@ class RunConfig:
             (listwise or not self.model.sample_at_inference, "model.sample_at_inference",
              "false unless model.kind=set-encoder", self.model.sample_at_inference),
             (self.model.depth > 0, "model.depth", "a positive integer", self.model.depth),
+            (self.data.num_negatives <= self.data.depth, "data.num_negatives",
+             f"at most data.depth={self.data.depth}: negatives are drawn from the top data.depth passages",
+             self.data.num_negatives),
         ]
         for key, (low, excluded) in NUMBER_RANGES.items():
             section, field = key.split(".")

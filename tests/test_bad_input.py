@@ -68,6 +68,45 @@ def both(*steps: Callable[[Path], None]) -> Callable[[Path], None]:
     return prepare
 
 
+def remove(folder: str, *names: str) -> Callable[[Path], None]:
+    def prepare(c: Path) -> None:
+        for name in names:
+            (c / folder / name).unlink(missing_ok=True)
+    return prepare
+
+
+def append(relative: str, text: str) -> Callable[[Path], None]:
+    def prepare(c: Path) -> None:
+        with open(c / relative, "a") as f:
+            f.write(text)
+    return prepare
+
+
+def flip_byte(relative: str) -> Callable[[Path], None]:
+    """One bit in the middle of the file flipped: same size, still loadable perhaps, but not what was saved."""
+    def prepare(c: Path) -> None:
+        data = bytearray((c / relative).read_bytes())
+        data[len(data) // 2] ^= 1
+        (c / relative).write_bytes(bytes(data))
+    return prepare
+
+
+def read_only_cache(relative: str) -> Callable[[Path], None]:
+    def prepare(c: Path) -> None:
+        import sqlite3
+
+        with sqlite3.connect(c / relative) as db:
+            db.execute("CREATE TABLE pair_scores (model TEXT, query TEXT, passage TEXT, score REAL, "
+                       "PRIMARY KEY (model, query, passage))")
+        db.close()
+        os.chmod(c / relative, 0o444)
+    return prepare
+
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+GPT2_CONFIG = json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2})
+
+
 TRAIN = "{py} train.py --config configs/objectives/CL.yaml model.path={w}/model model.name=tiny " \
         "data.train={w}/coll/CL data.num_negatives=3 data.depth=14 train.queries_per_batch=2 " \
         "train.accumulation=1 train.output_dir={c}/out"
@@ -191,6 +230,64 @@ CASES = [
          "{c}/trained/model", empty_folder("trained/model")),
     Case("infer-corrupt-score-cache", f"{INFER} eval.score_cache={{c}}/cache.sqlite", "{c}/cache.sqlite",
          write("cache.sqlite", b"this is not a database" * 100)),
+    # --- issue 24 item 2: a model folder that lacks what it needs, holds a decoder, or was damaged after saving ---
+    Case("infer-model-without-tokenizer", f"{INFER.replace('{w}/model', '{c}/trained/model')}",
+         "{c}/trained/model: no tokenizer files", remove("trained/model", *TOKENIZER_FILES, "crossrank.manifest")),
+    Case("train-stage2-init-without-tokenizer", f"{TRAIN} train.stage=2 train.init_from={{c}}/trained/model",
+         "{c}/trained/model: no tokenizer files", remove("trained/model", *TOKENIZER_FILES, "crossrank.manifest")),
+    Case("infer-model-tokenizer-removed-after-save", f"{INFER.replace('{w}/model', '{c}/trained/model')}",
+         "{c}/trained/model/tokenizer.json: missing", remove("trained/model", "tokenizer.json")),
+    Case("infer-model-edited-after-save", f"{INFER.replace('{w}/model', '{c}/trained/model')}",
+         "{c}/trained/model/tokenizer_config.json: damaged", append("trained/model/tokenizer_config.json", " ")),
+    Case("resume-state-bit-flip", RESUME, "{c}/trained/checkpoint/state.pt: damaged",
+         flip_byte("trained/checkpoint/state.pt")),
+    Case("resume-tokenizer-removed", RESUME, "{c}/trained/checkpoint/tokenizer.json: missing",
+         remove("trained/checkpoint", "tokenizer.json")),
+    Case("infer-model-no-weights", f"{INFER.replace('{w}/model', '{c}/trained/model')}",
+         "{c}/trained/model: no weights", remove("trained/model", "model.safetensors", "crossrank.manifest")),
+    Case("infer-model-decoder", f"{INFER.replace('{w}/model', '{c}/gpt2')}", "{c}/gpt2/config.json: a decoder-only",
+         both(write("gpt2/config.json", GPT2_CONFIG), write("gpt2/model.safetensors", b""),
+              write("gpt2/vocab.json", "{}"))),
+    Case("train-model-decoder", f"{TRAIN} model.path={{c}}/gpt2", "{c}/gpt2/config.json: a decoder-only",
+         both(write("gpt2/config.json", GPT2_CONFIG), write("gpt2/model.safetensors", b""),
+              write("gpt2/vocab.json", "{}"))),
+    # --- issue 24 item 7: every input and setting checked before the model loads and before any output ---
+    Case("infer-metric-unknown", f"{INFER} eval.metrics=nDCG@10,FOO@3", "eval.metrics=nDCG@10,FOO@3"),
+    Case("train-select-metric-unknown", f"{TRAIN} train.select_metric=FOO@3", "train.select_metric"),
+    Case("infer-second-dataset-corpus-missing", f"{INFER},{{w}}/nocorpus.yaml", "{w}/coll/no-corpus.tsv"),
+    Case("infer-second-dataset-list-not-a-list", f"{INFER},{{c}}/list.yaml", "{c}/list.yaml: datasets must be a list",
+         write("list.yaml", "datasets: 5\n")),
+    Case("infer-dataset-list-of-numbers", "{py} infer.py --model {w}/model eval.dataset={c}/list.yaml",
+         "{c}/list.yaml: datasets must be a list", write("list.yaml", "datasets: [1, 2]\n")),
+    Case("infer-dataset-yaml-invalid-utf8", "{py} infer.py --model {w}/model eval.dataset={c}/d.yaml",
+         "{c}/d.yaml:2: invalid UTF-8", write("d.yaml", b"name: x\ncorpus: caf\xe9.tsv\n")),
+    Case("train-config-invalid-utf8", f"{TRAIN} --config {{c}}/bad.yaml", "{c}/bad.yaml:3: invalid UTF-8",
+         write("bad.yaml", b"train:\n  max_steps: 2\n  seed: \xff\n")),
+    Case("train-config-duplicate-key", f"{TRAIN} --config {{c}}/bad.yaml", "{c}/bad.yaml:3: duplicate key 'max_steps'",
+         write("bad.yaml", "train:\n  max_steps: 1\n  max_steps: 2\n")),
+    Case("train-config-duplicate-section", f"{TRAIN} --config {{c}}/bad.yaml", "{c}/bad.yaml:3: duplicate key 'train'",
+         write("bad.yaml", "train:\n  max_steps: 1\ntrain:\n  seed: 2\n")),
+    Case("infer-dataset-duplicate-key", "{py} infer.py --model {w}/model eval.dataset={c}/d.yaml",
+         "{c}/d.yaml:2: duplicate key 'name'", write("d.yaml", "name: x\nname: y\n")),
+    Case("train-num-negatives-over-depth", f"{TRAIN} data.num_negatives=5000", "data.num_negatives"),
+    Case("train-num-negatives-over-shallow-depth", f"{TRAIN} data.depth=2", "data.num_negatives"),
+    # --- issue 24 item 8: messages that name the file or flag ---
+    Case("infer-model-is-a-file", "{py} infer.py --model {w}/toy.yaml eval.dataset={w}/toy.yaml",
+         "{w}/toy.yaml: is a file, not a model folder"),
+    Case("infer-hub-id-offline", "{py} infer.py --model no-such-org/no-such-model eval.dataset={w}/toy.yaml",
+         "no-such-org/no-such-model: not a local folder, and the hub is offline"),
+    Case("train-hub-id-offline", f"{TRAIN} model.path=no-such-org/no-such-model", "no-such-org/no-such-model"),
+    Case("infer-score-cache-read-only", f"{INFER} eval.score_cache={{c}}/cache.sqlite",
+         "{c}/cache.sqlite: the score cache is read-only", read_only_cache("cache.sqlite"), needs="unprivileged"),
+    Case("infer-score-cache-folder-read-only", f"{INFER} eval.score_cache={{c}}/ro/cache.sqlite",
+         "{c}/ro/cache.sqlite: the score cache's folder", lambda c: ((c / "ro").mkdir(), os.chmod(c / "ro", 0o555)),
+         needs="unprivileged"),
+    Case("infer-score-cache-is-a-folder", f"{INFER} eval.score_cache={{c}}", "{c}: is a folder"),
+    Case("compare-same-file-name", f"{COMPARE} {{w}}/other/run.txt", "{w}/coll/run.txt and {w}/other/run.txt"),
+    Case("train-config-after-override", f"{TRAIN} train.max_steps=1 --config {{c}}/bad.yaml", "{c}/bad.yaml:2",
+         write("bad.yaml", "train:\n  seed: many\n")),
+    Case("infer-config-after-override", f"{INFER} eval.depth=5 --config {{c}}/bad.yaml", "{c}/bad.yaml:2",
+         write("bad.yaml", "eval:\n  batch_tokens: -3\n")),
 ]
 
 
@@ -211,6 +308,11 @@ def world(tmp_path_factory) -> Path:
     (w / "toy.yaml").write_text(f"name: toy\ncorpus: {coll / 'corpus.tsv'}\ntopics: {coll / 'topics.tsv'}\n"
                                 f"qrels: {coll / 'qrels.txt'}\nruns: {{bm25: {coll / 'run.txt'}}}\nrel_level: 2\n")
     (coll / "CL.yaml").write_text((w / "toy.yaml").read_text())
+    # a second dataset whose corpus is missing (found before the first dataset is re-ranked)
+    (w / "nocorpus.yaml").write_text((w / "toy.yaml").read_text().replace("name: toy", "name: nocorpus")
+                                     .replace(str(coll / "corpus.tsv"), str(coll / "no-corpus.tsv")))
+    (w / "other").mkdir()
+    shutil.copy(coll / "run.txt", w / "other" / "run.txt")  # same file name as coll/run.txt
     _train_two_steps(w)
     return w
 

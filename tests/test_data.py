@@ -110,7 +110,7 @@ def test_collate_pads_queries_and_encodes_only_real_pairs(tiny_bert):
 
 def test_load_training_data_reads_texts_from_meta_sources(tmp_path):
     folders = write_tiny_collection(tmp_path)
-    cfg = load_run_config([], [f"data.train={folders['CL']}", "data.depth=14", "eval.depth=5"])
+    cfg = load_run_config([], [f"data.train={folders['CL']}", "data.depth=14", "data.num_negatives=7", "eval.depth=5"])
     data, valid = load_training_data(cfg)
     assert len(data) == 10 and [q.qid for q in valid] == ["q10", "q11"]
     assert data.data.relevant_level == 1  # meta.yaml without rel_level: the seed's rel > 0

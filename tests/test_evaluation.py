@@ -207,3 +207,45 @@ def test_alpha_ndcg_with_the_reference_subtopics_by_hand():
     # relevant_words: A repeats B's subtopic (gain 1 - 0.99); the greedy ideal puts D second
     expected = (1 + 0.01 * discount(3) + discount(4)) / (1 + discount(2) + 0.01 * discount(3))
     assert alpha_ndcg_means({"r": run}, ours, qrels)[0]["r"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_an_explicit_rel_is_kept_and_binary_measures_get_the_dataset_level():
+    parsed = [str(m) for m in evaluation.parse_metrics(["RR(rel=1)@10", "RR@10", "nDCG@10", "AP"], 2)]
+    assert parsed == ["RR@10", "RR(rel=2)@10", "nDCG@10", "AP(rel=2)"]  # rel=1 is printed as the default
+    assert [str(m) for m in evaluation.parse_metrics(["RR@10"], 1)] == ["RR@10"]
+
+
+def _paired(n: int = 12) -> tuple[dict, dict, dict]:
+    """n queries, one relevant passage each: `good` ranks it first, `bad` tenth."""
+    qrels = {f"q{i}": {f"r{i}": 1} for i in range(n)}
+    good = {f"q{i}": [(f"r{i}", 10.0)] + [(f"n{i}_{j}", 9.0 - j) for j in range(9)] for i in range(n)}
+    bad = {f"q{i}": [(f"n{i}_{j}", 10.0 - j) for j in range(9)] + [(f"r{i}", 0.5)] for i in range(n)}
+    return qrels, good, bad
+
+
+def test_two_runs_are_tested_and_corrected_and_topics_restrict_compare():
+    qrels, good, bad = _paired()
+    metrics = evaluation.parse_metrics(["RR@10"], 1)
+    table, _ = evaluation.compare({"good": good, "bad": bad}, qrels, metrics, correction="holm")
+    row = table.set_index("name")
+    assert row.loc["bad", "RR@10 p-value"] < 0.05 and "RR@10 p-value corrected" in table.columns
+    assert "-*" in evaluation.format_table(table, metrics).splitlines()[2]
+    # topics restrict the queries: only q0 and q1 count, where `bad` is as good as `good`
+    bad.update({q: good[q] for q in ("q0", "q1")})
+    table, _ = evaluation.compare({"good": good, "bad": bad}, qrels, metrics, topics={"q0": "x", "q1": "y"})
+    assert table.set_index("name").loc["bad", "RR@10"] == pytest.approx(1.0)
+
+
+def test_a_query_without_a_relevant_passage_counts_as_zero_not_one():
+    qrels = {"q1": {"a": 2}, "q2": {"b": 1}}
+    run = {"q1": [("a", 2.0)], "q2": [("b", 2.0)]}
+    result = evaluation.evaluate(run, qrels, evaluation.parse_metrics(["RR@10", "R@100"], 2))
+    assert result.per_query.loc["q2"].tolist() == [0.0, 0.0] and result.means["RR(rel=2)@10"] == pytest.approx(0.5)
+    assert list(result.per_query.columns) == ["RR(rel=2)@10", "R(rel=2)@100"]
+
+
+def test_no_relevant_warning_says_which_measures_are_zero():
+    assert evaluation.no_relevant_warning({"q": {"a": 2}}, 2, "x") is None
+    assert "RR, AP, R and P will be 0" in evaluation.no_relevant_warning({"q": {"a": 1}}, 2, "qrels.txt")
+    assert evaluation.no_relevant_warning({"q": {"a": 0}}, 1, "qrels.txt") == (
+        "warning: qrels.txt: no judged passage is relevant (every grade <= 0); every measure will be 0")

@@ -133,3 +133,58 @@ def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
         path.write_text("half")
     assert remove_stale_temporaries(tmp_path / "x.run") == 1
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def _cache_with_rows(path: Path, rows: int = 2000) -> None:
+    from crossrank.inference.cache import ScoreCache
+
+    cache = ScoreCache(path, "fp")
+    cache.put({(f"query {i}", f"passage {i}"): float(i) for i in range(rows)})
+    cache.db.close()
+
+
+def test_a_damaged_score_cache_is_set_aside_and_redone_with_one_line(tmp_path, capsys):
+    """A SQLite cache that a crash or a full disk damaged (here: a page in the middle overwritten) is never
+    read: it moves to `<cache>.damaged`, a new empty cache starts, and one warning line names both."""
+    from crossrank.inference.cache import ScoreCache, check_score_cache
+
+    path = tmp_path / "cache.sqlite"
+    _cache_with_rows(path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4096] = b"\xff" * 4096
+    path.write_bytes(bytes(data))
+    check_score_cache(path)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {path}: damaged score cache")
+    assert f"{path}.damaged" in lines[0] and (tmp_path / "cache.sqlite.damaged").read_bytes() == bytes(data)
+    assert not path.exists()
+    assert ScoreCache(path, "fp").get([("query 1", "passage 1")]) == {}  # the new cache starts empty
+
+
+def test_an_intact_score_cache_is_kept_and_a_foreign_file_refused(tmp_path, capsys):
+    from crossrank.inference.cache import ScoreCache, check_score_cache
+
+    path = tmp_path / "cache.sqlite"
+    _cache_with_rows(path, 10)
+    check_score_cache(path)
+    assert capsys.readouterr().err == "" and ScoreCache(path, "fp").get([("query 3", "passage 3")]) == {
+        ("query 3", "passage 3"): 3.0}
+    (tmp_path / "run.txt").write_text("1 Q0 d1 1 1.0 r\n")  # a run named by mistake: refused, never moved
+    with pytest.raises(CrossrankError, match="run.txt: not a SQLite score cache"):
+        check_score_cache(tmp_path / "run.txt")
+    assert (tmp_path / "run.txt").read_text() == "1 Q0 d1 1 1.0 r\n"
+
+
+def test_saved_model_folders_carry_a_manifest_that_finds_later_damage(tiny_bert, tmp_path):
+    from crossrank.models.mono import MANIFEST, MonoEncoder, check_model_folder, load_tokenizer
+
+    model, tokenizer = MonoEncoder.from_pretrained(tiny_bert), load_tokenizer(tiny_bert)
+    folder = tmp_path / "model"
+    training.save_model(model, tokenizer, RunConfig(), folder, training.TrainState())
+    assert (folder / MANIFEST).is_file()
+    check_model_folder(folder)  # as saved: fine
+    weights = bytearray((folder / "model.safetensors").read_bytes())
+    weights[-10] ^= 1  # one bit of one weight: the header still matches the size, safetensors cannot tell
+    (folder / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(CrossrankError, match="model.safetensors: damaged since it was saved"):
+        check_model_folder(folder)

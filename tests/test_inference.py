@@ -162,6 +162,45 @@ def test_resume_after_interruption_gives_the_same_run(tiny_bert, collection, tmp
     assert resumed.calls + interrupted.calls - 1 >= full.calls
 
 
+@pytest.mark.parametrize("damage", ["cut", "no-trailer", "edited", "foreign"])
+def test_resume_scores_a_damaged_part_again(tiny_bert, collection, tmp_path, capsys, damage):
+    """A part cut in half (960 of 1000 lines), without its trailer, edited, or holding another block's pairs is
+    never trusted: the resume scores that block again, says so in one line, and gives the uninterrupted run."""
+    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    cands, cfg = _candidates(collection), _eval_cfg()
+    inference.rerank(model, tok, cands, tmp_path / "full.run", cfg, "fp")
+    with pytest.raises(KeyboardInterrupt):
+        inference.rerank(_Interrupting(model, fail_at=10), tok, cands, tmp_path / "r.run", cfg, "fp")
+    part = sorted(next(tmp_path.glob(".r.run.parts-*")).iterdir())[0]
+    lines = part.read_text().splitlines(keepends=True)
+    assert lines[-1].startswith("#end\t") and len(lines) > 3
+    if damage == "cut":
+        part.write_text("".join(lines[: len(lines) // 2]))
+    elif damage == "no-trailer":
+        part.write_text("".join(lines[:-1]))
+    elif damage == "edited":  # a score changed after the trailer was written
+        q, d, _ = lines[0].rstrip("\n").split("\t")
+        part.write_text("".join([f"{q}\t{d}\t99.0\n", *lines[1:]]))
+    else:  # a complete part, but of the block after it
+        part.write_text(sorted(part.parent.iterdir())[1].read_text())
+    capsys.readouterr()
+    counting = _Interrupting(model, fail_at=-1)
+    inference.rerank(counting, tok, cands, tmp_path / "r.run", cfg, "fp")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(part) in warnings[0] and "scoring it again" in warnings[0]
+    assert (tmp_path / "r.run").read_bytes() == (tmp_path / "full.run").read_bytes()
+
+
+def test_merge_refuses_a_part_damaged_after_the_check(tmp_path):
+    with inference.atomic_write(tmp_path / "000000.tsv") as f:
+        inference.write_part(f, [("1", "d1", 0.5), ("1", "d2", 0.25)])
+    assert inference.merge_parts(tmp_path, 1) == {"1": [("d1", 0.5), ("d2", 0.25)]}
+    data = (tmp_path / "000000.tsv").read_text()
+    (tmp_path / "000000.tsv").write_text(data.replace("0.25", "0.75"))
+    with pytest.raises(CrossrankError, match="000000.tsv: block 0 is incomplete or damaged"):
+        inference.merge_parts(tmp_path, 1)
+
+
 class _Killing(torch.nn.Module):
     def __init__(self, model, kill_at: int):
         super().__init__()
@@ -280,6 +319,13 @@ def test_infer_end_to_end_and_error_exit(tiny_bert, collection, tmp_path, monkey
     out = capsys.readouterr().out
     stem = tmp_path / "runs" / f"toy.bm25.{tiny_bert.name}"
     assert Path(f"{stem}.run").is_file() and Path(f"{stem}.perquery.csv").is_file()
+    lines = [line.split() for line in Path(f"{stem}.run").read_text().splitlines()]
+    assert len(lines) == 9 * 12 and {q for q, *_ in lines} == {str(q) for q in range(1, 10)}
+    for q in range(1, 10):  # each query's candidates, ranked 1..12 by falling score
+        rows = [row for row in lines if row[0] == str(q)]
+        assert [int(r[3]) for r in rows] == list(range(1, 13)) and [float(r[4]) for r in rows] == sorted(
+            (float(r[4]) for r in rows), reverse=True)
+    assert len(Path(f"{stem}.perquery.csv").read_text().splitlines()) >= 9  # a row per judged query
     assert Path(f"{stem}.ndcg10-diff.png").is_file() and Path(f"{stem}.yaml").is_file()
     assert "bm25 (top 100)" in out and "RR(rel=2)@10" in out and "9 judged queries" in out
 
@@ -288,6 +334,28 @@ def test_infer_end_to_end_and_error_exit(tiny_bert, collection, tmp_path, monkey
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "no config 'no-such-dataset'" in \
         result.stderr
+
+
+def test_infer_warns_once_about_unjudgeable_qrels_and_empty_queries(tiny_bert, collection, tmp_path, monkeypatch,
+                                                                    capsys):
+    """qrels in which no passage reaches the relevance level, and a query of zero-width spaces only (it tokenises
+    to nothing): the run is still made, with one warning line each (before the model banner for the qrels)."""
+    topics = collection["topics.tsv"].read_text().splitlines()
+    topics[0] = topics[0].split("\t")[0] + "\t\u200b\u200b"
+    collection["topics.tsv"].write_text("\n".join(topics) + "\n")
+    qrels = tmp_path / "qrels0.txt"
+    qrels.write_text("".join(f"{q} 0 d{q} 0\n" for q in range(1, 10)))
+    dataset = tmp_path / "toy.yaml"
+    dataset.write_text(f"name: toy\ncorpus: {collection['corpus.tsv']}\ntopics: {collection['topics.tsv']}\n"
+                       f"qrels: {qrels}\nruns: {{bm25: {collection['run.txt']}}}\nrel_level: 2\n")
+    monkeypatch.setattr(config, "ROOT", tmp_path)
+    experiment.run_inference(config.load_run_config(overrides=[f"eval.dataset={dataset}"]), str(tiny_bert))
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("re-rank")]
+    warnings = [line for line in err if line.startswith("warning:")]
+    assert len(warnings) == 2, err
+    assert warnings[0].startswith(f"warning: {qrels}: no judged passage is relevant") and err[0] == warnings[0]
+    assert warnings[1].startswith(f"warning: {collection['topics.tsv']}: 1 of 9 queries tokenise to nothing (e.g. 1)")
+    assert (tmp_path / "runs" / f"toy.bm25.{tiny_bert.name}.run").is_file()
 
 
 def test_rerank_a_few_dl19_queries_with_minilm(shared_data, tmp_path):

@@ -294,3 +294,47 @@ def test_read_run_queries_groups_consecutive_lines_and_drops_a_torn_last_line(tm
 def test_run_problems_counts_by_kind(tmp_path):
     path = write(tmp_path, "run.txt", "q1 Q0 a 1 2 t\nq1 Q0 a 2 1 t\nq1 Q0 b 3\nq2 Q0 a 1 2 t\nq2 Q0 a 1 2 t\n")
     assert run_problems(path) == {"duplicate": 2, "malformed": 1}
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("name, text, read, expected", [
+    ("topics.tsv", "q201\tcats\nq202\tdogs\n", read_topics, {"q201": "cats", "q202": "dogs"}),
+    ("topics.jsonl", '{"_id": "q201", "text": "cats"}\n', read_topics, {"q201": "cats"}),
+    ("corpus.tsv", "d1\tone\nd2\ttwo\n", lambda p: dict(read_corpus(p)), {"d1": "one", "d2": "two"}),
+    ("qrels.txt", "q201 0 d1 2\n", read_qrels, {"q201": {"d1": 2}}),
+    ("run.txt", "q201 Q0 d1 1 2.0 r\nq201 Q0 d2 2 1.0 r\n", load_run, {"q201": [("d1", 2.0), ("d2", 1.0)]}),
+    ("run.tsv", "q201\tQ0\td1\t1\t2.0\tr\n", load_run, {"q201": [("d1", 2.0)]}),
+])
+def test_a_byte_order_mark_at_the_start_is_not_part_of_the_first_id(tmp_path, name, text, read, expected):
+    """Editors on Windows start UTF-8 files with a BOM: "q201 not in the topics" must not follow from it."""
+    (tmp_path / name).write_text(BOM + text, encoding="utf-8")
+    assert read(tmp_path / name) == expected
+    (tmp_path / ("gz-" + name + ".gz")).write_bytes(__import__("gzip").compress((BOM + text).encode()))
+    assert read(tmp_path / ("gz-" + name + ".gz")) == expected
+
+
+def test_lenient_load_run_keeps_every_good_line_after_bad_and_blank_ones(tmp_path, capsys):
+    """Blank and bad lines in the middle (wrong columns, a non-integer rank, a non-finite score) are skipped one
+    by one, never the end of the file; strict is the default and stops at the first one."""
+    path = tmp_path / "r.run"
+    path.write_text("1 Q0 a 1 3.0 t\n\n1 Q0 b 2 2.0\n1 Q0 c x 1.0 t\n1 Q0 d 4 inf t\n1 Q0 g 6 abc t\n"
+                    "1 Q0 e 5 0.5 t\n2 Q0 f 1 1.0 t")  # the last line without its line break: still a line
+    assert load_run(path, lenient=True) == {"1": [("a", 3.0), ("e", 0.5)], "2": [("f", 1.0)]}
+    assert "skipped 4 malformed run line(s)" in capsys.readouterr().err
+    with pytest.raises(CrossrankError, match=r"r\.run:3: run line has 5 columns"):
+        load_run(path)
+    assert run_problems(path) == {"malformed": 4} and capsys.readouterr().err == ""  # counts, quietly
+    path.write_text("1 Q0 a 1 3.0 t\n1 Q0 a 2 2.0 t\n1 Q0 b 3 1.0 t\n")
+    assert run_problems(path) == {"duplicate": 1}
+
+
+def test_numeric_qids_sort_numerically_before_the_others(tmp_path):
+    from crossrank.data.runs import qid_order
+
+    assert sorted(["b", "10", "2", "a", "1"], key=qid_order) == ["1", "2", "10", "a", "b"]
+    out = write_run(tmp_path / "o.run", {"10": [("x", 1.0)], "2": [("y", 1.0)], "a": [("z", 1.0)]})
+    assert [line.split() for line in out.read_text().splitlines()] == [
+        ["2", "Q0", "y", "1", "1.0", "crossrank"], ["10", "Q0", "x", "1", "1.0", "crossrank"],
+        ["a", "Q0", "z", "1", "1.0", "crossrank"]]

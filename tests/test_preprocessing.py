@@ -2,6 +2,7 @@
 disjoint, RankGPT files are parsed like RankGPT does, and bad runs are reported by line."""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import subprocess
@@ -17,7 +18,7 @@ from crossrank.training import preprocessing
 from crossrank.data import runs
 from crossrank.errors import CrossrankError
 from crossrank.training.preprocessing import preprocess_run
-from crossrank.training.examples import TrainingQuery, is_validation, load_meta, load_split
+from crossrank.training.examples import TrainingQuery, load_meta, load_split
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,7 @@ def test_preprocess_run_writes_disjoint_deterministic_splits(tmp_path):
     assert {q.qid for q in train}.isdisjoint({q.qid for q in valid})
     assert len(train) + len(valid) == 200 == counts["train_queries"] + counts["valid_queries"]
     assert 20 <= len(valid) <= 60  # ~20% of 200 by a seeded hash
-    assert all(q.qid in {q2.qid for q2 in valid} for q in valid if is_validation(q.qid, 20, 7))
+    assert {q.qid for q in valid} == {qid for qid in map(str, range(0, 600, 3)) if _held_out(qid, 20, 7)}
     for split in ("train", "valid"):  # same inputs, same bytes
         assert (tmp_path / "a" / f"{split}.parquet").read_bytes() == (tmp_path / "b" / f"{split}.parquet").read_bytes()
     memory = load_run(path, depth=4)
@@ -91,10 +92,60 @@ def test_preprocess_run_writes_disjoint_deterministic_splits(tmp_path):
         assert query.scores == pytest.approx([score for _, score in memory[query.qid]])
         assert query.judged == qrels.get(query.qid, {})
     assert counts["kept_lines"] == 800 and counts["run_lines"] == 2000
-    # another seed gives another split
-    other = {q.qid for q in load_split(tmp_path / "a", "valid")} != {
-        qid for qid in memory if is_validation(qid, 20, 8)}
-    assert other
+    # another seed gives another split, the one its hash says
+    preprocess_run(path, qrels, tmp_path / "c", evalperc=20, seed=8, depth=4, progress=False)
+    other = {q.qid for q in load_split(tmp_path / "c", "valid")}
+    assert other != {q.qid for q in valid} and other == {qid for qid in memory if _held_out(qid, 20, 8)}
+
+
+def _held_out(qid: str, evalperc: float, seed: int) -> bool:
+    """The documented split, written out again here (not `is_validation`, so that a change there is caught):
+    blake2b-64 of `seed<TAB>qid` as a fraction of 2**64, below evalperc / 100."""
+    digest = hashlib.blake2b(f"{seed}\t{qid}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < evalperc / 100
+
+
+def _kd_teacher_run(tmp_path: Path, qids: list[str]) -> Path:
+    run = tmp_path / "teacher.run"
+    run.write_text("".join(f"{q} Q0 {q}-d{r} {r + 1} {10.0 - r} t\n" for q in qids for r in range(3)))
+    return run
+
+
+def _rankgpt_files(tmp_path: Path, qids: list[str]) -> tuple[Path, Path]:
+    items = [{"query_id": q, "query": f"query {q}", "positive_passages": [],
+              "retrieved_passages": [{"docid": f"{q}-d{r}", "rank": r + 1, "text": f"text {q} {r}"}
+                                     for r in range(3)]} for q in qids]
+    data, answers = tmp_path / "train.jsonl", tmp_path / "answers.json"
+    data.write_text("".join(json.dumps(i) + "\n" for i in items))
+    answers.write_text(json.dumps(["[2] > [1] > [3]"] * len(qids)))
+    return data, answers
+
+
+@pytest.mark.parametrize("path", ["CL", "KD", "RankGPT"])
+def test_every_preprocessing_path_splits_disjointly_by_the_seeded_hash(tmp_path, path):
+    """CL (first-stage run), KD (teacher run) and RankGPT: with evalperc > 0 every query lands in exactly one
+    split, validation holds exactly the queries the seeded hash holds out (each with its own rows), and another
+    seed gives another split."""
+    qids = [str(q) for q in range(100, 400, 3)]
+
+    def run(seed: int, out: Path) -> tuple[dict, dict]:
+        if path == "CL":
+            source = tmp_path / "run.txt"
+            source.write_text("".join(f"{q} Q0 {q}-d{r} {r + 1} {10.0 - r} bm25\n" for q in qids for r in range(3)))
+            preprocess_run(source, {}, out, evalperc=25, seed=seed, progress=False)
+        elif path == "KD":
+            preprocessing.preprocess_teacher_run(_kd_teacher_run(tmp_path, qids), {}, out, evalperc=25, seed=seed)
+        else:
+            preprocessing.preprocess_rankgpt(*_rankgpt_files(tmp_path, qids), out, evalperc=25, seed=seed)
+        return ({q.qid: q for q in load_split(out, "train")}, {q.qid: q for q in load_split(out, "valid")})
+
+    train, valid = run(3, tmp_path / "a")
+    assert set(train).isdisjoint(valid) and set(train) | set(valid) == set(qids)
+    assert set(valid) == {q for q in qids if _held_out(q, 25, 3)} and 10 <= len(valid) <= 40
+    for qid, query in {**train, **valid}.items():  # each query keeps its own passages, none of another query
+        assert sorted(query.docnos) == [f"{qid}-d{r}" for r in range(3)]
+    _, other = run(4, tmp_path / "b")
+    assert set(other) != set(valid) and set(other) == {q for q in qids if _held_out(q, 25, 4)}
 
 
 @pytest.mark.parametrize("text, message", [

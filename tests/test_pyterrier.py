@@ -65,3 +65,31 @@ def test_missing_text_column_is_a_clear_error(tiny_bert, frames):
     reranker = CrossEncoderReranker(tiny_bert, device="cpu")
     with pytest.raises(CrossrankError, match="lacks column\\(s\\) text"):
         reranker.transform(first.drop(columns=["text"]))
+
+
+def test_each_row_is_scored_with_its_own_texts(tiny_bert):
+    """A docno with another text in another query's rows, and a qid with two query texts: every row gets the
+    score of its own (query, passage) pair, as if scored alone."""
+    rows = [("1", "the cat sat", "d1", "the cat sat on the mat"), ("1", "the cat sat", "d2", "a dog barks loudly"),
+            ("2", "river water", "d1", "the river water is blue"), ("2", "river water", "d3", "fish in the sea"),
+            ("3", "paris france", "d4", "paris is the capital of france"),
+            ("3", "london england", "d5", "london is the capital of england")]
+    frame = pd.DataFrame(rows, columns=["qid", "query", "docno", "text"])
+    reranker = CrossEncoderReranker(tiny_bert, ModelConfig(), EvalConfig(precision="fp32"), device="cpu")
+    with torch.no_grad():  # the random head gives near-equal scores: spread them so that texts tell apart
+        reranker.model.encoder.classifier.weight.mul_(1000)
+    result = reranker.transform(frame)
+    alone = {}
+    for q, query, d, text in rows:
+        one = reranker.transform(pd.DataFrame([(q, query, d, text)], columns=["qid", "query", "docno", "text"]))
+        alone[q, d] = one.loc[0, "score"]
+    got = {(q, d): s for q, d, s in result[["qid", "docno", "score"]].itertuples(index=False)}
+    assert got == pytest.approx(alone, abs=1e-4)
+    # the bug this guards against: d1 of query 2 scored with query 1's text of d1 (the first one seen)
+    wrong = reranker.transform(pd.DataFrame([("2", "river water", "d1", "the cat sat on the mat")],
+                                            columns=["qid", "query", "docno", "text"])).loc[0, "score"]
+    assert abs(wrong - got["2", "d1"]) > 1e-3
+    assert list(result["qid"]) == ["1", "1", "2", "2", "3", "3"] and list(result["rank"]) == [0, 1] * 3
+    for q in ("1", "2", "3"):  # ranked by score within each qid
+        scores = list(result[result["qid"] == q]["score"])
+        assert scores == sorted(scores, reverse=True)

@@ -282,8 +282,39 @@ def test_every_loss_trains_in_the_loop(quiet_bert, collection, tmp_path, loss):
     targets = "teacher_score" if loss == "margin_mse" else "teacher_rank"
     state = train(config(quiet_bert, collection["KD"], tmp_path, "KD", f"train.loss={loss}", f"data.targets={targets}",
                          "data.depth=8", "train.max_steps=2", "train.accumulation=1"))
-    rows = [json.loads(line) for line in (tmp_path / "tiny.KD.f1.lr0.003.s42" / "metrics.jsonl").open()]
+    run = tmp_path / "tiny.KD.f1.lr0.003.s42"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     assert state.finished and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows if "loss" in r)
+    # the optimiser really stepped: the head and every layer moved; the frozen position embeddings did not
+    before, after = weights(quiet_bert), weights(run / "model")
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    layers = {name.split(".layer.")[1].split(".")[0] for name in moved if ".layer." in name}
+    assert "classifier.weight" in moved and layers == {"0", "1"}
+    assert "bert.embeddings.position_embeddings.weight" not in moved
+    # and in the direction the loss asks for: lower on the training queries than the untrained model's
+    assert _training_loss(run / "model", collection, loss) < _training_loss(quiet_bert, collection, loss)
+
+
+def _training_loss(model_path: Path, collection: dict[str, Path], loss_name: str) -> float:
+    """`loss_name` of a model on all training queries of the tiny KD set, targets by teacher rank (score)."""
+    from crossrank.config import ModelConfig
+    from crossrank.data.texts import read_corpus, read_topics
+    from crossrank.models.encoding import PairTokenizer
+    from crossrank.models.mono import MonoEncoder, load_tokenizer
+    from crossrank.training.data import Example, collate
+    from crossrank.training.losses import LOSSES
+    from crossrank.training.preprocessing import load_split
+
+    root = collection["KD"].parent
+    topics, passages = read_topics(root / "topics.tsv"), dict(read_corpus(root / "corpus.tsv"))
+    examples = [Example(q.qid, q.docnos, q.scores) for q in load_split(collection["KD"], "train")]
+    pairs = PairTokenizer(load_tokenizer(model_path), ModelConfig())
+    batch = collate(examples, topics, passages, pairs)
+    model = MonoEncoder.from_pretrained(model_path).eval()
+    with torch.no_grad():
+        flat = model(**pairs.pad_list(batch.pairs))[0]
+        scores = torch.zeros(batch.mask.shape).masked_scatter(batch.mask, flat)
+        return float(LOSSES[loss_name](scores, batch.targets, batch.mask))
 
 
 # ---------------------------------------------------------------------------------------------------------

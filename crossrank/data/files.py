@@ -68,10 +68,14 @@ def decode_line(path: str | os.PathLike, number: int, raw: bytes) -> str:
                              f"(expected UTF-8 text, got {raw[e.start:e.start + 4]!r})") from None
 
 
+BOM = "\ufeff".encode("utf-8")  # the UTF-8 byte-order mark: stripped at the start of every text file read
+
+
 def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, bool]]:
     """Yield (1-based line number, line without its line break, whether it ended with a line break).
 
-    Only `\n` ends a line (a `\r\n` ending loses its `\r`), so a bare `\r` inside a text neither splits it
+    A UTF-8 byte-order mark at the start is dropped (it is not part of the first qid or key). Only `\n` ends a
+    line (a `\r\n` ending loses its `\r`), so a bare `\r` inside a text neither splits it
     nor shifts the line numbers of what follows. Invalid UTF-8 and a truncated or corrupt `.gz` are
     CrossrankErrors naming the line.
     """
@@ -79,6 +83,8 @@ def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, bool]]:
     try:
         with _open_binary(path) as f:
             for number, raw in enumerate(f, 1):  # binary files split on b"\n" only
+                if number == 1 and raw.startswith(BOM):  # editors on Windows start UTF-8 files with one
+                    raw = raw[len(BOM):]
                 line = decode_line(path, number, raw)
                 ended = line.endswith("\n")
                 yield number, (line[:-1].removesuffix("\r") if ended else line), ended

@@ -238,7 +238,7 @@ def _needs_line_reader(path: Path) -> bool:
             head = [line.rstrip("\r\n") for line in (f.readline() for _ in range(5)) if line.strip()]
     except (OSError, *GZIP_ERRORS):  # the line reader names the problem (missing, damaged .gz, ...)
         return True
-    return not head or any(len(line.split(_delimiter(head[0]))) != 6 for line in head)
+    return not head or head[0].startswith("\ufeff") or any(len(line.split(_delimiter(head[0]))) != 6 for line in head)
 
 
 def _delimiter(first_line: str) -> str:

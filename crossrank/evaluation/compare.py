@@ -123,13 +123,18 @@ def _refuse_overwriting_inputs(args, qrels_source, topics_source, corpus) -> Non
 def _compare(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     qrels_source, topics_source, rel_level, corpus = _sources(args)
+    seen: dict[str, str] = {}
+    for path in args.runs:  # before any run is read: the table names runs by file name
+        if run_label(path) in seen:
+            raise CrossrankError(f"command line: {seen[run_label(path)]} and {path} have the same file name "
+                                 f"{run_label(path)!r} (expected distinct names: the table names runs by them)")
+        seen[run_label(path)] = path
     _refuse_overwriting_inputs(args, qrels_source, topics_source, corpus)
     qrels = read_qrels(qrels_source)
     topics = read_topics(topics_source) if topics_source else None
     metrics = evaluation.parse_metrics([m for m in args.metrics.split(",") if m], rel_level or 1)
+    warning = evaluation.no_relevant_warning(qrels, rel_level or 1, qrels_source)
     runs = {run_label(p): load_run(p, depth=args.depth) for p in args.runs}
-    if len(runs) < len(args.runs):
-        raise CrossrankError("command line: two runs have the same file name (expected distinct names)")
     paths = dict(zip(runs, args.runs))
     base = _baseline(args.baseline, list(paths.values()))
     novelty = _novelty(args, corpus, qrels, topics, rel_level or 1, runs) if args.novelty else None
@@ -139,6 +144,8 @@ def _compare(argv: list[str] | None) -> int:
             Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         write_per_run(runs, qrels, metrics, topics, {n: _stem(args, p) for n, p in paths.items()}, base,
                       args.per_query, args.plot)
+    if warning:
+        print(warning, file=sys.stderr)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(result.text)

@@ -51,6 +51,17 @@ def parse_metrics(names: list[str], rel_level: int) -> list[ir_measures.Measure]
     return measures
 
 
+def no_relevant_warning(qrels: Qrels, rel_level: int, source: str) -> str | None:
+    """The one warning line for qrels in which no passage reaches `rel_level` (every measure would be 0)."""
+    grades = [r for judged in qrels.values() for r in judged.values()]
+    if any(r >= rel_level for r in grades):
+        return None
+    if any(r > 0 for r in grades):
+        return (f"warning: {source}: no judged passage reaches grade {rel_level} (the binary measures' relevance "
+                f"level); RR, AP, R and P will be 0")
+    return f"warning: {source}: no judged passage is relevant (every grade <= 0); every measure will be 0"
+
+
 @dataclasses.dataclass
 class Evaluation:
     """One run evaluated: mean and per-query values (rows qid, columns measure names) and what was dropped."""

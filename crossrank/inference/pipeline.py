@@ -10,14 +10,13 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
 from torch import nn
 
 from crossrank import config
 from crossrank.evaluation import metrics as evaluation
 from crossrank.evaluation.report import report, write_per_run
-from crossrank.config import resolve_config_file
-from crossrank.models.encoding import PairTokenizer
+from crossrank.config import read_yaml, resolve_config_file
+from crossrank.models.encoding import PairTokenizer, empty_query_warning
 from crossrank.data.datasets import load_dataset
 from crossrank.distributed import Distributed, lock_outputs, setup_distributed
 from crossrank.data.outputs import refuse_overwriting_inputs
@@ -29,6 +28,8 @@ from crossrank.models.loading import load_model
 from crossrank.errors import CrossrankError
 from crossrank.data.texts import load_corpus
 from crossrank.data.qrels import read_qrels
+from crossrank.data.irds import is_irds
+from crossrank.models.mono import check_model_source
 from crossrank.training.naming import backbone_name, find_model, model_label, objective_chain
 from crossrank.models.precision import cpu_flags, cpu_model, slow_precision_note
 
@@ -40,9 +41,16 @@ def dataset_keys(key: str) -> list[str]:
                              "outofdomain, e.g. eval.dataset=dl19 or -d dl19)")
     keys: list[str] = []
     for part in (p.strip() for p in key.split(",") if p.strip()):
-        tree = yaml.safe_load(resolve_config_file(part, "datasets").read_text(encoding="utf-8")) or {}
-        keys.extend(str(k) for k in tree["datasets"]) if isinstance(tree, dict) and "datasets" in tree \
-            else keys.append(part)
+        file = resolve_config_file(part, "datasets")
+        tree = read_yaml(file)[0] or {}
+        if not (isinstance(tree, dict) and "datasets" in tree):
+            keys.append(part)
+            continue
+        listed = tree["datasets"]
+        if not isinstance(listed, list) or not listed or not all(isinstance(k, str) and k.strip() for k in listed):
+            raise CrossrankError(f"{file}: datasets must be a list of dataset keys (expected e.g. datasets: "
+                                 f"[dl19, dl20], got {listed!r})")
+        keys.extend(listed)
     return keys
 
 
@@ -73,6 +81,9 @@ def rerank_dataset(cfg, model: nn.Module, tokenizer: PairTokenizer, fingerprint:
     run_path = dataset.run(e.first_stage)
     candidates = load_candidates(run_path, dataset.source("topics"), dataset.source("corpus"), e.depth, e.lenient)
     out = output_run(dataset.name, e.first_stage, model_name)
+    warning = empty_query_warning(tokenizer, candidates.queries, dataset.source("topics"))
+    if warning and dist.is_main:
+        print(warning, file=sys.stderr)
     run = rerank(model, tokenizer, candidates, out, e, fingerprint, dist, tag=model_name)
     if not dist.is_main:
         return None
@@ -99,24 +110,59 @@ def rerank_dataset(cfg, model: nn.Module, tokenizer: PairTokenizer, fingerprint:
     return "\n".join(lines)
 
 
+def check_datasets(cfg, keys: list[str]) -> tuple[list[str], list[str]]:
+    """Before the model loads and before anything is written: every dataset's config, its first-stage run,
+    topics, corpus and qrels exist, the topics and qrels parse, and eval.metrics are measures. Returns the
+    dataset names and the warnings to print once every check has passed (qrels without a relevant passage)."""
+    names, warnings = [], []
+    for key in keys:
+        dataset = load_dataset(key)
+        sources = {"run": dataset.run(cfg.eval.first_stage), "topics": dataset.source("topics"),
+                   "corpus": dataset.source("corpus")}
+        if dataset.qrels:
+            sources["qrels"] = dataset.source("qrels")
+        for kind, source in sources.items():
+            if not is_irds(source) and not Path(source).exists():
+                raise CrossrankError(f"{source}: no such file (the {kind} of dataset {dataset.name}; expected "
+                                     f"every dataset's files before re-ranking any)")
+        try:
+            metrics = evaluation.parse_metrics(cfg.eval.metrics, dataset.rel_level)
+        except CrossrankError as e:
+            origin = getattr(cfg, "_origins", {}).get("eval.metrics", "config")
+            raise CrossrankError(f"{origin}: eval.metrics: {e}") from None
+        if dataset.qrels and not is_irds(sources["qrels"]) and metrics:
+            warning = evaluation.no_relevant_warning(read_qrels(sources["qrels"]), dataset.rel_level,
+                                                     sources["qrels"])
+            warnings += [warning] if warning else []
+        names.append(dataset.name)
+    return names, warnings
+
+
 def run_inference(cfg, model_path: str | None, lr: float | None = None, seed: int | None = None,
                   config_files: list[str] = ()) -> None:
-    """infer.py's work: find the checkpoint, then re-rank and evaluate every dataset of eval.dataset. No output
-    may be an input (`config_files`, every file the datasets list), and each output run has one writer."""
+    """infer.py's work: check every input, find the checkpoint, then re-rank and evaluate every dataset of
+    eval.dataset. No output may be an input (`config_files`, every file the datasets list), and each output run
+    has one writer."""
     keys = dataset_keys(cfg.eval.dataset)
+    _, warnings = check_datasets(cfg, keys)
     inputs = [("a --config file", file) for file in config_files]
     inputs += [source for key in keys for source in load_dataset(key).inputs()]
     if cfg.eval.score_cache:
         refuse_overwriting_inputs([("eval.score_cache", cfg.eval.score_cache)], inputs)
-        check_score_cache(cfg.eval.score_cache)
     dist = setup_distributed(timeout=datetime.timedelta(hours=12))  # shards may finish far apart
     if model_path is None:
         chain = objective_chain(cfg.train.objective, cfg.train.stage, cfg.train.previous)
         label = model_label(cfg.model.name, cfg.data.novelty)  # data.novelty: the novelty-trained variant
         model_path = str(find_model(label, chain, cfg.train.stage, lr, seed))
+    check_model_source(model_path)
+    if cfg.eval.score_cache:
+        check_score_cache(cfg.eval.score_cache)  # last: a damaged cache is set aside (one warning line)
     runs = [output_run(load_dataset(key).name, cfg.eval.first_stage, model_run_name(model_path)) for key in keys]
     refuse_overwriting_inputs([output for run, key in zip(runs, keys) for output in outputs_of(run, key)] +
                               [("eval.score_cache", cfg.eval.score_cache)], inputs)
+    if dist.is_main:
+        for warning in warnings:
+            print(warning, file=sys.stderr)
     with contextlib.ExitStack() as held:
         lock_outputs(held, runs, dist)  # before the model loads: a second writer stops at once
         _rerank_all(cfg, model_path, keys, dist)

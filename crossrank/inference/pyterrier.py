@@ -57,16 +57,38 @@ class CrossEncoderReranker(pt.Transformer):
         if (dup := int(pd.DataFrame({"q": qids, "d": docnos}).duplicated().sum())):
             raise CrossrankError(f"CrossEncoderReranker: {dup} duplicate (qid, docno) rows (expected each once)")
         first = inp["score"].astype(float) if "score" in inp.columns else pd.Series(0.0, index=inp.index)
+        # Each row is scored with its own texts: a docno with other texts in other rows (another query's
+        # get_text, a changed corpus) or a qid with two query texts gets one internal key per distinct text.
+        # Without such conflicts the keys are the qids and docnos themselves (the same blocks as infer.py).
+        query_keys = _keys(qids, inp["query"].astype(str))
+        text_keys = _keys(docnos, inp["text"].astype(str))
         run: dict[str, list[tuple[str, float]]] = {}
-        for q, d, s in zip(qids, docnos, first):
+        for q, d, s in zip(query_keys, text_keys, first):
             run.setdefault(q, []).append((d, s))
         candidates = Candidates(run={q: sort_ranking(r) for q, r in run.items()},
-                                queries=dict(zip(qids, inp["query"].astype(str))),
-                                texts=dict(zip(docnos, inp["text"].astype(str))))
-        scores = score_candidates(self.model, self.tokenizer, candidates, self.eval_config)
+                                queries=dict(zip(query_keys, inp["query"].astype(str))),
+                                texts=dict(zip(text_keys, inp["text"].astype(str))))
+        internal = score_candidates(self.model, self.tokenizer, candidates, self.eval_config)
+        real = dict(zip(zip(query_keys, text_keys), zip(qids, docnos)))
+        merged: dict[str, list[tuple[str, float]]] = {}
+        for key_q, ranking in internal.items():
+            for key_d, score in ranking:
+                q, d = real[key_q, key_d]
+                merged.setdefault(q, []).append((d, score))
+        scores = {q: sort_ranking(r) for q, r in merged.items()}
         rows = [(q, d, s, r) for q, ranking in scores.items() for r, (d, s) in enumerate(ranking)]
         ranked = pd.DataFrame(rows, columns=["qid", "docno", "score", "rank"])
         rest = inp.drop(columns=[c for c in ("score", "rank") if c in inp.columns]).assign(qid=qids, docno=docnos)
         out = rest.merge(ranked, on=["qid", "docno"], how="inner", validate="one_to_one")
         return out.sort_values(["qid", "rank"], kind="stable").reset_index(drop=True)
 
+
+def _keys(ids: pd.Series, texts: pd.Series) -> list[str]:
+    """The id of each row, or `id<NUL>n` for the n-th other text one id has (n >= 1): a key per distinct text."""
+    seen: dict[str, dict[str, int]] = {}
+    keys = []
+    for i, text in zip(ids, texts):
+        versions = seen.setdefault(i, {})
+        n = versions.setdefault(text, len(versions))
+        keys.append(i if n == 0 else f"{i}\x00{n}")
+    return keys

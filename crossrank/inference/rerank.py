@@ -6,8 +6,9 @@ and cut into batches that hold about `eval.batch_tokens` padded tokens, so short
 little compute is spent on padding. Because a block's batches depend only on the block itself:
 - sharding: rank r of a torchrun world of size W scores blocks r, r + W, ...; rank 0 merges the blocks into
   one run, bit-identical to a single-process run (same batches, same arithmetic);
-- resume: every finished block is written atomically to `.<run>.parts-<key>/<block>.tsv`; a restarted job
-  skips finished blocks, i.e. restarts at the first unfinished query's block. `<key>` hashes the model and the
+- resume: every finished block is written atomically to `.<run>.parts-<key>/<block>.tsv`, its last line a
+  trailer (`#end`, line count, sha256); a restarted job skips finished blocks whose trailer checks out (a
+  damaged one is scored again, with a warning), i.e. restarts at the first unfinished query's block. `<key>` hashes the model and the
   candidates, so parts of another model or run are never mixed in. The parts are removed after the merge.
 - score cache (optional, `eval.score_cache`): SQLite keyed by (model fingerprint, query text, docno), shared
   across runs (BM25 and ColBERTv2 top-100s share many passages) and ranks.
@@ -215,7 +216,7 @@ def rerank(model: nn.Module, tokenizer: PairTokenizer, candidates: Candidates, o
     parts = parts_folder(out, fingerprint, candidates, eval_cfg)  # made by the first finished block's write
     blocks = blocks_of(candidates, eval_cfg.block_queries)
     mine = list(range(dist.rank, len(blocks), dist.world))
-    todo = [b for b in mine if not (parts / f"{b:06d}.tsv").is_file()]
+    todo = [b for b in mine if not part_is_complete(parts / f"{b:06d}.tsv", blocks[b], candidates)]
     if len(todo) < len(mine):
         print(f"rank {dist.rank}: resuming, {len(mine) - len(todo)} of {len(mine)} blocks already in {parts}",
               file=sys.stderr)
@@ -230,7 +231,7 @@ def rerank(model: nn.Module, tokenizer: PairTokenizer, candidates: Candidates, o
         for b, scored in score_blocks(model, tokenizer, candidates, blocks, todo, eval_cfg, dist.device, cache,
                                       progress):
             with atomic_write(parts / f"{b:06d}.tsv") as f:  # a finished block, all or nothing
-                f.writelines(f"{q}\t{d}\t{s!r}\n" for q, d, s in scored)
+                write_part(f, scored)
     if dist.world > 1:
         torch.distributed.barrier()
     if not dist.is_main:
@@ -248,12 +249,58 @@ def merge_parts(parts: Path, num_blocks: int) -> Run:
         file = parts / f"{b:06d}.tsv"
         if not file.is_file():
             raise CrossrankError(f"{file}: block {b} was not scored (expected every rank to finish; rerun to resume)")
-        for line in _lines(file):
-            qid, docno, score = line.split("\t")
+        lines = read_part(file)
+        if lines is None:
+            raise CrossrankError(f"{file}: block {b} is incomplete or damaged (expected its trailer line; rerun "
+                                 f"to score it again)")
+        for qid, docno, score in lines:
             run.setdefault(qid, []).append((docno, round(float(score), SCORE_DECIMALS)))
     return {q: sort_ranking(r) for q, r in run.items()}
 
 
-def _lines(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        yield from (line.rstrip("\n") for line in f if line.strip())
+PART_TRAILER = "#end"  # a part's last line: `#end<TAB>lines<TAB>sha256 of the lines before it`
+
+
+def write_part(f, scored: list[ScoredPair]) -> None:
+    """A block's scores, then the trailer that proves the file complete (written last)."""
+    body = "".join(f"{q}\t{d}\t{s!r}\n" for q, d, s in scored)
+    f.write(body)
+    f.write(f"{PART_TRAILER}\t{len(scored)}\t{hashlib.sha256(body.encode()).hexdigest()}\n")
+
+
+def read_part(file: Path) -> list[tuple[str, str, str]] | None:
+    """A part's (qid, docno, score) lines, or None if it is not complete and intact (no trailer, a count or
+    checksum that does not match, a malformed line): such a part is scored again, never trusted."""
+    try:
+        data = file.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    body, _, trailer = data.rstrip("\n").rpartition("\n")
+    fields = trailer.split("\t")
+    if len(fields) != 3 or fields[0] != PART_TRAILER or not data.endswith("\n"):
+        return None
+    body += "\n" if body else ""
+    if hashlib.sha256(body.encode()).hexdigest() != fields[2]:
+        return None
+    rows = [tuple(line.split("\t")) for line in body.splitlines()]
+    if str(len(rows)) != fields[1] or any(len(r) != 3 for r in rows):
+        return None
+    return rows  # type: ignore[return-value]
+
+
+def part_is_complete(file: Path, qids: list[str], candidates: Candidates) -> bool:
+    """Whether block `file` may be reused: intact (`read_part`) and holding exactly the block's pairs. A damaged
+    one is reported in one line and scored again."""
+    if not file.is_file():
+        return False
+    rows = read_part(file)
+    expected = sorted((q, d) for q in qids for d, _ in candidates.run[q])
+    if rows is not None and sorted((q, d) for q, d, _ in rows) == expected:
+        try:
+            [float(score) for _, _, score in rows]
+            return True
+        except ValueError:
+            pass
+    print(f"warning: {file}: incomplete or damaged block (trailer, count or checksum does not match); scoring "
+          f"it again", file=sys.stderr)
+    return False

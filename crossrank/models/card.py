@@ -25,10 +25,9 @@ import yaml
 
 from crossrank.config import CONFIGS, ModelConfig, RunConfig
 from crossrank.errors import CrossrankError
+from crossrank.models.mono import SET_ENCODER_FILE, SETTINGS_FILE
 
-SETTINGS_FILE = "crossrank.json"
 CARD_FILE = "README.md"
-SET_ENCODER_FILE = "set_encoder.json"  # the Set-Encoder's own config (crossrank.models.set_encoder.CONFIG_FILE)
 FORMAT = 1
 # the ModelConfig fields a checkpoint decides at inference (depth: the Set-Encoder reads its set_encoder.json)
 USE_KEYS = ("kind", "truncation", "max_length", "query_length", "passage_length")

@@ -86,6 +86,22 @@ class PairTokenizer:
         return self.pad(self.encode(queries, passages))
 
 
+def empty_queries(tokenizer: PairTokenizer, queries: dict[str, str]) -> list[str]:
+    """The qids whose text tokenises to no token at all (only characters the tokenizer drops, e.g. control or
+    zero-width ones): their passages would be scored against an empty query."""
+    qids = list(queries)
+    encodings = tokenizer.fields.encode_batch([queries[q] for q in qids], add_special_tokens=False)
+    return [q for q, e in zip(qids, encodings) if not e.ids]
+
+
+def empty_query_warning(tokenizer: PairTokenizer, queries: dict[str, str], source: str) -> str | None:
+    empty = empty_queries(tokenizer, queries)
+    if not empty:
+        return None
+    return (f"warning: {source}: {len(empty)} of {len(queries)} queries tokenise to nothing (e.g. "
+            f"{', '.join(empty[:5])}); their passages are scored against an empty query")
+
+
 def load_set_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The backbone's tokenizer with the special token [INT] added (a no-op if it is already there)."""
     tokenizer = load_tokenizer(path)

@@ -14,8 +14,8 @@ from crossrank.config import ModelConfig
 from crossrank.errors import CrossrankError
 from crossrank.models.card import apply_settings
 from crossrank.models.encoding import PairTokenizer, load_set_tokenizer
-from crossrank.models.mono import (MonoEncoder, freeze_position_embeddings, load_tokenizer, resolve_model_path,
-                                   score_first_token_only)
+from crossrank.models.mono import (MonoEncoder, check_model_folder, freeze_position_embeddings, load_tokenizer,
+                                   resolve_model_path, score_first_token_only)
 from crossrank.models.set_encoder import CONFIG_FILE, SetEncoder
 
 
@@ -66,7 +66,20 @@ def load_model(path: str | os.PathLike, cfg: ModelConfig | None = None, device: 
 
 
 def _load(path: str | os.PathLike, cfg: ModelConfig, training: bool, sdpa: bool = False):
-    """The model of `cfg.kind` and its Hugging Face tokenizer."""
+    """The model of `cfg.kind` and its Hugging Face tokenizer; a folder that lacks what it needs (weights,
+    tokenizer) or holds another architecture is one error before anything is loaded."""
+    check_model_folder(resolve_model_path(str(path)))
+    try:
+        return _from_pretrained(path, cfg, training, sdpa)
+    except OSError as e:  # transformers' "couldn't connect / not a valid model identifier": several lines
+        if e.filename is not None:
+            raise
+        reason = " ".join(str(e).split()).split(". ")[0]
+        raise CrossrankError(f"{path}: could not be loaded ({reason}; expected a checkpoint folder or a hub "
+                             f"id)") from None
+
+
+def _from_pretrained(path: str | os.PathLike, cfg: ModelConfig, training: bool, sdpa: bool):
     if cfg.kind == "set-encoder":
         overrides = {"sample_at_inference": cfg.sample_at_inference}
         if training:  # the [INT] set's size, whatever the list's (at inference: the value saved with it)

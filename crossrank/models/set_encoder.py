@@ -36,10 +36,10 @@ from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.models.electra.modeling_electra import ElectraSelfAttention
 from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
 
-from crossrank.models.card import SET_ENCODER_FILE
 from crossrank.models.encoding import INTERACTION_TOKEN, load_set_tokenizer
 from crossrank.errors import CrossrankError
-from crossrank.models.mono import announce_new_weights, check_model_folder, quiet_transformers, resolve_model_path
+from crossrank.models.mono import (SET_ENCODER_FILE, announce_new_weights, check_model_folder, quiet_transformers,
+                                   resolve_model_path)
 
 INT_POSITION = 1  # the [INT] token sits right after [CLS] / <s> in every pair
 CONFIG_FILE = SET_ENCODER_FILE  # "set_encoder.json"
@@ -193,7 +193,7 @@ class SetEncoder(nn.Module):
         checkpoint): then [INT] is added to the vocabulary (embedding initialised to the mean of the others by
         `resize_token_embeddings`) and the heads start random. `overrides` set `SetEncoderConfig` fields."""
         name, path = str(path), resolve_model_path(str(path))
-        check_model_folder(path)
+        check_model_folder(path, tokenizer=False)  # the weights alone; load_set_tokenizer checks the vocabulary
         saved = Path(path) / CONFIG_FILE
         backbone_config = AutoConfig.from_pretrained(path)
         if backbone_config.model_type not in SELF_ATTENTION:

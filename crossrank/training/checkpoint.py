@@ -21,7 +21,7 @@ from crossrank.distributed import Distributed
 from crossrank.data.atomic import FILE_MODE
 from crossrank.errors import CrossrankError
 from crossrank.models import card
-from crossrank.models.mono import check_model_folder, quiet_transformers
+from crossrank.models.mono import check_model_folder, quiet_transformers, write_manifest
 from crossrank.training.naming import objective_chain
 
 
@@ -82,6 +82,7 @@ def _replace_folder(folder: Path, write) -> None:
     try:
         tmp.mkdir(parents=True)
         write(tmp)
+        write_manifest(tmp)  # last: a folder with a manifest is complete, and any later damage is found on reuse
         for file in tmp.iterdir():
             os.chmod(file, FILE_MODE)  # safetensors writes owner-only files; checkpoints are shared like all outputs
             with open(file, "rb") as f:

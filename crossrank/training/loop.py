@@ -30,6 +30,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +49,7 @@ from crossrank.config import ROOT, OptimConfig, RunConfig
 from crossrank.training.data import TrainingData, load_training_data, training_folder
 from crossrank.distributed import Distributed, lock_outputs, setup_distributed
 from crossrank.data.outputs import refuse_overwriting_inputs
-from crossrank.models.encoding import PairTokenizer
+from crossrank.models.encoding import PairTokenizer, empty_query_warning
 from crossrank.inference.candidates import Candidates
 from crossrank.inference.rerank import score_candidates
 from crossrank.errors import CrossrankError
@@ -56,6 +57,7 @@ from crossrank.data.runs import qid_order
 from crossrank.training.losses import LOSSES
 from crossrank.training.examples import TrainingQuery
 from crossrank.models.loading import load_model
+from crossrank.models.mono import check_model_source
 from crossrank.training.checkpoint import TrainState, check_checkpoint, check_same_recipe, gather_rng, load_state, recover_folder, save_checkpoint, save_model, set_rng
 from crossrank.training.parts import WithDuplicates, batch_loss, mono_backward
 from crossrank.training.reporting import format_duration, log_row, open_reporters, plot_curve, truncate_metrics
@@ -230,6 +232,11 @@ def _setup(cfg: RunConfig, held: contextlib.ExitStack) -> Setup:
         raise CrossrankError(f"config: train.accumulation={cfg.train.accumulation} is not divisible by the "
                              f"{ddp.world} processes (expected a multiple; the global batch is "
                              f"queries_per_batch x accumulation)")
+    try:  # before any data is read or any output is touched
+        evaluation.parse_metrics([cfg.train.select_metric], 1)
+    except CrossrankError as e:
+        origin = getattr(cfg, "_origins", {}).get("train.select_metric", "config")
+        raise CrossrankError(f"{origin}: train.select_metric: {e}") from None
     cuda = ddp.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16,
                               enabled=cuda and cfg.train.precision != "fp32")
@@ -250,6 +257,8 @@ def _setup(cfg: RunConfig, held: contextlib.ExitStack) -> Setup:
         check_checkpoint(folder / "checkpoint")
         check_same_recipe(cfg, folder / "checkpoint" / "crossrank.yaml")
     init = str(folder / "checkpoint") if resume else cfg.train.init_from
+    if not resume:  # complete, an encoder, with its tokenizer: before the run folder is opened
+        check_model_source(init)
 
     torch.manual_seed(cfg.train.seed)  # the same fresh head on every process
     raw_model, pair_tokenizer = load_model(init, cfg.model, ddp.device, training=True,
@@ -257,6 +266,10 @@ def _setup(cfg: RunConfig, held: contextlib.ExitStack) -> Setup:
     forward = WithDuplicates(raw_model) if cfg.data.duplicate else raw_model  # stage 1: the duplicate head trains
     model = DistributedDataParallel(forward, device_ids=[ddp.device] if cuda else None) if ddp.world > 1 else forward
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    used = {q.qid: data.topics[q.qid] for q in [*data.queries, *valid]}
+    warning = empty_query_warning(pair_tokenizer, used, cfg.data.train or cfg.data.dataset)
+    if warning and ddp.is_main:
+        print(warning, file=sys.stderr)
     return Setup(cfg, ddp, data, valid, folder, total_steps, resume, pair_tokenizer.tokenizer, raw_model, model,
                  pair_tokenizer, optimizer, scaler, autocast, LOSSES[cfg.train.loss])
 

@@ -146,6 +146,7 @@ def test_older_folders_without_crossrank_json_read_their_yaml(short_model, tmp_p
 
     old = shutil.copytree(short_model / "model", tmp_path / "old")
     (old / "crossrank.json").unlink()
+    (old / "crossrank.manifest").unlink()  # folders saved before either file existed had neither
     assert card.read_settings(old)["max_length"] == 64
     model, tokenizer = load_model(old)
     assert tokenizer.model.max_length == 64

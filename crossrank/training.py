@@ -399,8 +399,11 @@ def _setup(cfg: RunConfig) -> Setup:
                              f"{ddp.world} processes (expected a multiple; the global batch is "
                              f"queries_per_batch x accumulation)")
     cuda = ddp.device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16,
-                              enabled=cuda and cfg.train.precision != "fp32")
+    if ddp.device.type == "cpu" and cfg.train.cpu_bf16:  # opt-in: bf16 autocast on a CPU (fast with AMX)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16,
+                                  enabled=cuda and cfg.train.precision != "fp32")
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.train.precision == "fp16")
 
     data, valid = load_training_data(cfg)

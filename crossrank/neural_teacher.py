@@ -16,7 +16,7 @@ Detection: `config_sentence_transformers.json`'s `model_type` (CrossEncoder / Se
 `modules.json` (a sentence-transformers bi-encoder), else a `...ForSequenceClassification` architecture in
 `config.json` (cross); anything else must say `--kind`.
 
-Output: a TREC run of every query's top `--k` candidates re-sorted by the teacher's score (ties by docno
+Output: a TREC run of every query's top `--k` candidates re-sorted by the teacher's score (times `--scale`) (ties by docno
 descending, as everywhere in crossrank), queries in qid order, tag `--tag`; written atomically. It is what a
 dataset's `teacher:` names for `preprocessing.py --objective KD` (order from the rank column, scores kept for
 `data.targets=teacher_score`).
@@ -293,6 +293,9 @@ def _parser() -> cli.ArgumentParser:
                         "pair; bi: each text; default: the model's own)")
     parser.add_argument("--block-queries", type=cli.int_in(1), default=64, help="queries per resumable part "
                         "(default 64)")
+    parser.add_argument("--scale", type=cli.float_in(0, lo_open=True), default=1.0, help="multiply every score (the "
+                        "order is unchanged): a temperature for listwise and score-regressing losses, e.g. 20 for "
+                        "all-MiniLM-L6-v2, trained with cosine x 20 as logits (default 1)")
     parser.add_argument("--limit", type=cli.int_in(1), help="only the first N queries (qid order)")
     parser.add_argument("--tag", default="", help="run tag (default: the model folder's name)")
     parser.add_argument("--threads", type=cli.int_in(1), help="torch CPU threads (default: torch's)")
@@ -371,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             for qid, docno, score in rows:
                 scored.setdefault(qid, []).append((docno, score))
     tag = clean_tag(args.tag or Path(path.rstrip("/")).name, "teacher")
+    if args.scale != 1.0:  # after the parts (they keep the model's own scores): --scale never invalidates them
+        scored = {q: [(d, s * args.scale) for d, s in r] for q, r in scored.items()}
     write_run(output, {q: sort_ranking(r) for q, r in scored.items()}, tag=tag)
     shutil.rmtree(parts, ignore_errors=True)
     print(f"wrote {output}: {len(qids)} queries, {total} pairs scored by the {kind}-encoder {args.model}"

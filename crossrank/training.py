@@ -56,6 +56,7 @@ from crossrank.io import FILE_MODE, CrossrankError, atomic_write, qid_order
 from crossrank.losses import LOSSES
 from crossrank.models import check_model_folder, score_first_token_only
 from crossrank.novelty import duplicate_bce, novelty_targets
+from crossrank.precision import cpu_auto_precision, cpu_flags
 from crossrank.preprocessing import TrainingQuery
 from crossrank.scorer import load_scorer
 from crossrank.set_encoder import ListScores
@@ -120,6 +121,11 @@ def lr_at(step: int, optim: OptimConfig, total: int) -> float:
     if optim.schedule == "constant":
         return optim.lr
     return optim.lr * max(0.0, (total - step) / max(1, total - optim.warmup_steps))
+
+
+def cpu_training_precision(requested: str) -> str:
+    """`train.cpu_precision` made concrete: auto is bf16 where the CPU has it natively (`crossrank.precision`)."""
+    return cpu_auto_precision(cpu_flags()) if requested == "auto" else requested
 
 
 def load_model(path: str, cfg: RunConfig) -> tuple[nn.Module, PreTrainedTokenizerBase]:
@@ -399,8 +405,8 @@ def _setup(cfg: RunConfig) -> Setup:
                              f"{ddp.world} processes (expected a multiple; the global batch is "
                              f"queries_per_batch x accumulation)")
     cuda = ddp.device.type == "cuda"
-    if ddp.device.type == "cpu" and cfg.train.cpu_bf16:  # opt-in: bf16 autocast on a CPU (fast with AMX)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    if ddp.device.type == "cpu" and cpu_training_precision(cfg.train.cpu_precision) == "bf16":
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)  # opt-in (train.cpu_precision): fast with AMX
     else:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16,
                                   enabled=cuda and cfg.train.precision != "fp32")

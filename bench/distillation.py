@@ -4,19 +4,21 @@ top-100 with text, ../shared/data/trec-dl/dl20), against sentence-transformers' 
 the identical examples for the identical budget (same optimiser steps, queries, passages, loss, learning rate,
 schedule, precision, truncation).
 
-Every stage is the project's own command line in a subprocess, as a user would run it:
+Every stage is the project's own command line in a subprocess, as a user would run it (W = the work folder,
+exported as $CROSSRANK_DISTIL, where configs/datasets/dl19-pseudo.yaml finds its files; RECIPE =
+configs/recipes/distil-minilm-cpu.yaml):
 
   1. pseudo-queries  from the DL19 passages that DL20 does not use (bench code: no human judgement involved)
-  2. BM25            python -m crossrank.bm25 --dataset W/pq.yaml --k K                      (top-K candidates)
-  3. teacher         python -m crossrank.neural_teacher --dataset W/pq.yaml --run bm25 --model MODEL --k K
+  2. BM25            python -m crossrank.bm25 --dataset dl19-pseudo --k K                    (top-K candidates)
+  3. teacher         python -m crossrank.neural_teacher --dataset dl19-pseudo --run bm25 --model MODEL --kind bi --k K
                      (and the same over DL20's BM25 top-100: the teacher's row of the table)
-  4. preprocessing   python preprocessing.py --dataset W/pq.yaml --objective KD --evalperc 0 --out W/data/KD
-  5. training        python train.py --config configs/backbones/minilm.yaml --config configs/objectives/KD.yaml
-                        --config RECIPE data.train=W/data/KD train.output_dir=W/models/crossrank train.max_steps=S
+  4. preprocessing   python preprocessing.py --dataset dl19-pseudo --objective KD --evalperc 0 --out W/data/KD
+  5. training        python train.py --config RECIPE data.train=W/data/KD train.output_dir=W/models/crossrank
+                        train.max_steps=S
                      run up to 1/4, 1/2 and all of the steps: each segment resumes the previous one exactly (the
                      recipe's learning rate is constant after warm-up, a function of the step), so the learning curve
                      costs no extra training
-  6. re-ranking      python infer.py ... --model <checkpoint> eval.dataset=W/dl20.yaml   (after every segment)
+  6. re-ranking      python infer.py --config RECIPE --model <checkpoint> eval.dataset=W/dl20.yaml  (each segment)
   7. peer            CrossEncoderTrainer (this file, `--peer`): the first S x batch examples of crossrank's stream
                      (crossrank.data.TrainingData, the examples train.py used), RankNetLoss / ListNetLoss, saving at the
                      same fractions; its checkpoints are re-ranked by the same infer.py
@@ -30,7 +32,8 @@ is informative (not just "the source passage first"); deterministic (seeded) and
 sees a training passage: the 66 DL19 passages that are also DL20 candidates are removed from the training corpus.
 
     python bench/distillation.py                       # the whole benchmark (2 threads)
-    python bench/distillation.py --threads 1 --steps 40 --queries-per-step 8    # a smaller run
+    python bench/distillation.py --threads 1 --steps 40                # a smaller run (1 thread, 40 steps)
+    python bench/distillation.py --smoke 3 --steps 4 --k 20            # a pipeline check on 3 DL20 queries
     python bench/distillation.py --skip-peer           # crossrank only
 
 Last line: `student nDCG@10 / teacher = X (target >= 0.9; ...) PASS|FAIL`; all targets: the crossrank student
@@ -61,8 +64,8 @@ TREC_DL = next((p / "shared" / "data" / "trec-dl" for p in ROOT.parents if (p / 
                ROOT.parent / "shared" / "data" / "trec-dl")
 TEACHER = "packaged:all-MiniLM-L6-v2"
 RECIPE = ROOT / "configs" / "recipes" / "distil-minilm-cpu.yaml"
-CONFIGS = [ROOT / "configs" / "backbones" / "minilm.yaml", ROOT / "configs" / "objectives" / "KD.yaml"]
 COMPARE = [sys.executable, "-m", "crossrank.compare"]  # `python -m crossrank compare` after the restructure
+TRAIN_NAME = "dl19-pseudo"  # configs/datasets/dl19-pseudo.yaml: its files live in $CROSSRANK_DISTIL
 TEST_NAME = "dl20-distil"  # the DL20 dataset as this bench declares it (runs/<name>.bm25.<model>.run)
 RATIO_TARGET, P_TARGET, MINUTES_TARGET = 0.9, 0.05, 60.0
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -158,11 +161,10 @@ def pseudo_queries(work: Path, count: int, seed: int) -> tuple[Path, Path, int]:
 
 
 def write_datasets(work: Path, smoke: int = 0) -> tuple[Path, Path]:
-    """W/pq.yaml (training side) and W/dl20.yaml (the test), absolute paths (datasets take any YAML path). `smoke`:
-    only the first N judged DL20 queries (a quick check of the pipeline, not a result)."""
-    pq, dl20 = work / "pq.yaml", work / "dl20.yaml"
-    pq.write_text(f"name: pq\ncorpus: {work}/pq/corpus.jsonl\ntopics: {work}/pq/topics.tsv\n"
-                  f"runs:\n  bm25: {work}/pq/bm25.run\nteacher: {work}/pq/teacher.run\nrel_level: 2\n")
+    """The training side is configs/datasets/dl19-pseudo.yaml (its files in $CROSSRANK_DISTIL = W); the test is
+    W/dl20.yaml (local DL20 text, absolute paths; datasets take any YAML path). `smoke`: only the first N judged
+    DL20 queries (a quick check of the pipeline, not a result). Returns (training dataset key, test YAML)."""
+    dl20 = work / "dl20.yaml"
     d = TREC_DL / "dl20"
     topics, bm25 = d / "queries.jsonl", d / "runs" / "bm25.top100.run"
     if smoke:
@@ -174,7 +176,7 @@ def write_datasets(work: Path, smoke: int = 0) -> tuple[Path, Path]:
         bm25.write_text("".join(line for line in open(d / "runs" / "bm25.top100.run") if line.split()[0] in kept))
     dl20.write_text(f"name: {TEST_NAME}\ncorpus: {d}/corpus.jsonl\ntopics: {topics}\nqrels: {d}/qrels.tsv\n"
                     f"runs:\n  bm25: {bm25}\nrel_level: 2\n")
-    return pq, dl20
+    return TRAIN_NAME, dl20
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -225,7 +227,7 @@ def cpu_training_precision(requested: str) -> str:
 def recipe_config(data: Path, recipe: Path, overrides: list[str]):
     from crossrank.config import load_run_config
 
-    return load_run_config([*CONFIGS, recipe], [f"data.train={data}", *overrides])
+    return load_run_config([recipe], [f"data.train={data}", *overrides])
 
 
 def curve_steps(steps: int) -> list[int]:
@@ -238,8 +240,7 @@ def rerank(run: Commands, model: Path, name: str, dl20: Path, recipe: Path, over
     if model != folder:
         shutil.rmtree(folder.parent, ignore_errors=True)
         shutil.copytree(model, folder)
-    run("re-rank", sys.executable, "infer.py", *[a for c in CONFIGS for a in ("--config", c)], "--config", recipe,
-        "--model", folder, f"eval.dataset={dl20}", *[o for o in overrides if o.startswith("model.")])
+    run("re-rank", sys.executable, "infer.py", "--config", recipe, "--model", folder, f"eval.dataset={dl20}", *[o for o in overrides if o.startswith("model.")])
     out = work / "runs" / f"{name}.run"
     produced = ROOT / "runs" / f"{TEST_NAME}.bm25.{name}.run"
     shutil.move(produced, out)
@@ -254,8 +255,7 @@ def train_crossrank(run: Commands, data: Path, recipe: Path, steps: int, overrid
     folder, points, spent = work / "models" / "crossrank", [], 0.0
     for s in curve_steps(steps):
         began = time.monotonic()
-        run("train crossrank", sys.executable, "train.py", *[a for c in CONFIGS for a in ("--config", c)],
-            "--config", recipe, f"data.train={data}", f"train.output_dir={folder}", f"train.max_steps={s}",
+        run("train crossrank", sys.executable, "train.py", "--config", recipe, f"data.train={data}", f"train.output_dir={folder}", f"train.max_steps={s}",
             *overrides)
         spent += time.monotonic() - began
         points.append((s, spent, rerank(run, folder / "model", f"crossrank-s{s}", dl20, recipe, overrides, work)))
@@ -371,6 +371,7 @@ def main() -> None:
         work = Path(args.work).resolve() if args.work else Path(tmp)
         for sub in ("runs", "models"):
             (work / sub).mkdir(parents=True, exist_ok=True)
+        os.environ["CROSSRANK_DISTIL"] = str(work)  # where dl19-pseudo's files are, for every command started
         run = Commands(args.threads, work / "commands.log")
         print(cpu_line(args.threads))
         print(f"recipe {recipe.name}: {steps} steps x {batch} pseudo-queries x {cfg.data.num_negatives + 1} passages "

@@ -86,7 +86,10 @@ def test_every_recipe_loads_and_validates(recipe):
     cfg = config.load_run_config([recipe])
     assert datasets.load_dataset(cfg.data.dataset).name == cfg.data.dataset
     assert cfg.model.path and cfg.train.seed == 42 and cfg.train.precision == "bf16"
-    if recipe.stem.startswith("ms-"):  # the multi-stage seed: frozen positions, clipping 10, pair truncation
+    if recipe.stem.startswith("distil-"):  # issue 22: KD from a neural teacher's scores at a CPU budget
+        assert (cfg.train.objective, cfg.data.targets, cfg.optim.schedule) == ("KD", "teacher_score", "constant")
+        assert cfg.train.max_steps > 0 and cfg.train.cpu_precision == "auto"
+    elif recipe.stem.startswith("ms-"):  # the multi-stage seed: frozen positions, clipping 10, pair truncation
         assert (cfg.model.freeze_position_embeddings, cfg.optim.grad_clip, cfg.model.truncation) == (True, 10.0, "pair")
         assert cfg.optim.lr == (6e-12 if cfg.train.stage == 2 and not recipe.stem.endswith("-ours") else 1e-5)
     else:  # the Set-Encoder reference: 100 [INT] slots with pseudo-states, global batch 32, no clipping

@@ -289,6 +289,7 @@ def peer(args) -> None:
     from crossrank.data import load_training_data
     from crossrank.models import resolve_model_path
 
+    began = time.monotonic()  # the curve's seconds count from here: data, model and training, as train.py's wall
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = recipe_config(Path(args.data), Path(args.recipe), args.set)
     if cfg.train.loss not in ST_LOSSES:
@@ -307,7 +308,7 @@ def peer(args) -> None:
     extra = {"reduction_log": "natural"} if cfg.train.loss == "rank_net" else {}  # crossrank's RankNet: natural log
     loss = loss_class(model, activation_fn=torch.nn.Identity(), mini_batch_size=max(1, cfg.train.batch_tokens // 128),
                       **extra)
-    began, seconds = time.monotonic(), {}
+    seconds = {}
 
     class Clock(TrainerCallback):
         def on_step_end(self, arguments, state, control, **kwargs):
@@ -414,8 +415,9 @@ def main() -> None:
         for name, v in values.items():
             p = "" if name == "BM25" else f"{p_value(v, values['BM25']):10.2g}"
             print(f"{name:34s} {mean(v):8.4f} {p}")
-        print(f"\nlearning curve (nDCG@10 on DL20 after a share of the {steps} steps; train seconds, {args.threads} "
-              f"thread(s)):")
+        print(f"\nlearning curve (nDCG@10 on DL20 after a share of the {steps} steps; seconds of training so far, "
+              f"{args.threads} thread(s): crossrank = the train.py commands' wall time, st = its process's since it "
+              f"began loading data):")
         print(f"{'steps':>6s} {'queries':>8s} {'crossrank':>10s} {'(s)':>7s}" + (f" {'st':>8s} {'(s)':>7s}" if theirs else ""))
         for i, (s, seconds, path) in enumerate(ours):
             line = f"{s:6d} {s * batch:8d} {mean(scores.per_query(path)):10.4f} {seconds:7.0f}"

@@ -16,6 +16,7 @@ COMMANDS = {  # command -> (module, one line for the listing)
     "compare": ("crossrank.evaluation.compare", "evaluate runs side by side with paired significance tests"),
     "reproduce": ("crossrank.reproduce.cli", "one paper row end to end: reproduce ROW [--dry-run|--slurm|--tiny]"),
     "teacher": ("crossrank.teacher", "LLM teacher rankings (RankGPT sliding windows), as rank_gpt.py"),
+    "neural-teacher": ("crossrank.teacher.neural", "a teacher run from any cross- or bi-encoder's scores of a run"),
 }
 
 

@@ -87,7 +87,10 @@ def test_every_recipe_loads_and_validates(recipe):
     cfg = config.load_run_config([recipe])
     assert datasets.load_dataset(cfg.data.dataset).name == cfg.data.dataset
     assert cfg.model.path and cfg.train.seed == 42 and cfg.train.precision == "bf16"
-    if recipe.stem.startswith("ms-"):  # the multi-stage seed: frozen positions, clipping 10, pair truncation
+    if recipe.stem.startswith("distil-"):  # issue 22: KD from a neural teacher's scores at a CPU budget
+        assert (cfg.train.objective, cfg.data.targets, cfg.optim.schedule) == ("KD", "teacher_score", "constant")
+        assert cfg.train.max_steps > 0 and cfg.train.cpu_precision == "auto"
+    elif recipe.stem.startswith("ms-"):  # the multi-stage seed: frozen positions, clipping 10, pair truncation
         assert (cfg.model.freeze_position_embeddings, cfg.optim.grad_clip, cfg.model.truncation) == (True, 10.0, "pair")
         # stage 2: CL->KD at 1e-8 (the seed's command lines: KD barely moves the CL weights, as its table shows),
         # KD->CL at 1e-5 (its README; 6e-12 could not move a weight, yet the row is ~+0.06 above KD)

@@ -542,7 +542,7 @@ def test_validation_value_is_what_the_inference_engine_reports(quiet_bert, colle
 def test_the_start_line_says_what_one_query_brings():
     """The CL objective's defaults (1 + 99 from the top 200) surprise: the start line spells them out."""
     from crossrank.config import DataConfig
-    from crossrank.training.loop import list_size
+    from crossrank.training.data import list_size
 
     assert list_size(DataConfig(sampling="single_relevant", num_negatives=99, depth=200)) == \
         "1 relevant + up to 99 negatives from the top 200"

@@ -282,3 +282,12 @@ def load_training_data(cfg: RunConfig) -> tuple[TrainingData, list[TrainingQuery
     passages = load_corpus(resolve_source(str(meta["corpus"])), docnos=needed)
     data = TrainingData(train, topics, passages, data_cfg, cfg.train.seed)
     return data, valid
+
+
+def list_size(data: DataConfig) -> str:
+    """What one query contributes to a micro-batch, for the start line (the CL defaults, 1 + 99, surprise)."""
+    if data.sampling == "single_relevant":
+        return f"1 relevant + up to {data.num_negatives} negatives from the top {data.depth}"
+    if data.sampling == "top":
+        return f"the top {data.num_negatives + 1} candidates"
+    return f"{data.num_negatives + 1} {data.sampling.replace('_', '-')} candidates from the top {data.depth}"

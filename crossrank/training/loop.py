@@ -46,7 +46,7 @@ from crossrank import config as config_io
 from crossrank.evaluation import metrics as evaluation
 from crossrank.training import naming
 from crossrank.config import ROOT, OptimConfig, RunConfig
-from crossrank.training.data import TrainingData, load_training_data, training_folder
+from crossrank.training.data import TrainingData, list_size, load_training_data, training_folder
 from crossrank.distributed import Distributed, lock_outputs, setup_distributed
 from crossrank.data.outputs import refuse_overwriting_inputs
 from crossrank.models.encoding import PairTokenizer, empty_query_warning
@@ -58,6 +58,7 @@ from crossrank.training.losses import LOSSES
 from crossrank.training.examples import TrainingQuery
 from crossrank.models.loading import load_model
 from crossrank.models.mono import check_model_source
+from crossrank.models.precision import cpu_auto_precision, cpu_flags
 from crossrank.training.checkpoint import TrainState, check_checkpoint, check_same_recipe, gather_rng, load_state, recover_folder, save_checkpoint, save_model, set_rng
 from crossrank.training.parts import WithDuplicates, batch_loss, mono_backward
 from crossrank.training.reporting import format_duration, log_row, open_reporters, plot_curve, truncate_metrics
@@ -117,6 +118,11 @@ def training_inputs(cfg: RunConfig) -> list[tuple[str, str]]:
 def _project_path(value: str) -> Path:
     path = Path(os.path.expandvars(value)).expanduser()
     return path if path.is_absolute() else ROOT / path
+
+
+def cpu_training_precision(requested: str) -> str:
+    """`train.cpu_precision` made concrete: auto is bf16 where the CPU has it natively (`crossrank.models.precision`)."""
+    return cpu_auto_precision(cpu_flags()) if requested == "auto" else requested
 
 
 def lr_at(step: int, optim: OptimConfig, total: int) -> float:
@@ -238,8 +244,11 @@ def _setup(cfg: RunConfig, held: contextlib.ExitStack) -> Setup:
         origin = getattr(cfg, "_origins", {}).get("train.select_metric", "config")
         raise CrossrankError(f"{origin}: train.select_metric: {e}") from None
     cuda = ddp.device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16,
-                              enabled=cuda and cfg.train.precision != "fp32")
+    if ddp.device.type == "cpu" and cpu_training_precision(cfg.train.cpu_precision) == "bf16":
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)  # opt-in (train.cpu_precision): fast with AMX
+    else:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16,
+                                  enabled=cuda and cfg.train.precision != "fp32")
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.train.precision == "fp16")
 
     data, valid = load_training_data(cfg)
@@ -301,15 +310,6 @@ def _open_run_folder(run: Setup, state: TrainState) -> None:
           f"queries (-b {train.queries_per_batch} x train.accumulation {train.accumulation}, the micro-steps of all "
           f"{run.ddp.world} process(es) on {run.ddp.device}), {list_size(data)} per query"
           + (f", resuming at step {state.step}" if run.resume else ""))
-
-
-def list_size(data) -> str:
-    """What one query contributes to a micro-batch, for the start line (the CL defaults, 1 + 99, surprise)."""
-    if data.sampling == "single_relevant":
-        return f"1 relevant + up to {data.num_negatives} negatives from the top {data.depth}"
-    if data.sampling == "top":
-        return f"the top {data.num_negatives + 1} candidates"
-    return f"{data.num_negatives + 1} {data.sampling.replace('_', '-')} candidates from the top {data.depth}"
 
 
 def _accumulate(run: Setup, state: TrainState) -> tuple[torch.Tensor, int, int, dict[str, torch.Tensor]]:

@@ -629,6 +629,7 @@ def set_encoder_section(folder: str, data: dict[str, Path], candidates, plan: Pl
              ROOT / "configs" / "set-encoder" / "KD.yaml"]
     overrides = [f"model.path={folder}", "model.name=set-encoder-electra", f"data.train={data['KD']}",
                  f"data.num_negatives={plan.depth - 1}", f"data.depth={plan.depth}", "train.accumulation=1",
+                 "data.min_candidates=0",  # the recipe's 100-candidate filter: the dry run's lists are shorter
                  "train.max_steps=2", "train.precision=bf16"]  # step 1 warms up, step 2 is timed
     result = train_ours(files, overrides, tmp / "set-encoder", 1, device)
     report.add(section, f"training step, 1 list x {plan.depth} passages, gradient checkpointing, bf16",

@@ -166,7 +166,7 @@ def test_resume_after_interruption_gives_the_same_run(tiny_bert, collection, tmp
 def test_resume_scores_a_damaged_part_again(tiny_bert, collection, tmp_path, capsys, damage):
     """A part cut in half (960 of 1000 lines), without its trailer, edited, or holding another block's pairs is
     never trusted: the resume scores that block again, says so in one line, and gives the uninterrupted run."""
-    model, tok = inference.load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
+    model, tok = load_model(tiny_bert, ModelConfig(), torch.device("cpu"))
     cands, cfg = _candidates(collection), _eval_cfg()
     inference.rerank(model, tok, cands, tmp_path / "full.run", cfg, "fp")
     with pytest.raises(KeyboardInterrupt):

@@ -216,7 +216,7 @@ NAMES = [
     Case("train-dataset-dotdot", TRAIN.replace("{out}", "{c}/out") + " data.dataset=../../x", "data.dataset"),
     Case("infer-first-stage-dotdot", PY + " infer.py --model {w}/model eval.dataset={c}/toy.yaml "
          "eval.first_stage=../../x", "eval.first_stage"),
-    Case("inference-wrapper-first-stage-path", "./inference-monoencoder.sh -M {w}/model -d {c}/toy.yaml -s ../x",
+    Case("inference-wrapper-first-stage-path", "./inference-monoencoder.sh -M {w}/model -d {c}/toy.yaml -r ../x",
          "eval.first_stage"),
     Case("infer-dataset-key-dotdot", PY + " infer.py --model {w}/model eval.dataset=../../x", "../../x"),
     Case("bm25-dataset-key-dotdot", "./create_bm25_baseline_run.sh -d ../datasets/demo", "../datasets/demo"),

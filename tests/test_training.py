@@ -303,7 +303,7 @@ def _training_loss(model_path: Path, collection: dict[str, Path], loss_name: str
     from crossrank.models.mono import MonoEncoder, load_tokenizer
     from crossrank.training.data import Example, collate
     from crossrank.training.losses import LOSSES
-    from crossrank.training.preprocessing import load_split
+    from crossrank.training.examples import load_split
 
     root = collection["KD"].parent
     topics, passages = read_topics(root / "topics.tsv"), dict(read_corpus(root / "corpus.tsv"))

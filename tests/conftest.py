@@ -80,6 +80,18 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
             "roberta": _build_roberta(root / "roberta")}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two cores shared by several jobs: one intra-op thread is several times faster for the tiny models (an
+    OpenMP pool oversubscribed by another busy process spins instead of working)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tiny_models) -> Path:
     return tiny_models["bert"]

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import write_tiny_collection
 from crossrank import config
@@ -20,12 +19,7 @@ from crossrank.training.loop import train
 from test_inference import collection  # noqa: F401  (the toy collection to re-rank: passages of up to 60 words)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 @pytest.fixture(scope="module")

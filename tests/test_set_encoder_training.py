@@ -51,12 +51,7 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return {**load_file(folder / "model.safetensors"), **load_file(folder / "heads.safetensors")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 @pytest.fixture(scope="module")

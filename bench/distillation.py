@@ -250,33 +250,45 @@ def rerank(run: Commands, model: Path, name: str, dl20: Path, recipe: Path, over
     return out
 
 
+def segmented(recipe: Path, overrides: list[str]) -> bool:
+    """Whether the curve can come from one run extended segment by segment: with a constant learning rate after
+    warm-up the lr is a function of the step alone, so a resumed longer run is the run. A decaying schedule depends
+    on train.max_steps: then each point of the curve is a run of its own (growing numbers of training queries)."""
+    return recipe_config(Path("."), recipe, overrides).optim.schedule == "constant"
+
+
 def train_crossrank(run: Commands, data: Path, recipe: Path, steps: int, overrides: list[str], work: Path,
                     dl20: Path) -> list[tuple[int, float, Path]]:
-    """train.py up to each curve point (each segment resumes the last); returns [(steps, train seconds, run)]."""
-    folder, points, spent = work / "models" / "crossrank", [], 0.0
+    """train.py up to each curve point; returns [(steps, train seconds, DL20 run)]. Segmented: each segment
+    resumes the last (seconds accumulate); else one run per point (seconds of that run)."""
+    one_run, points, spent = segmented(recipe, overrides), [], 0.0
     for s in curve_steps(steps):
+        folder = work / "models" / ("crossrank" if one_run else f"crossrank-run{s}")
         began = time.monotonic()
-        run("train crossrank", sys.executable, "train.py", "--config", recipe, f"data.train={data}", f"train.output_dir={folder}", f"train.max_steps={s}",
-            *overrides)
-        spent += time.monotonic() - began
+        run("train crossrank", sys.executable, "train.py", "--config", recipe, f"data.train={data}",
+            f"train.output_dir={folder}", f"train.max_steps={s}", *overrides)
+        spent = (spent if one_run else 0.0) + time.monotonic() - began
         points.append((s, spent, rerank(run, folder / "model", f"crossrank-s{s}", dl20, recipe, overrides, work)))
     return points
 
 
 def train_peer(run: Commands, data: Path, recipe: Path, steps: int, overrides: list[str], work: Path,
                dl20: Path) -> list[tuple[int, float, Path]]:
-    """The peer in a child process (its own threads and memory), then each saved checkpoint re-ranked."""
-    out = work / "models" / "st"
-    shutil.rmtree(out, ignore_errors=True)
-    stdout = run("train sentence-transformers", sys.executable, __file__, "--peer", "--data", data, "--recipe", recipe,
-                 "--steps", steps, "--out", out, *[a for o in overrides for a in ("--set", o)])
-    seconds = json.loads(stdout.strip().splitlines()[-1])["seconds"]
-    points = []
-    for s in curve_steps(steps):
-        checkpoint = out / f"checkpoint-{s}"
-        points.append((s, seconds.get(str(s), float("nan")),
-                       rerank(run, checkpoint, f"st-s{s}", dl20, recipe, overrides, work)))
-    return points
+    """The peer in a child process (its own threads and memory), then each saved checkpoint re-ranked: one run
+    saving at every curve point, or (a decaying schedule, see `segmented`) one run per point."""
+    runs = [steps] if segmented(recipe, overrides) else curve_steps(steps)
+    seconds, where = {}, {}
+    for total in runs:
+        out = work / "models" / f"st-run{total}"
+        shutil.rmtree(out, ignore_errors=True)
+        stdout = run("train sentence-transformers", sys.executable, __file__, "--peer", "--data", data, "--recipe",
+                     recipe, "--steps", total, "--out", out, *(["--single"] if len(runs) > 1 else []),
+                     *[a for o in overrides for a in ("--set", o)])
+        for s, t in json.loads(stdout.strip().splitlines()[-1])["seconds"].items():
+            if int(s) in curve_steps(steps) and (len(runs) == 1 or int(s) == total):
+                seconds[int(s)], where[int(s)] = t, out / f"checkpoint-{s}"
+    return [(s, seconds.get(s, float("nan")), rerank(run, where[s], f"st-s{s}", dl20, recipe, overrides, work))
+            for s in curve_steps(steps)]
 
 
 def peer(args) -> None:
@@ -307,15 +319,14 @@ def peer(args) -> None:
                          device="cpu")
     loss_class = getattr(losses, ST_LOSSES[cfg.train.loss])
     extra = {"reduction_log": "natural"} if cfg.train.loss == "rank_net" else {}  # crossrank's RankNet: natural log
-    loss = loss_class(model, activation_fn=torch.nn.Identity(), mini_batch_size=max(1, cfg.train.batch_tokens // 128),
-                      **extra)
+    loss = loss_class(model, activation_fn=torch.nn.Identity(), **extra)  # its default: the step's pairs in one batch
     seconds = {}
 
     class Clock(TrainerCallback):
         def on_step_end(self, arguments, state, control, **kwargs):
             seconds[str(state.global_step)] = round(time.monotonic() - began, 1)
 
-    points = curve_steps(args.steps)
+    points = [args.steps] if args.single else curve_steps(args.steps)
     schedule = "constant_with_warmup" if cfg.optim.schedule == "constant" else "linear"
     arguments = CrossEncoderTrainingArguments(
         output_dir=args.out, per_device_train_batch_size=batch, max_steps=args.steps, learning_rate=cfg.optim.lr,
@@ -350,6 +361,7 @@ def main() -> None:
     parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--trec-dl", default=str(TREC_DL), help="the shared TREC DL folder (default: %(default)s)")
     args = parser.parse_args()
     TREC_DL = Path(args.trec_dl)
@@ -367,8 +379,8 @@ def main() -> None:
     steps = args.steps or cfg.train.max_steps
     batch = cfg.train.queries_per_batch * cfg.train.accumulation
     if cfg.optim.schedule != "constant":
-        print("note: the recipe's learning rate decays with train.max_steps: the 1/4 and 1/2 points of the curve are "
-              "then not points of the full run")
+        print(f"note: the recipe's learning rate decays over train.max_steps: each point of the learning curve is a run "
+              f"of its own ({', '.join(map(str, curve_steps(steps)))} steps), for both students")
     with tempfile.TemporaryDirectory(prefix="distil-") as tmp:
         work = Path(args.work).resolve() if args.work else Path(tmp)
         for sub in ("runs", "models"):

@@ -38,7 +38,7 @@ sees a training passage: the 66 DL19 passages that are also DL20 candidates are 
 
 Last line: `student nDCG@10 / teacher = X (target >= 0.9; ...) PASS|FAIL`; all targets: the crossrank student
 above BM25 with p < 0.05 (paired two-sided t-test over the 54 queries), >= 0.9 x the teacher, >= the
-sentence-transformers student, and the whole run <= 60 minutes.
+sentence-transformers student, and the whole run <= 90 minutes (the issue's budget on a 2-core machine).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ RECIPE = ROOT / "configs" / "recipes" / "distil-minilm-cpu.yaml"
 COMPARE = [sys.executable, "-m", "crossrank", "compare"]
 TRAIN_NAME = "dl19-pseudo"  # configs/datasets/dl19-pseudo.yaml: its files live in $CROSSRANK_DISTIL
 TEST_NAME = "dl20-distil"  # the DL20 dataset as this bench declares it (runs/<name>.bm25.<model>.run)
-RATIO_TARGET, P_TARGET, MINUTES_TARGET = 0.9, 0.05, 60.0
+RATIO_TARGET, P_TARGET, MINUTES_TARGET = 0.9, 0.05, 90.0
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 ST_LOSSES = {"rank_net": "RankNetLoss", "list_net": "ListNetLoss"}  # crossrank loss -> sentence-transformers'
 
@@ -353,6 +353,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="optimiser steps (default: the recipe's train.max_steps)")
     parser.add_argument("--k", type=int, default=50, help="BM25 candidates per pseudo-query the teacher scores")
     parser.add_argument("--seed", type=int, default=42, help="seed of the pseudo-queries")
+    parser.add_argument("--queries", type=int, default=0, help="pseudo-queries made and labelled (default: twice "
+                        "the steps x queries per step, so training draws each query at most once from a larger pool)")
     parser.add_argument("--work", default="", help="working folder (default: a temporary one, removed)")
     parser.add_argument("--skip-peer", action="store_true", help="no sentence-transformers student")
     parser.add_argument("--set", action="append", default=[], help="extra key=value for train.py (both students)")
@@ -394,7 +396,8 @@ def main() -> None:
               f"max_length {cfg.model.max_length}, {cpu_training_precision(cfg.train.cpu_precision)} on the CPU; work folder {work}",
               flush=True)
         t = time.monotonic()
-        corpus, topics, passages = pseudo_queries(work, steps * batch, args.seed)
+        pool = args.queries or 2 * steps * batch
+        corpus, topics, passages = pseudo_queries(work, pool, args.seed)
         run.times["pseudo-queries"] += time.monotonic() - t
         pq, dl20 = write_datasets(work, args.smoke)
         run("BM25", sys.executable, "-m", "crossrank", "bm25", "--dataset", pq, "--k", args.k, "--threads", args.threads,
@@ -407,8 +410,9 @@ def main() -> None:
         data = work / "data" / "KD"
         run("preprocessing", sys.executable, "preprocessing.py", "--dataset", pq, "--objective", "KD", "--evalperc",
             "0", "--out", data)
-        print(f"training data: {steps * batch} pseudo-queries of {passages} DL19 passages (none of them a DL20 "
-              f"candidate), BM25 top {args.k} each, scored by the teacher {TEACHER} (bi-encoder, cosine)", flush=True)
+        print(f"training data: {pool} pseudo-queries of {passages} DL19 passages (none of them a DL20 candidate), "
+              f"BM25 top {args.k} each, scored by the teacher {TEACHER} (bi-encoder, cosine); training draws "
+              f"{steps * batch} of them", flush=True)
         ours = train_crossrank(run, data, recipe, steps, args.set, work, dl20)
         theirs = [] if args.skip_peer else train_peer(run, data, recipe, steps, args.set, work, dl20)
         from crossrank.data.datasets import load_dataset

@@ -190,8 +190,7 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str, origins: dict[str,
             hint = f"did you mean {prefix}{close[0]}?" if close else f"valid: {', '.join(fields)}"
             raise CrossrankError(f"{origins.get(dotted, 'config')}: unknown key {dotted} ({hint})")
         kwargs[key] = _cast(value, hints[key], dotted, origins)
-    config = cls(**kwargs)
-    return config
+    return cls(**kwargs)
 
 
 def _cast(value: Any, hint: Any, dotted: str, origins: dict[str, str]) -> Any:
@@ -271,8 +270,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # the multi-stage seed trains with the position embeddings frozen (its freeze_position_embeddings: true)
     freeze_position_embeddings: bool = True
-    # Set-Encoder: the size of each query's [INT] attention set (the reference's `depth`), independent of how many
-    # passages a training list holds; what re-ranking a top-100 sees
+    freeze_layers: int = 0  # the embeddings and the first N transformer layers keep their weights (0 = all train)
+    # Set-Encoder: each query's [INT] attention set (the reference's `depth`), whatever a training list holds
     depth: int = 100
     # Set-Encoder, training: fill the set's missing slots (depth - list length) with Gaussian pseudo-states
     # (crossrank.models.set_encoder.pseudo_states), so that a stage-1 list of 9 attends to 99 others, as at inference
@@ -299,6 +298,7 @@ class DataConfig:
     num_negatives: int = 99
     depth: int = 200  # how deep into the first-stage run negatives are drawn from
     targets: str = "relevance"  # relevance | relevant (0/1 at relevant_level) | teacher_rank (depth + 1 - rank) | teacher_score
+    teacher_temperature: float = 1.0  # teacher_score targets are divided by it (ListNet's softmax, MarginMSE's margins)
     # single_relevant's positives: qrels grade >= relevant_level; 0 = the dataset's rel_level as recorded by
     # preprocessing.py (MS MARCO 1; graded TREC-style qrels 2) (crossrank.training.data.is_relevant)
     relevant_level: int = 0
@@ -307,16 +307,14 @@ class DataConfig:
     add_missing_relevant: bool = False
     # Set-Encoder stage 1: one passage of each list is copied into it; the duplicate head learns to spot the copy
     duplicate: bool = False
-    # Set-Encoder novelty variant: a query's passages are clustered by Jaccard distance of their word sets, and
-    # only the best-scored member of a cluster keeps the cluster's best target (crossrank.novelty)
-    novelty: bool = False
+    novelty: bool = False  # Set-Encoder novelty variant: only a Jaccard cluster's best-scored member keeps its target
     # mono CL (single_relevant): keep a query with no relevant passage in its top data.depth, as the multi-stage
     # seed does (random candidates, all targets 0: LCE's class is the first one); false drops it (docs/reference-options.md 2)
     keep_no_positive: bool = False
     # drop a training query with fewer candidates (top data.depth, plus missing relevant ones when added), as
-    # lightning-ir's sample_size does; 0 keeps all (docs/reference-options.md 5)
+    # lightning-ir's sample_size does; 0 keeps all (docs/reference-options.md 5). (The example stream is a function
+    # of train.seed and the cursor only, so a resumed run sees the same examples.)
     min_candidates: int = 0
-    # the example stream is a function of train.seed and the cursor only, so a resumed run sees the same examples
 
 
 @dataclasses.dataclass
@@ -341,8 +339,7 @@ class TrainConfig:
     seed: int = 42
     precision: str = "bf16"  # bf16 | fp16 (with a gradient scaler) | fp32: autocast on CUDA; CPU runs fp32
     # on a CPU: fp32 | bf16 (autocast) | auto (bf16 where the CPU has it natively, amx_bf16 or avx512_bf16, as
-    # eval.precision=auto decides; else fp32). bf16 on a 2-core AMX Xeon, MiniLM: ~2x the training pairs/s of fp32;
-    # on a CPU without native bf16 it is emulated and slower
+    # eval.precision=auto decides). bf16 with AMX: ~2x fp32's training pairs/s; without native bf16: slower
     cpu_precision: str = "fp32"
     eval_every: int = 500  # optimiser steps between validations (and at the end)
     save_every: int = 500  # optimiser steps between resumable checkpoints (and on SIGTERM/SIGUSR1, at the end)
@@ -468,10 +465,12 @@ NUMBER_RANGES: dict[str, tuple[float, bool]] = {
     "model.query_length": (1, False),
     "model.passage_length": (1, False),
     "model.depth": (1, False),  # the Set-Encoder's [INT] attention set
+    "model.freeze_layers": (0, False),
     "data.num_negatives": (1, False),
     "data.depth": (1, False),
     "data.relevant_level": (0, False),  # 0 = the dataset's rel_level
     "data.min_candidates": (0, False),  # 0 = keep every query
+    "data.teacher_temperature": (0, True),
     "optim.lr": (0, True),
     "optim.weight_decay": (0, False),
     "optim.warmup_steps": (0, False),

@@ -139,6 +139,23 @@ def test_frozen_position_embeddings_stay_unchanged_after_a_step(tiny_bert, colle
         assert not torch.equal(before[word], after[word])
 
 
+def test_frozen_lower_layers_stay_unchanged_and_the_upper_ones_train(tiny_bert, collection, tmp_path):
+    """model.freeze_layers=1: the embeddings and layer 0 keep their pretrained weights after AdamW steps with
+    weight decay; layer 1 and the head move. Freezing every layer is refused in one line."""
+    before = weights(tiny_bert)
+    out = tmp_path / "frozen"
+    train(config(tiny_bert, collection["CL"], out, "CL", "train.max_steps=2", f"train.output_dir={out}",
+                 "model.freeze_layers=1"))
+    after = weights(out / "checkpoint")
+    moved = {k for k in before if k in after and not torch.equal(before[k], after[k])}
+    assert not any(".embeddings." in k or ".layer.0." in k for k in moved)
+    assert any(".layer.1." in k for k in moved)
+    layers = len({k.split(".layer.")[1].split(".")[0] for k in before if ".layer." in k})
+    with pytest.raises(CrossrankError, match=f"model.freeze_layers={layers}: .* has {layers} transformer layers"):
+        train(config(tiny_bert, collection["CL"], tmp_path / "all", "CL", f"model.freeze_layers={layers}",
+                     f"train.output_dir={tmp_path / 'all'}"))
+
+
 @pytest.mark.parametrize("batch_tokens", [4096, 48])  # one chunk (straight) | several (cached, many backwards)
 def test_two_process_ddp_matches_one_process(quiet_bert, collection, tmp_path, batch_tokens):
     """Same global batch (2 queries x accumulation 2): 2 gloo processes x 1 micro-step == 1 process x 2.

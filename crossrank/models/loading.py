@@ -14,8 +14,8 @@ from crossrank.config import ModelConfig
 from crossrank.errors import CrossrankError
 from crossrank.models.card import apply_settings
 from crossrank.models.encoding import PairTokenizer, load_set_tokenizer
-from crossrank.models.mono import (MonoEncoder, check_model_folder, freeze_position_embeddings, load_tokenizer,
-                                   resolve_model_path, score_first_token_only)
+from crossrank.models.mono import (MonoEncoder, check_model_folder, freeze_lower_layers, freeze_position_embeddings,
+                                   load_tokenizer, resolve_model_path, score_first_token_only)
 from crossrank.models.set_encoder import CONFIG_FILE, SetEncoder
 
 
@@ -96,4 +96,6 @@ def _from_pretrained(path: str | os.PathLike, cfg: ModelConfig, training: bool, 
         model.gradient_checkpointing_enable()
     if training and cfg.freeze_position_embeddings:
         freeze_position_embeddings(model)
+    if training and cfg.freeze_layers:
+        freeze_lower_layers(model, cfg.freeze_layers)
     return model, tokenizer

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -259,6 +260,24 @@ def freeze_position_embeddings(model: nn.Module) -> int:
     if not frozen:
         raise CrossrankError(f"model.freeze_position_embeddings: {type(model).__name__} has no learned position "
                              f"embeddings (expected a BERT/ELECTRA/RoBERTa backbone; set it to false)")
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return len(frozen)
+
+
+LAYER = re.compile(r"\.layer\.(\d+)\.")  # encoder.layer.<i>. in BERT, ELECTRA and RoBERTa parameter names
+
+
+def freeze_lower_layers(model: nn.Module, layers: int) -> int:
+    """Stop training the embeddings and transformer layers 0 .. layers-1 (`...embeddings.*`, `...layer.<i>.*` of
+    BERT, ELECTRA, RoBERTa); the layers above and the head still train. Returns the number of tensors frozen.
+    Asking for as many layers as the model has, or more, is an error: nothing would be left to learn from the text."""
+    found = {int(m.group(1)) for name, _ in model.named_parameters() if (m := LAYER.search(name))}
+    if layers >= len(found):
+        raise CrossrankError(f"model.freeze_layers={layers}: {type(model).__name__} has {len(found)} transformer "
+                             f"layers (expected fewer, so that some train)")
+    frozen = [p for name, p in model.named_parameters()
+              if ".embeddings." in f".{name}" or ((m := LAYER.search(name)) and int(m.group(1)) < layers)]
     for parameter in frozen:
         parameter.requires_grad_(False)
     return len(frozen)

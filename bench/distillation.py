@@ -367,6 +367,8 @@ def main() -> None:
     parser.add_argument("--trec-dl", default=str(TREC_DL), help="the shared TREC DL folder (default: %(default)s)")
     args = parser.parse_args()
     TREC_DL = Path(args.trec_dl)
+    if args.queries < 0 or args.steps < 0 or args.k < 1 or args.threads < 1:
+        parser.error("--queries and --steps are counts (0 = the default); --k and --threads at least 1")
     if args.peer:
         return peer(args)
     began = time.monotonic()

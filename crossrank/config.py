@@ -298,7 +298,6 @@ class DataConfig:
     num_negatives: int = 99
     depth: int = 200  # how deep into the first-stage run negatives are drawn from
     targets: str = "relevance"  # relevance | relevant (0/1 at relevant_level) | teacher_rank (depth + 1 - rank) | teacher_score
-    teacher_temperature: float = 1.0  # teacher_score targets are divided by it (ListNet's softmax, MarginMSE's margins)
     # single_relevant's positives: qrels grade >= relevant_level; 0 = the dataset's rel_level as recorded by
     # preprocessing.py (MS MARCO 1; graded TREC-style qrels 2) (crossrank.training.data.is_relevant)
     relevant_level: int = 0
@@ -470,7 +469,6 @@ NUMBER_RANGES: dict[str, tuple[float, bool]] = {
     "data.depth": (1, False),
     "data.relevant_level": (0, False),  # 0 = the dataset's rel_level
     "data.min_candidates": (0, False),  # 0 = keep every query
-    "data.teacher_temperature": (0, True),
     "optim.lr": (0, True),
     "optim.weight_decay": (0, False),
     "optim.warmup_steps": (0, False),

@@ -129,7 +129,8 @@ CASES = [
         "train.queries_per_batch=0", "train.accumulation=0", "train.seed=-1", "train.duplicate_weight=-1",
         "train.previous_lr=-1e-5", "data.num_negatives=0", "data.depth=0", "data.relevant_level=-1",
         "optim.lr=0", "optim.lr=nan", "optim.lr=inf", "optim.grad_clip=-1", "optim.weight_decay=-0.01",
-        "optim.warmup_steps=-1", "data.teacher_temperature=0", "model.max_length=0", "model.query_length=0", "model.passage_length=-5",
+        "optim.warmup_steps=-1", "model.max_length=0", "model.query_length=0",
+        "model.passage_length=-5", "model.freeze_layers=-1",
         "train.stage=3", "train.max_steps=abc", "train.los=lce"]],
     *[Case(f"infer-config-{kv}", f"{INFER} {kv}", kv.split("=")[0]) for kv in [
         "eval.depth=-1", "eval.depth=0", "eval.batch_tokens=0", "eval.block_queries=0"]],

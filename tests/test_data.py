@@ -1,7 +1,6 @@
 """Training examples: sampling strategies, targets, the deterministic stream, collate, loading a folder."""
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections import Counter
 
@@ -60,10 +59,6 @@ def test_top_with_teacher_rank_and_teacher_score_targets():
     score_data = DataConfig(sampling="top", num_negatives=3, depth=20, targets="teacher_score")
     assert targets_of(QUERY, positions, score_data) == [100.0, 99.0, 98.0, 97.0]
     assert targets_of(QUERY, [3, 7, 5], DataConfig(targets="relevance")) == [2.0, 1.0, 0.0]
-    # a temperature divides teacher scores (a cosine teacher's softmax is otherwise nearly flat), nothing else
-    cool = DataConfig(sampling="top", num_negatives=3, depth=20, targets="teacher_score", teacher_temperature=0.5)
-    assert targets_of(QUERY, positions, cool) == [200.0, 198.0, 196.0, 194.0]
-    assert targets_of(QUERY, positions, dataclasses.replace(data, teacher_temperature=0.5)) == [20.0, 19.0, 18.0, 17.0]
 
 
 def test_random_and_log_random_stay_in_the_top_depth_and_log_random_favours_the_top():

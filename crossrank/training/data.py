@@ -139,14 +139,14 @@ def enough_candidates(query: TrainingQuery, data: DataConfig) -> bool:
 def targets_of(query: TrainingQuery, positions: list[int], data: DataConfig) -> list[float]:
     """relevance: the qrels grade (0 if unjudged); relevant: 1 if the grade counts as relevant for sampling
     (`is_relevant` at `data.relevant_level`), else 0 (BCE's labels); teacher_rank: `depth + 1 - rank` (the seed's 21 - rank for
-    a top-20 teacher); teacher_score: the score stored with the ranking over data.teacher_temperature."""
+    a top-20 teacher); teacher_score: the score stored with the ranking."""
     if data.targets == "relevance":
         return [float(query.judged.get(query.docnos[i], 0)) for i in positions]
     if data.targets == "relevant":
         return [float(is_relevant(query.judged.get(query.docnos[i], 0), data.relevant_level)) for i in positions]
     if data.targets == "teacher_rank":
         return [float(data.depth - i) for i in positions]  # position i is rank i + 1
-    return [float(query.scores[i]) / data.teacher_temperature for i in positions]
+    return [float(query.scores[i]) for i in positions]
 
 
 class TrainingData:
